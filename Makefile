@@ -1,0 +1,84 @@
+# bonehpc — every user-facing action is a target here. Variables: CONFIG, PROFILE, EXP, PARAMS, TRIALS, PARALLEL.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/demo.yaml
+PROFILE ?=
+EXP ?= demo
+PARAMS ?=
+TRIALS ?= 6
+PARALLEL ?= 2
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+SLURM_CI_ROOT ?= /tmp/bonehpc-slurm
+export SLURM_CI_ROOT
+PROFILE_ARG := $(if $(PROFILE),cluster.profile=$(PROFILE),)
+PARAMS_ARG := $(if $(PARAMS),--params $(PARAMS),)
+
+.PHONY: help setup demo test test-unit test-integration lint format typecheck pack submit-folds submit-tune \
+        resubmit status report tune-status bench dev-cluster-up dev-cluster-down clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(BIN)/.stamp: pyproject.toml
+	@command -v $(PY) >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-venv python3-pip; }
+	@$(PY) -m venv $(VENV) 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3-venv && $(PY) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+setup: $(BIN)/.stamp ## create .venv and install bonehpc (idempotent; fast when done)
+
+demo: setup ## run the whole pipeline on synthetic MURA-layout data, locally, on the CPU
+	$(BIN)/bonehpc demo --config $(CONFIG) $(PROFILE_ARG)
+
+test: setup ## all tests: unit + integration on the real dev Slurm cluster (brought up and down here)
+	bash slurm/dev/with-cluster.sh $(BIN)/python -m pytest -q tests
+
+test-unit: setup ## unit tests only (no Slurm)
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: setup ## ruff + mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+pack: setup ## pack the data set of CONFIG into HDF5 shards
+	$(BIN)/bonehpc pack --config $(CONFIG)
+
+submit-folds: setup ## submit the cross-validated teacher+student experiment of CONFIG (PROFILE=, PARAMS=)
+	$(BIN)/bonehpc submit folds --config $(CONFIG) $(PARAMS_ARG) $(PROFILE_ARG)
+
+resubmit: setup ## resubmit only failed/cancelled/timed-out tasks of EXP
+	$(BIN)/bonehpc submit resubmit --exp $(EXP)
+
+status: setup ## per fold and role: state, elapsed, exit code, requeues (sacct)
+	$(BIN)/bonehpc status --exp $(EXP)
+
+submit-tune: setup ## Optuna study as a Slurm array: TRIALS=N PARALLEL=P
+	$(BIN)/bonehpc submit tune --config $(CONFIG) $(PROFILE_ARG) tune.trials=$(TRIALS) tune.parallel=$(PARALLEL)
+
+tune-status: setup
+	$(BIN)/bonehpc tune status --exp $(EXP)
+
+report: setup ## aggregated report of EXP: runs/EXP/report/index.html
+	$(BIN)/bonehpc report --exp $(EXP)
+
+bench: setup ## benchmarks, ratios side by side (JSON + table)
+	$(BIN)/bonehpc bench all
+
+dev-cluster-up: ## start the local real Slurm 22.05 cluster (installs Debian packages when missing)
+	bash slurm/dev/up.sh
+
+dev-cluster-down:
+	bash slurm/dev/down.sh
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

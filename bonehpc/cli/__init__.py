@@ -1,0 +1,85 @@
+"""The `bonehpc` console script.
+
+Each area module in this package (data, train, slurm, tune, report, bench) has
+`register(subparsers)`, adds its subcommands there and sets `func` on each parser. These modules
+import nothing heavy at module level, so `bonehpc --help` is fast; the work is imported when a
+command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from bonehpc import __version__
+from bonehpc.config import ConfigError
+
+AREAS = ("data", "pack", "train", "slurm", "tune", "report", "bench", "demo")
+
+DESCRIPTION = """\
+bonehpc trains and evaluates bone-abnormality detectors on MURA musculoskeletal X-rays on Slurm:
+patient-grouped K-fold CV of a ResNet-50 teacher and a distilled CNN+Transformer student,
+Optuna tuning as Slurm arrays, sacct-backed status and an aggregated report.
+
+Typical flow:  synth/manifest/folds -> pack -> submit folds -> status -> report
+"""
+
+
+def add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """--config FILE, --params FILE and trailing dotlist overrides (train.epochs=3)."""
+    p.add_argument("--config", "-c", required=required, help="experiment YAML (defaults < YAML < overrides)")
+    p.add_argument("--params", help="YAML of parameter overrides, e.g. tuned best params (applied after --config)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=32")
+
+
+def load_cfg(args: argparse.Namespace):  # noqa: ANN201 - returns ExperimentConfig
+    """The ExperimentConfig from --config, --params and overrides of a parsed command line."""
+    from bonehpc.config import load_config
+
+    return load_config(getattr(args, "config", None), getattr(args, "overrides", []) or [],
+                       params=getattr(args, "params", None))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bonehpc", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"bonehpc {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for area in AREAS:
+        try:
+            mod = importlib.import_module(f"bonehpc.cli.{area}")
+        except ModuleNotFoundError as err:
+            if err.name == f"bonehpc.cli.{area}":
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname).1s%(asctime)s %(name)s] %(message)s",
+        datefmt="%m%d %H:%M:%S",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except ConfigError as err:
+        print(f"bonehpc: config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
