@@ -500,7 +500,7 @@ def describe() -> str:
     lines: list[str] = []
 
     def walk(cls: type, obj: Any, prefix: str) -> None:
-        docs = _field_docs(cls)
+        docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             value = getattr(obj, f.name)
             key = f"{prefix}{f.name}"
@@ -514,7 +514,7 @@ def describe() -> str:
     return "\n".join(lines)
 
 
-def _field_docs(cls: type) -> dict[str, str]:
+def field_docs(cls: type) -> dict[str, str]:
     """Field docstrings (the string literal right after each field) from the class source."""
     import ast
     import inspect

@@ -38,8 +38,9 @@ def load_cfg(args: argparse.Namespace):  # noqa: ANN201 - returns ExperimentConf
     """The ExperimentConfig from --config, --params and overrides of a parsed command line."""
     from bonehpc.config import load_config
 
-    return load_config(getattr(args, "config", None), getattr(args, "overrides", []) or [],
-                       params=getattr(args, "params", None))
+    return load_config(
+        getattr(args, "config", None), getattr(args, "overrides", []) or [], params=getattr(args, "params", None)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
