@@ -1,0 +1,131 @@
+"""Checkpoints: weights_only round trip (model, optimizer, scheduler, RNG), atomic writes, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bonehpc.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    find_resume,
+    load_checkpoint,
+    model_spec,
+    restore_rng,
+    save_checkpoint,
+    unwrap_model,
+)
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2)
+    )
+    net(torch.zeros(1, 3, 6, 6))
+    net.bonehpc_spec = {"name": "toy", "kwargs": {"width": 4}}  # type: ignore[assignment]
+    return net
+
+
+def _state(net: torch.nn.Module) -> dict:
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
+    net(torch.randn(2, 3, 6, 6)).sum().backward()
+    opt.step()
+    sched.step()
+    return {
+        "format_version": 1,
+        "model_spec": model_spec(net),
+        "model": unwrap_model(net).state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+        "epoch": 3,
+        "step": 42,
+        "best_metric": float("nan"),
+        "best_epoch": -1,
+        "config": {"name": "x", "augment": {"mean": [0.1, 0.2, 0.3]}},
+        "rng": capture_rng(),
+        "fold": "final",
+        "role": "student",
+    }
+
+
+def test_round_trip_weights_only_including_rng(tmp_path: Path) -> None:
+    net = _net()
+    state = _state(net)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    p = save_checkpoint(tmp_path / "run" / "last.pt", state)
+
+    torch.rand(5), np.random.rand(5), random.random()  # move every generator on
+    back = load_checkpoint(p)  # weights_only=True inside
+    restore_rng(back["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    assert got[2] == expected[2]
+
+    assert back["model_spec"] == {"name": "toy", "kwargs": {"width": 4}}
+    for k, v in state["model"].items():
+        assert torch.equal(back["model"][k], v), k
+    assert back["epoch"] == 3 and back["step"] == 42 and back["fold"] == "final"
+    assert np.isnan(back["best_metric"])
+    opt = torch.optim.AdamW(_net().parameters(), lr=1e-3)
+    opt.load_state_dict(back["optimizer"])
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99)
+    assert back["scheduler"]["last_epoch"] == 1
+    # The file is a plain torch zip, readable by torch.load(weights_only=True) directly.
+    assert torch.load(p, weights_only=True)["config"]["augment"]["mean"] == [0.1, 0.2, 0.3]
+
+
+def test_failed_write_leaves_previous_file_and_no_temp(tmp_path: Path) -> None:
+    net = _net()
+    p = save_checkpoint(tmp_path / "last.pt", _state(net))
+    before = p.read_bytes()
+    bad = _state(net)
+    bad["config"] = {"oops": lambda: None}  # torch.save cannot pickle a lambda: fails mid-write
+    with pytest.raises(Exception, match="lambda|pickle|Can't"):
+        save_checkpoint(p, bad)
+    assert p.read_bytes() == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_corrupt_truncated_and_foreign_files_give_clear_errors(tmp_path: Path) -> None:
+    p = save_checkpoint(tmp_path / "last.pt", _state(_net()))
+    data = p.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"trunc\.pt: corrupt or truncated"):
+        load_checkpoint(tmp_path / "trunc.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"junk\.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a bonehpc checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+    # The classic mistake: an argparse Namespace inside the checkpoint.
+    torch.save(
+        {"format_version": 1, "model_spec": {}, "model": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pt"
+    )
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_checkpoint(tmp_path / "pickled.pt")
+
+
+def test_find_resume(tmp_path: Path) -> None:
+    assert find_resume(tmp_path) is None
+    save_checkpoint(tmp_path / "best.pt", _state(_net()))
+    assert find_resume(tmp_path) is None
+    save_checkpoint(tmp_path / "last.pt", _state(_net()))
+    assert find_resume(tmp_path) == tmp_path / "last.pt"
+
+
+def test_model_without_spec_is_refused() -> None:
+    with pytest.raises(CheckpointError, match="create_model"):
+        model_spec(torch.nn.Linear(2, 2))
