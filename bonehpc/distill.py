@@ -1,0 +1,151 @@
+"""Knowledge distillation as a loss wrapper: plain training (none) and soft / hard distillation share one loop.
+
+The frozen teacher sees the very same augmented batch tensor as the student, inside the caller's autocast, so
+the two are consistent; only the student gets gradients.
+
+    none:  loss = task(student, y)
+    soft:  kd = T^2 * KL(softmax(teacher / T) || softmax(student / T))   (batch mean)
+           loss = (1 - alpha) * task + alpha * kd
+    hard:  kd = CE(student, argmax teacher)
+           loss = (1 - alpha) * task + alpha * kd
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from sklearn.utils.class_weight import compute_class_weight
+
+from bonehpc.models import create_model
+
+log = logging.getLogger(__name__)
+
+KINDS = ("none", "soft", "hard")
+
+
+def build_task_loss(class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> nn.CrossEntropyLoss:
+    """Cross-entropy on the logits, optionally weighted per class (move it to the device with the model)."""
+    if class_weights is not None:
+        class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+        if class_weights.ndim != 1 or not torch.all(class_weights > 0):
+            raise ValueError(f"class_weights must be a 1-D tensor of positive values, got {class_weights}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+
+
+def inverse_frequency_weights(labels: Sequence[int] | np.ndarray, num_classes: int = 2) -> torch.Tensor:
+    """Class weights n / (num_classes * count_c) (sklearn's "balanced"), e.g. of the training images' labels.
+
+    Raises:
+        ValueError: A class has no example (its weight would be infinite).
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    classes = np.arange(num_classes)
+    missing = sorted(set(classes.tolist()) - set(np.unique(y).tolist()))
+    if missing:
+        raise ValueError(f"inverse_frequency_weights: no example of class(es) {missing} among {len(y)} labels")
+    return torch.tensor(compute_class_weight("balanced", classes=classes, y=y), dtype=torch.float32)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """No gradients, eval mode (BatchNorm statistics and dropout fixed); returns the model."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def load_frozen_teacher(checkpoint_path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model from a bonehpc checkpoint (``model_spec`` + ``model`` state_dict), frozen, in eval mode.
+
+    Raises:
+        FileNotFoundError: No checkpoint at the path (a student run needs its fold's teacher trained first).
+        ValueError: The file is not a bonehpc checkpoint (names the missing keys).
+    """
+    path = os.fspath(checkpoint_path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"teacher checkpoint {path} does not exist: train the teacher of this fold first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [k for k in ("model_spec", "model") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a bonehpc checkpoint: missing {missing}")
+    spec = ckpt["model_spec"]
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(f"{path}: model_spec must be a dict with name and kwargs, got {spec!r}")
+    model = create_model(spec["name"], **dict(spec.get("kwargs") or {}))
+    # A checkpoint written from a DDP or torch.compile wrapper has prefixed keys.
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    model.load_state_dict(state)
+    log.info("teacher %s loaded from %s", spec["name"], path)
+    return freeze(model.to(device))
+
+
+class DistillationLoss(nn.Module):
+    """Task loss plus, for kind soft or hard, a distillation term from a frozen teacher.
+
+    Called as ``loss_fn(images, logits, labels) -> {"loss", "task_loss", "kd_loss"}`` (tensors; kd_loss is a
+    zero tensor for kind none). The teacher is a registered submodule (``loss_fn.to(device)`` moves it) but
+    ``train()`` never takes it out of eval mode, and its parameters never require gradients.
+
+    Args:
+        task_loss: Loss on (logits, labels), e.g. `build_task_loss(...)`.
+        teacher: The teacher model (frozen here); required for soft and hard, ignored for none.
+        kind: none, soft or hard.
+        alpha: Weight of the distillation term (the task loss gets 1 - alpha).
+        tau: Temperature of soft distillation.
+    """
+
+    def __init__(
+        self, task_loss: nn.Module, teacher: nn.Module | None, kind: str = "none", alpha: float = 0.5, tau: float = 1.0
+    ) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"distillation kind must be one of {KINDS}, got {kind!r}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"distillation alpha must be in [0, 1], got {alpha}")
+        if tau <= 0:
+            raise ValueError(f"distillation tau must be > 0, got {tau}")
+        if kind != "none" and teacher is None:
+            raise ValueError(f"distillation kind {kind!r} needs a teacher model")
+        self.task_loss = task_loss
+        self.kind = kind
+        self.alpha = float(alpha)
+        self.tau = float(tau)
+        self.teacher = freeze(teacher) if teacher is not None and kind != "none" else None
+
+    def train(self, mode: bool = True) -> DistillationLoss:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits on the batch, as float32, without autograd."""
+        if self.teacher is None:
+            raise RuntimeError("no teacher (distillation kind none)")
+        with torch.no_grad():
+            return self.teacher(images).float()
+
+    def forward(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        task = self.task_loss(logits, labels)
+        if self.teacher is None:
+            return {"loss": task, "task_loss": task.detach(), "kd_loss": torch.zeros((), device=task.device)}
+        t_logits = self.teacher_logits(images)
+        s_logits = logits.float()
+        if self.kind == "soft":
+            kd = F.kl_div(
+                F.log_softmax(s_logits / self.tau, dim=1),
+                F.log_softmax(t_logits / self.tau, dim=1),
+                reduction="batchmean",
+                log_target=True,
+            ) * (self.tau**2)
+        else:
+            kd = F.cross_entropy(s_logits, t_logits.argmax(dim=1))
+        loss = (1.0 - self.alpha) * task + self.alpha * kd
+        return {"loss": loss, "task_loss": task.detach(), "kd_loss": kd.detach()}
