@@ -1,0 +1,301 @@
+"""The official MURA-v1.1 CSVs -> one manifest row per image (build_manifest), with strict input checks.
+
+The four CSVs are the truth: the tree is never walked, so stray files (``._image1.png``,
+``.DS_Store``) cannot sneak in. Every image listed must exist; images are not decoded here (packing
+does that).
+
+Labeled studies that have no image rows are logged as a warning by default (they add nothing to a
+per-image manifest, and a deliberately trimmed image list is a valid way to use a subset); pass
+``strict=True`` to make them an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+MURA_DIR = "MURA-v1.1"
+SPLITS = ("train", "valid")
+MANIFEST_COLUMNS = ("image_id", "path", "split", "body_part", "patient", "study", "view", "label")
+INT_COLUMNS = ("image_id", "view", "label")
+STR_COLUMNS = ("path", "split", "body_part", "patient", "study")
+MAX_LISTED = 20
+
+_STUDY = (
+    r"MURA-v1\.1/(?P<split>[^/]+)/XR_(?P<part>[^/\s]+)/patient(?P<patient>\d+)/study\d+_(?P<suffix>positive|negative)/"
+)
+IMAGE_RE = re.compile(rf"^{_STUDY}image(?P<view>\d+)\.png$")
+STUDY_RE = re.compile(rf"^{_STUDY}$")
+IMAGE_PATTERN = "MURA-v1.1/<split>/XR_<PART>/patient<digits>/study<digits>_(positive|negative)/image<digits>.png"
+STUDY_PATTERN = "MURA-v1.1/<split>/XR_<PART>/patient<digits>/study<digits>_(positive|negative)/"
+
+
+class ManifestError(ValueError):
+    """The MURA CSVs or files are missing or inconsistent; the message names the file, line or path."""
+
+
+def _listing(items: list[str], limit: int = MAX_LISTED) -> str:
+    shown = ", ".join(items[:limit])
+    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+    return shown + more
+
+
+def locate(mura_root: str | Path) -> Path:
+    """The folder that contains MURA-v1.1/ (mura_root itself, or its parent when it is MURA-v1.1).
+
+    Raises:
+        ManifestError: When neither mura_root nor mura_root/MURA-v1.1 holds the data.
+    """
+    root = Path(mura_root)
+    if (root / MURA_DIR).is_dir():
+        return root
+    if root.name == MURA_DIR and root.is_dir():
+        return root.parent
+    if not root.exists():
+        raise ManifestError(f"MURA root {root} does not exist")
+    raise ManifestError(
+        f"no {MURA_DIR}/ folder in {root} (give the folder that contains {MURA_DIR}/, or {MURA_DIR} itself)"
+    )
+
+
+def _read_csv(path: Path, columns: int) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of every non-blank row; malformed column counts are left to the caller."""
+    rows = []
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        for line_no, fields in enumerate(csv.reader(fh), start=1):
+            fields = [f.strip() for f in fields]
+            if not any(fields):
+                continue
+            rows.append((line_no, fields))
+    return rows
+
+
+def _check_rows(
+    rows: Iterable[tuple[int, list[str]]], name: str, split: str, labeled: bool, problems: list[str]
+) -> list[tuple[int, str, int, re.Match[str]]]:
+    """Parsed (line, path, label, match) rows of one CSV; malformed rows are added to problems."""
+    good = []
+    want = 2 if labeled else 1
+    regex, pattern = (STUDY_RE, STUDY_PATTERN) if labeled else (IMAGE_RE, IMAGE_PATTERN)
+    for line_no, fields in rows:
+        where = f"{name} line {line_no}"
+        if len(fields) != want:
+            header = (
+                " (the official CSVs have no header row)" if line_no == 1 and not fields[0].startswith("MURA") else ""
+            )
+            problems.append(f"{where}: expected {want} column(s), got {len(fields)}: {','.join(fields)!r}{header}")
+            continue
+        path = fields[0]
+        label = -1
+        if labeled:
+            if fields[1] not in ("0", "1"):
+                problems.append(f"{where}: label must be 0 or 1, got {fields[1]!r}")
+                continue
+            label = int(fields[1])
+        match = regex.match(path)
+        if match is None:
+            problems.append(f"{where}: path {path!r} does not match {pattern}")
+            continue
+        if match["split"] != split:
+            problems.append(f"{where}: path {path!r} is in split {match['split']!r}, but this is the {split} CSV")
+            continue
+        good.append((line_no, path, label, match))
+    return good
+
+
+def _duplicates(rows: list[tuple[int, str, int, re.Match[str]]], name: str) -> list[str]:
+    first: dict[str, int] = {}
+    dups = []
+    for line_no, path, _, _ in rows:
+        if path in first:
+            dups.append(f"{path} ({name} lines {first[path]} and {line_no})")
+        else:
+            first[path] = line_no
+    return dups
+
+
+def build_manifest(mura_root: str | Path, *, strict: bool = False) -> pd.DataFrame:
+    """One row per image of the official CSVs (train first, then valid), in CSV order.
+
+    Args:
+        mura_root: The folder that contains MURA-v1.1/, or MURA-v1.1 itself.
+        strict: Treat labeled studies without any image row as an error instead of a warning.
+
+    Returns:
+        DataFrame with the columns of MANIFEST_COLUMNS (see docs/architecture.md).
+
+    Raises:
+        ManifestError: For a missing CSV, malformed or duplicate rows, a label that disagrees with its
+            study folder, images without a labeled study, or image files that do not exist.
+    """
+    base = locate(mura_root)
+    folder = base / MURA_DIR
+    names = [f"{split}_{kind}.csv" for split in SPLITS for kind in ("image_paths", "labeled_studies")]
+    missing_csv = [n for n in names if not (folder / n).is_file()]
+    if missing_csv:
+        raise ManifestError(f"missing CSV file(s) in {folder}: {', '.join(missing_csv)}")
+
+    problems: list[str] = []
+    images: dict[str, list[tuple[int, str, int, re.Match[str]]]] = {}
+    studies: dict[str, list[tuple[int, str, int, re.Match[str]]]] = {}
+    for split in SPLITS:
+        name_i, name_s = f"{split}_image_paths.csv", f"{split}_labeled_studies.csv"
+        images[split] = _check_rows(_read_csv(folder / name_i, 1), name_i, split, False, problems)
+        studies[split] = _check_rows(_read_csv(folder / name_s, 2), name_s, split, True, problems)
+    if problems:
+        raise ManifestError(f"{len(problems)} malformed row(s) in {folder}: {_listing(problems, 10)}")
+
+    dups = []
+    for split in SPLITS:
+        dups += _duplicates(images[split], f"{split}_image_paths.csv")
+        dups += _duplicates(studies[split], f"{split}_labeled_studies.csv")
+    if dups:
+        raise ManifestError(f"{len(dups)} duplicate row(s): {_listing(dups)}")
+
+    disagree = [
+        f"{path} has label {label} ({split}_labeled_studies.csv line {line_no})"
+        for split in SPLITS
+        for line_no, path, label, match in studies[split]
+        if label != (match["suffix"] == "positive")
+    ]
+    if disagree:
+        raise ManifestError(
+            f"{len(disagree)} labeled stud(ies) disagree with their folder suffix "
+            f"(label 1 needs _positive, 0 needs _negative): {_listing(disagree)}"
+        )
+
+    labels = {path: label for split in SPLITS for _, path, label, _ in studies[split]}
+    orphans = [
+        f"{path} ({split}_image_paths.csv line {line_no})"
+        for split in SPLITS
+        for line_no, path, _, _ in images[split]
+        if path.rsplit("/", 1)[0] + "/" not in labels
+    ]
+    if orphans:
+        raise ManifestError(f"{len(orphans)} image(s) have no row in the labeled-studies CSV: {_listing(orphans)}")
+
+    with_images = {path.rsplit("/", 1)[0] + "/" for split in SPLITS for _, path, _, _ in images[split]}
+    empty = [path for path in labels if path not in with_images]
+    if empty:
+        msg = f"{len(empty)} labeled stud(ies) have no image in the image-paths CSVs: {_listing(empty)}"
+        if strict:
+            raise ManifestError(msg)
+        log.warning("%s (ignored: a per-image manifest has no rows for them)", msg)
+
+    absent = [path for split in SPLITS for _, path, _, _ in images[split] if not os.path.isfile(base / path)]
+    if absent:
+        raise ManifestError(
+            f"{len(absent)} image file(s) listed in the CSVs are missing under {base}: {_listing(absent)}"
+        )
+
+    records = []
+    for split in SPLITS:
+        for _, path, _, match in images[split]:
+            study = path.rsplit("/", 1)[0] + "/"
+            records.append(
+                (
+                    path,
+                    split,
+                    match["part"],
+                    f"{split}/patient{match['patient']}",
+                    study,
+                    int(match["view"]),
+                    labels[study],
+                )
+            )
+    df = pd.DataFrame.from_records(records, columns=list(MANIFEST_COLUMNS[1:]))
+    df.insert(0, "image_id", range(len(df)))
+    return _typed(df)
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    """The manifest dtypes: int64 ids, views and labels; str for the rest (same after a CSV round trip)."""
+    out = df.copy()
+    for col in INT_COLUMNS:
+        out[col] = out[col].astype("int64")
+    for col in STR_COLUMNS:
+        out[col] = out[col].astype(str)
+    return out
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write the manifest as CSV (atomically: a temporary file, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(p)
+    return p
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest CSV written by write_manifest, with the manifest dtypes.
+
+    Extra columns (e.g. ``fold``) are kept as pandas reads them.
+
+    Raises:
+        ManifestError: When the file is missing, lacks a manifest column or has non-integer ids, views
+            or labels.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ManifestError(f"manifest file not found: {p}")
+    try:
+        df = pd.read_csv(p, dtype={c: str for c in STR_COLUMNS})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{p}: not a readable manifest CSV: {err}") from None
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{p}: missing manifest column(s) {', '.join(missing)}")
+    for col in INT_COLUMNS:
+        values = pd.to_numeric(df[col], errors="coerce")
+        if values.isna().any() or (values != values.round()).any():
+            bad = int(values.isna().idxmax()) if values.isna().any() else int((values != values.round()).idxmax())
+            raise ManifestError(f"{p}: column {col} must hold integers (data row {bad + 1}: {df[col].iloc[bad]!r})")
+    if df[list(STR_COLUMNS)].isna().any().any():
+        col = next(c for c in STR_COLUMNS if df[c].isna().any())
+        raise ManifestError(f"{p}: column {col} has empty values (data row {int(df[col].isna().idxmax()) + 1})")
+    return _typed(df)
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Images, studies, patients and abnormal studies per split x body part, plus an ALL row per split."""
+    studies = df.drop_duplicates("study")
+
+    def counts(group: pd.DataFrame, group_studies: pd.DataFrame) -> dict[str, float]:
+        n_studies = len(group_studies)
+        n_abnormal = int(group_studies["label"].sum())
+        return {
+            "images": len(group),
+            "studies": n_studies,
+            "patients": group["patient"].nunique(),
+            "abnormal_studies": n_abnormal,
+            "abnormal_rate": round(n_abnormal / n_studies, 3) if n_studies else float("nan"),
+        }
+
+    rows = []
+    splits = [s for s in SPLITS if s in set(df["split"])] + sorted(set(df["split"]) - set(SPLITS))
+    for split in splits:
+        in_split = df[df["split"] == split]
+        split_studies = studies[studies["split"] == split]
+        for part in sorted(in_split["body_part"].unique()):
+            rows.append(
+                {
+                    "split": split,
+                    "body_part": part,
+                    **counts(
+                        in_split[in_split["body_part"] == part], split_studies[split_studies["body_part"] == part]
+                    ),
+                }
+            )
+        rows.append({"split": split, "body_part": "ALL", **counts(in_split, split_studies)})
+    columns = ["split", "body_part", "images", "studies", "patients", "abnormal_studies", "abnormal_rate"]
+    return pd.DataFrame(rows, columns=columns)

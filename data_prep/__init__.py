@@ -1,0 +1,1 @@
+"""Thin data-preparation scripts over bonehpc.data (synthetic data set, packing)."""
