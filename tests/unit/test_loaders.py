@@ -1,0 +1,193 @@
+"""Loader contract on every backend: shapes, dtypes, labels, len, DDP sharding, reshuffling, determinism."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bonehpc.config import load_config
+from bonehpc.data.loaders import LoaderError, benchmark_loader, build_eval_loader, build_loader, resolve_backend
+from bonehpc.data.shards import ShardReader
+
+BATCH = 8
+CPU = torch.device("cpu")
+
+
+def make_cfg(backend: str, *extra: str):
+    return load_config(
+        None,
+        [
+            f"data.backend={backend}",
+            "data.image_size=64",
+            "data.pack_size=64",
+            "data.num_workers=1",
+            f"train.batch_size={BATCH}",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def reader(shards_dir) -> ShardReader:
+    return ShardReader(shards_dir)
+
+
+@pytest.fixture(scope="module")
+def labels_of(reader: ShardReader) -> dict[int, int]:
+    return dict(zip(reader.index["image_id"].tolist(), reader.index["label"].astype(int).tolist(), strict=True))
+
+
+def collect(loader) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
+    images, labels, ids = [], [], []
+    for x, y, i in loader:
+        images.append(x)
+        labels.append(y.numpy())
+        ids.append(i.numpy())
+    return images, np.concatenate(labels), np.concatenate(ids)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch", "synthetic"])
+def test_contract_train_and_eval(backend: str, reader: ShardReader, labels_of: dict[int, int]) -> None:
+    cfg = make_cfg(backend)
+    ids = reader.image_ids
+    n = len(ids)
+    train = build_loader(cfg, reader, ids, train=True, device=CPU, seed=1)
+    assert train.backend == backend and len(train) == n // BATCH
+    images, labels, got = collect(train)
+    assert len(images) == len(train)
+    for x in images:
+        assert x.shape == (BATCH, 3, 64, 64) and x.dtype == torch.float32 and x.device == CPU
+        assert torch.isfinite(x).all()
+    assert labels.dtype == np.int64 and got.dtype == np.int64
+    assert len(set(got.tolist())) == len(got) and set(got.tolist()) <= set(ids.tolist())
+    assert labels.tolist() == [labels_of[i] for i in got.tolist()]  # labels travel with their ids
+
+    ev = build_eval_loader(cfg, reader, ids, device=CPU)
+    assert len(ev) == math.ceil(n / BATCH)
+    images, labels, got = collect(ev)
+    assert got.tolist() == ids.tolist()  # fixed order, every image once, partial last batch kept
+    assert images[-1].shape[0] == n - (len(ev) - 1) * BATCH
+    assert labels.tolist() == [labels_of[i] for i in got.tolist()]
+    train.close()
+    ev.close()
+
+
+def test_real_backends_agree_on_eval_images(reader: ShardReader) -> None:
+    """Evaluation batches of the dali and torch backends hold the same images (within 1 gray level)."""
+    ids = reader.image_ids[:20]
+    out = {}
+    for backend in ("dali", "torch"):
+        ev = build_eval_loader(make_cfg(backend, "data.image_size=48"), reader, ids, device=CPU)
+        images, _, got = collect(ev)
+        assert got.tolist() == ids.tolist()
+        out[backend] = torch.cat(images)
+    assert (out["dali"] - out["torch"]).abs().max() <= 1 / (255 * 0.224) * 1.001
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_ddp_sharding_reshuffle_determinism(backend: str, reader: ShardReader) -> None:
+    cfg = make_cfg(backend)
+    ids = reader.image_ids
+    n = len(ids)
+    # Evaluation: the two ranks together visit every image exactly once.
+    evals = [build_eval_loader(cfg, reader, ids, rank=r, world_size=2, device=CPU) for r in (0, 1)]
+    seen = np.concatenate([collect(ev)[2] for ev in evals])
+    assert sorted(seen.tolist()) == sorted(ids.tolist())
+    # Training: equal full steps per rank, disjoint ids, a new order every epoch, same seed -> same batches.
+    loaders = [build_loader(cfg, reader, ids, train=True, rank=r, world_size=2, device=CPU, seed=4) for r in (0, 1)]
+    steps = (n // 2) // BATCH
+    assert [len(x) for x in loaders] == [steps, steps]
+    per_epoch = []
+    for epoch in (0, 1):
+        got = []
+        for ld in loaders:
+            ld.set_epoch(epoch)
+            imgs, _, i = collect(ld)
+            assert len(imgs) == steps and all(x.shape[0] == BATCH for x in imgs)
+            got.append(i)
+        assert not set(got[0].tolist()) & set(got[1].tolist())
+        per_epoch.append(got[0])
+    assert per_epoch[0].tolist() != per_epoch[1].tolist()
+    again = build_loader(cfg, reader, ids, train=True, rank=0, world_size=2, device=CPU, seed=4)
+    a_imgs, _, a_ids = collect(again)
+    loaders[0].set_epoch(0)
+    b_imgs, _, b_ids = collect(loaders[0])
+    assert a_ids.tolist() == b_ids.tolist() == per_epoch[0].tolist()
+    assert all(torch.equal(a, b) for a, b in zip(a_imgs, b_imgs, strict=True))  # augmentation is seeded too
+    other = build_loader(cfg, reader, ids, train=True, rank=0, world_size=2, device=CPU, seed=5)
+    assert collect(other)[2].tolist() != a_ids.tolist()
+    for ld in (*loaders, again, other):
+        ld.close()
+
+
+def test_dali_epoch_left_unfinished_restarts_cleanly(reader: ShardReader) -> None:
+    """A `break` mid-epoch (e.g. a step cap in the caller) must not leak batches into the next epoch."""
+    cfg = make_cfg("dali")
+    ld = build_loader(cfg, reader, reader.image_ids, train=True, device=CPU, seed=2)
+    for _ in ld:
+        break
+    ld.set_epoch(1)
+    _, _, ids1 = collect(ld)
+    fresh = build_loader(cfg, reader, reader.image_ids, train=True, device=CPU, seed=2)
+    fresh.set_epoch(1)
+    assert ids1.tolist() == collect(fresh)[2].tolist()
+    assert len(ids1) == len(ld) * BATCH
+    ld.close()
+    fresh.close()
+
+
+def test_max_steps_per_epoch_caps_training_only(reader: ShardReader) -> None:
+    cfg = make_cfg("torch", "train.max_steps_per_epoch=2")
+    assert len(build_loader(cfg, reader, reader.image_ids, train=True, device=CPU)) == 2
+    assert len(build_eval_loader(cfg, reader, reader.image_ids, device=CPU)) == math.ceil(len(reader) / BATCH)
+
+
+def test_bad_input_is_named(reader: ShardReader) -> None:
+    cfg = make_cfg("torch")
+    with pytest.raises(LoaderError, match="not in the shards"):
+        build_loader(cfg, reader, [0, 1, 10**9], train=False, device=CPU)
+    with pytest.raises(LoaderError, match="repeat"):
+        build_loader(cfg, reader, [0, 0, 1], train=False, device=CPU)
+    with pytest.raises(LoaderError, match="smaller than one global batch"):
+        build_loader(cfg, reader, reader.image_ids[:10], train=True, world_size=2, device=CPU)
+    with pytest.raises(LoaderError, match="rank"):
+        build_loader(cfg, reader, reader.image_ids, train=True, rank=2, world_size=2, device=CPU)
+    with pytest.raises(LoaderError, match="needs a ShardReader"):
+        build_loader(cfg, None, reader.image_ids, train=True, device=CPU)
+    with pytest.raises(LoaderError, match="not one of"):
+        resolve_backend("opencv")
+
+
+def test_auto_picks_dali_when_it_imports(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="bonehpc.data.loaders"):
+        assert resolve_backend("auto") == "dali"
+    assert "using dali" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bonehpc.data.loaders"):
+        resolve_backend("auto", rank=1)
+    assert caplog.text == ""  # only rank 0 logs
+
+
+def test_benchmark_loader_reports_throughput(reader: ShardReader) -> None:
+    res = benchmark_loader(make_cfg("torch"), reader, "torch", steps=3, model_name="resnet18", warmup=1)
+    assert res["backend"] == "torch" and res["device"] == "cpu" and res["batch_size"] == BATCH
+    assert res["loader_img_s"] > 0 and res["e2e_img_s"] > 0 and res["startup_s"] > 0
+    assert res["e2e_img_s"] < res["loader_img_s"]  # a training step costs more than reading a batch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["dali", "torch", "synthetic"])
+def test_gpu_batches_are_half_channels_last(backend: str, reader: ShardReader) -> None:
+    cfg = make_cfg(backend, "train.amp=bf16")
+    dev = torch.device("cuda", 0)
+    ld = build_loader(cfg, reader, reader.image_ids, train=True, device=dev)
+    x, y, i = next(iter(ld))
+    assert x.is_cuda and x.dtype == torch.bfloat16 and x.shape == (BATCH, 3, 64, 64)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert y.is_cuda and y.dtype == torch.int64 and i.is_cuda and i.dtype == torch.int64
+    ld.close()
