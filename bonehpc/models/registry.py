@@ -57,7 +57,8 @@ def create_model(
 
     The returned module carries ``input_size`` (C, H, W), ``mean``, ``std`` (0..1 scale) and ``bonehpc_spec``
     (``{"name", "kwargs"}``, plain values only) so a checkpoint can rebuild the architecture with
-    ``create_model(**spec)``: a ``kwargs`` keyword holding a dict is merged into the keyword arguments.
+    ``create_model(**spec)``: a ``kwargs`` keyword holding a dict is merged into the keyword arguments (its
+    ``num_classes`` and ``drop_rate`` take precedence over the parameters of the same name).
     The spec leaves out ``pretrained`` and ``weights``: the state_dict of the checkpoint replaces them.
 
     Args:
