@@ -1,0 +1,109 @@
+"""`bonehpc submit folds|resubmit` and `bonehpc status`: the experiment's job graph on Slurm (or locally)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bonehpc.cli import add_config_args, load_cfg
+
+
+def submit_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The `bonehpc submit` sub-command group (created once; other areas add `submit <kind>` to it)."""
+    if "submit" not in sub.choices:
+        p = sub.add_parser("submit", help="submit jobs to Slurm (or run them locally): folds, resubmit, ...")
+        group = p.add_subparsers(dest="submit_kind", metavar="KIND")
+        p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+        p._bonehpc_group = group  # type: ignore[attr-defined]
+    return sub.choices["submit"]._bonehpc_group  # type: ignore[no-any-return]
+
+
+def add_exp_args(p: argparse.ArgumentParser) -> None:
+    """--exp NAME|DIR and --run-root."""
+    p.add_argument("--exp", "-e", required=True, help="experiment name (runs/<name>) or its folder")
+    p.add_argument("--run-root", default="runs", help="parent folder of experiments (default runs)")
+
+
+def exp_dir(args: argparse.Namespace) -> Path:
+    """The experiment folder named by --exp / --run-root."""
+    p = Path(args.exp)
+    if p.is_dir() and (p / "config.yaml").is_file():
+        return p
+    return Path(args.run_root) / args.exp
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    group = submit_subparsers(sub)
+    f = group.add_parser(
+        "folds",
+        help="teacher array -> student array (per-task aftercorr) -> holdout evaluation + report",
+        description="Submit the cross-validated experiment of --config: one teacher and one student task per "
+        "fold plus the final model (array index K), then the holdout evaluation and report (afterany). "
+        "Completed runs and tasks still pending/running are skipped, so submitting again is safe. "
+        "cluster.mode=local|debug runs the same graph without Slurm, one job after another.",
+    )
+    add_config_args(f)
+    f.set_defaults(func=_submit_folds)
+    r = group.add_parser("resubmit", help="resubmit only the failed / cancelled / timed-out tasks of an experiment")
+    add_exp_args(r)
+    r.set_defaults(func=_resubmit)
+
+    s = sub.add_parser("status", help="per fold and role: state, elapsed, exit code, requeues, node (sacct)")
+    add_exp_args(s)
+    s.add_argument("--json", action="store_true", help="print the table and totals as JSON")
+    s.set_defaults(func=_status)
+
+
+def _print_submission(entry: dict) -> None:
+    for job in entry["jobs"]:
+        what = f"{job['kind']} {job['role']}".strip()
+        tasks = ", ".join(f"{t.get('fold', '')}={t['task_id']}" if "fold" in t else t["task_id"] for t in job["tasks"])
+        dep = f"  [{job['dependency']}]" if job.get("dependency") else ""
+        print(f"{what:16s} job {job['job_id']}: {tasks}{dep}")
+    for key, why in sorted(entry.get("skipped", {}).items()):
+        print(f"skipped {key}: {why}")
+    if not entry["jobs"]:
+        print("nothing to submit")
+    print(f"run dir: {entry['run_dir']}")
+
+
+def _submit_folds(args: argparse.Namespace) -> int:
+    from bonehpc.slurm import submit_folds
+
+    cfg = load_cfg(args)
+    entry = submit_folds(cfg)
+    _print_submission(entry)
+    failed = [t for j in entry["jobs"] for t in j["tasks"] if t.get("state") == "FAILED"]
+    return 1 if failed else 0
+
+
+def _resubmit(args: argparse.Namespace) -> int:
+    from bonehpc.slurm import resubmit
+
+    entry = resubmit(exp_dir(args))
+    _print_submission(entry)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from bonehpc.accounting import experiment_status, totals
+
+    d = exp_dir(args)
+    if not (d / "jobs.json").is_file():
+        print(f"bonehpc status: {d}/jobs.json not found (nothing submitted for this experiment)", file=sys.stderr)
+        return 2
+    df = experiment_status(d)
+    tot = totals(df)
+    if args.json:
+        print(json.dumps({"experiment": str(d), "tasks": df.to_dict(orient="records"), "totals": tot}, default=str))
+        return 0
+    cols = ["fold", "role", "task_id", "state", "elapsed_s", "exit_code", "requeues", "node", "gpu_hours", "metrics"]
+    print(df[cols].to_string(index=False))
+    states = ", ".join(f"{k} {v}" for k, v in tot["states"].items())
+    print(
+        f"\n{tot['tasks']} tasks ({states}); elapsed {tot['elapsed_h']:.3f} h; GPU-hours {tot['gpu_hours']:.3f}; "
+        f"requeues {tot['requeues']}"
+    )
+    return 0

@@ -1,0 +1,68 @@
+"""EvaluateTask: after the fold graph (also when folds failed): outcome of every run, holdout, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class EvaluateTask:
+    """Record which fold/role runs completed or failed, evaluate the holdout when the final models exist,
+    then build the report.
+
+    Writes runs/<exp>/holdout/outcome.json: {"status", "completed": [...], "failed": [...], "holdout": ...}.
+    Fails (non-zero exit) only when the holdout evaluation or the report itself fails.
+    """
+
+    def __init__(self, cfg_path: str, workdir: str = "") -> None:
+        self.cfg_path = cfg_path
+        self.workdir = workdir
+
+    def __call__(self) -> dict[str, Any]:
+        from bonehpc.config import load_config
+        from bonehpc.paths import ROLES, ExperimentPaths
+        from bonehpc.slurm import fold_keys, role_completed
+
+        if self.workdir:
+            os.chdir(self.workdir)
+        cfg = load_config(self.cfg_path)
+        paths = ExperimentPaths.of(cfg)
+        outcome: dict[str, Any] = {"status": "completed", "completed": [], "failed": []}
+        for fold in fold_keys(cfg):
+            for role in ROLES:
+                name = f"{paths.role_dir(fold, role).parent.name}/{role}"
+                outcome["completed" if role_completed(paths, fold, role) else "failed"].append(name)
+        if outcome["failed"]:
+            log.warning("runs without a completed metrics.json (marked failed): %s", ", ".join(outcome["failed"]))
+        error: Exception | None = None
+        if all(role_completed(paths, "final", r) for r in ROLES):
+            from bonehpc.evaluate import evaluate_holdout
+
+            try:
+                outcome["holdout"] = evaluate_holdout(cfg)
+            except Exception as err:  # noqa: BLE001 - recorded in outcome.json, re-raised below
+                log.exception("holdout evaluation failed")
+                outcome["holdout"] = f"failed: {err}"
+                error = err
+        else:
+            outcome["holdout"] = "skipped: the final teacher or student did not complete"
+        paths.holdout.mkdir(parents=True, exist_ok=True)
+        _write_json(paths.holdout / "outcome.json", outcome)
+        from jobs.report import ReportTask
+
+        outcome["report"] = ReportTask(self.cfg_path, self.workdir)()
+        _write_json(paths.holdout / "outcome.json", outcome)
+        if error is not None:
+            raise RuntimeError(f"holdout evaluation failed: {error}") from error
+        return outcome
+
+
+def _write_json(path: os.PathLike[str] | str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1, default=str)
+    os.replace(tmp, path)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Stop the dev Slurm cluster that up.sh started: by PID file only, never by process name.
+#
+# Two waves, each signalled at once (a daemon needs ~2 s to exit): slurmd + slurmctld first, so the
+# controller can flush to slurmdbd; then slurmdbd, MariaDB and munged (munged only when up.sh started it).
+# Env: SLURM_CI_ROOT (default /tmp/bonehpc-slurm); SLURM_CI_WIPE=1 also removes the root dir.
+set -uo pipefail
+R=${SLURM_CI_ROOT:-/tmp/bonehpc-slurm}
+H=$(hostname -s)
+
+wave() {  # args: pidfile ...
+  local pids=() f p
+  for f in "$@"; do
+    [ -f "$f" ] || continue
+    p=$(cat "$f")
+    [ -n "$p" ] && kill -0 "$p" 2>/dev/null || continue
+    kill -TERM "$p" && pids+=("$p:$(basename "$f" .pid)")
+  done
+  for item in "${pids[@]+"${pids[@]}"}"; do
+    p=${item%%:*}
+    for _ in $(seq 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
+    if kill -0 "$p" 2>/dev/null; then
+      echo "down.sh: ${item#*:} ($p) ignored SIGTERM for 15 s; SIGKILL" >&2
+      kill -KILL "$p"
+    fi
+    echo "stopped ${item#*:} ($p)"
+  done
+}
+wave "$R/run/slurmd-$H.pid" "$R/run/slurmctld.pid"
+wave "$R/run/slurmdbd.pid" "$R/mysql-run/mysqld.pid" "$R/run/munged.pid"
+[ "${SLURM_CI_WIPE:-0}" = 1 ] && rm -rf "$R"
+exit 0
