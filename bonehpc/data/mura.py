@@ -87,11 +87,13 @@ def _check_rows(
     regex, pattern = (STUDY_RE, STUDY_PATTERN) if labeled else (IMAGE_RE, IMAGE_PATTERN)
     for line_no, fields in rows:
         where = f"{name} line {line_no}"
-        if len(fields) != want:
-            header = (
-                " (the official CSVs have no header row)" if line_no == 1 and not fields[0].startswith("MURA") else ""
+        if line_no == 1 and not fields[0].startswith(f"{MURA_DIR}/"):
+            problems.append(
+                f"{where}: {','.join(fields)!r} does not start with {MURA_DIR}/ (a header? the CSVs have none)"
             )
-            problems.append(f"{where}: expected {want} column(s), got {len(fields)}: {','.join(fields)!r}{header}")
+            continue
+        if len(fields) != want:
+            problems.append(f"{where}: expected {want} column(s), got {len(fields)}: {','.join(fields)!r}")
             continue
         path = fields[0]
         label = -1

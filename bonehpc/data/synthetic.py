@@ -251,13 +251,20 @@ def plan_studies(patients: int, seed: int, valid_frac: float = 0.2) -> list[Stud
 
 @dataclass(frozen=True)
 class Fracture:
-    """Where one bone breaks and how its distal fragment moves (widths are multiples of the bone width)."""
+    """Where one bone breaks, how its distal fragment moves (in bone widths), and the hardware size.
+
+    Drawn once per study, so every view of the study shows the same finding.
+    """
 
     bone: int
     t: float
     gap: float
     shift: float
     angle_deg: float
+    extent: float = 0.7
+    """Length of a plate or cast as a fraction of the bone length."""
+    screws: int = 6
+    """Screw positions along a plate (the one over the fracture gap is left out)."""
 
 
 Op = tuple[Any, ...]
@@ -409,15 +416,14 @@ def render_image(
     tissue.add(tissue_ops + swelling, 1.0, (0, 0, width, height), blur=max(1.0, 0.02 * short_side))
     canvas.att += np.minimum(tissue.att, 1.0) * rng.uniform(0.22, 0.38)
 
-    if fx is not None and finding in ("plate", "cast"):
+    if fx is not None and fracture is not None and finding in ("plate", "cast"):
         m, unit, normal, w, d = fx
-        length = max(float(np.linalg.norm(d)), 4 * w) * rng.uniform(0.6, 0.85)
+        length = max(float(np.linalg.norm(d)), 4 * w) * fracture.extent
         if finding == "plate":
             side = normal * 0.7 * w
             p0, p1 = m - unit * length / 2 + side, m + unit * length / 2 + side
             ops = [("line", p0, p1, 0.45 * w, 1.0)]
-            n_screws = int(rng.integers(5, 9))
-            for s in np.linspace(0.06, 0.94, n_screws):
+            for s in np.linspace(0.06, 0.94, fracture.screws):
                 if abs(s - 0.5) < 0.06:
                     continue  # no screw through the fracture gap
                 h = p0 + (p1 - p0) * s
@@ -510,7 +516,10 @@ def _fracture(part: str, finding: str, rng: np.random.Generator) -> Fracture:
         shift, angle = rng.uniform(0.3, 0.6), rng.uniform(8, 18)
     else:
         shift, angle = rng.uniform(0.6, 1.0), rng.uniform(18, 35)
-    return Fracture(bone, t, float(rng.uniform(0.3, 0.45)), float(sign * shift), float(sign * angle))
+    gap = float(rng.uniform(0.3, 0.45))
+    return Fracture(
+        bone, t, gap, float(sign * shift), float(sign * angle), float(rng.uniform(0.6, 0.85)), int(rng.integers(5, 9))
+    )
 
 
 def generate(
