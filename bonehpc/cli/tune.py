@@ -1,0 +1,100 @@
+"""`bonehpc submit tune` (Optuna study as one Slurm array) and `bonehpc tune status` (trials, best params)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bonehpc.cli import add_config_args, load_cfg
+from bonehpc.cli.slurm import add_exp_args, submit_subparsers
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    group = submit_subparsers(sub)
+    s = group.add_parser(
+        "tune",
+        help="Optuna search of the student/distillation hyperparameters: one array job, one trial per task",
+        description="Create the study (TPE, maximise tune.metric, pruner tune.pruner) in runs/<exp>/tune/journal.log "
+        "or tune.storage, then submit ONE array of tune.trials tasks, tune.parallel at a time. Every trial trains "
+        "the KD student on tune.folds against the already-trained teachers (runs/<exp>/fold<k>/teacher/best.pt) "
+        "and reports the metric every epoch for pruning. Trials killed or preempted are retried from their "
+        "checkpoint. cluster.mode=local|debug runs the tasks here, one after another.",
+    )
+    add_config_args(s)
+    s.set_defaults(func=_submit_tune)
+
+    t = sub.add_parser("tune", help="inspect an Optuna study: `bonehpc tune status`")
+    tsub = t.add_subparsers(dest="tune_command", metavar="ACTION")
+    t.set_defaults(func=lambda args: (t.print_help(), 2)[1])
+    st = tsub.add_parser(
+        "status",
+        help="trials by state, best value and params, pruned counts; writes tune/best_params.yaml",
+        description="Reads the study of runs/<exp>/tune (journal file or the RDB in tune/config.yaml). "
+        "The best parameters are written to runs/<exp>/tune/best_params.yaml as dotted keys that "
+        "`make submit-folds PARAMS=...` reads.",
+    )
+    add_exp_args(st)
+    st.add_argument("--export", metavar="YAML", help="also write the best params (dotted keys) to this file")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+    st.set_defaults(func=_status)
+
+
+def _submit_tune(args: argparse.Namespace) -> int:
+    from bonehpc.tune import TuneError, submit_tune
+
+    cfg = load_cfg(args)
+    try:
+        entry = submit_tune(cfg)
+    except TuneError as err:
+        print(f"bonehpc submit tune: {err}", file=sys.stderr)
+        return 2
+    for job in entry["jobs"]:
+        tasks = job["tasks"]
+        ids = f"{tasks[0]['task_id']} .. {tasks[-1]['task_id']}" if tasks else "-"
+        failed = sum(t.get("state") == "FAILED" for t in tasks)
+        extra = f", {failed} failed" if failed else ""
+        print(f"tune array job {job['job_id'] or '(local)'}: {len(tasks)} tasks ({ids}){extra}")
+    print(f"study {entry['study']} in {entry['storage']}")
+    print(f"run dir: {entry['run_dir']}   status: bonehpc tune status --exp {cfg.name} --run-root {cfg.run_root}")
+    return 0
+
+
+def _exp_dir(args: argparse.Namespace) -> Path:
+    p = Path(args.exp)
+    if p.is_dir() and (p / "tune").is_dir():
+        return p
+    return Path(args.run_root) / args.exp
+
+
+def _status(args: argparse.Namespace) -> int:
+    from bonehpc.tune import (
+        TuneError,
+        TunePaths,
+        format_status,
+        load_tune_config,
+        open_study,
+        study_status,
+        write_best_params,
+    )
+
+    try:
+        cfg = load_tune_config(_exp_dir(args))
+        study = open_study(cfg)
+    except TuneError as err:
+        print(f"bonehpc tune status: {err}", file=sys.stderr)
+        return 2
+    status = study_status(study)
+    written = []
+    if status["best"] is not None:
+        written.append(str(write_best_params(study, TunePaths.of(cfg).best_params)))
+        if args.export:
+            written.append(str(write_best_params(study, args.export)))
+    if args.json:
+        print(json.dumps({**status, "best_params_files": written}, default=str))
+        return 0
+    print(format_status(status))
+    for path in written:
+        print(f"best params -> {path}")
+    return 0

@@ -1,0 +1,819 @@
+"""Optuna search over the student / distillation hyperparameters, one Slurm array task per trial.
+
+The study lives in an Optuna journal file in the experiment dir (`runs/<exp>/tune/journal.log`, safe on
+a shared file system) or in a server RDB (`tune.storage=mysql+pymysql://...`). `submit_tune` creates
+the study and submits ONE array job of `tune.trials` tasks, `tune.parallel` at a time; every task runs
+`run_task`: it takes the next trial (a retried one first), trains the KD student on `tune.folds`
+against the already-trained teachers and reports `tune.metric` after every epoch so the pruner can stop
+it early.
+
+Folds of one trial are trained one after another. The pruner sees one step per fold-epoch:
+step = position of the fold in `tune.folds` x epochs + epoch, value = that fold's validation metric at
+that epoch. Every trial trains its folds in the same order, so a step compares the same fold at the same
+epoch across trials. The objective is the mean over folds of the metric each fold's run returns.
+
+Failures. A trial whose process dies is found three ways: (1) `train.run` saves `last.pt` on
+SIGUSR2/SIGTERM and raises `Preempted`: the trial is marked FAIL at once and a WAITING copy is
+enqueued by Optuna's retry callback before the task requeues; (2) a task that starts again (Slurm
+requeue) finds the trial it ran before still RUNNING and fails + retries it; (3) any other dead trial
+stops sending heartbeats and the next task fails + retries it (`optuna.storages.fail_stale_trials`).
+A retried trial keeps its parameters and reuses the run dirs of the trial it retries
+(`retry_history[0]`), so `train.run` resumes from `last.pt`. Optuna 5.0 implements heartbeats only for
+`RDBStorage`; for the journal file, `HeartbeatJournalStorage` adds the same `BaseHeartbeat` interface
+with the beat stored as a trial system attribute.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import yaml
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.trial import FrozenTrial, TrialState
+
+from bonehpc.config import ConfigError, ExperimentConfig, apply_overrides, save_config
+from bonehpc.paths import ExperimentPaths, fold_name
+
+log = logging.getLogger(__name__)
+
+# Optuna 4.9 renamed RetryFailedTrialCallback (kept as a deprecated alias until 6.0).
+RetryCallback: Any = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+if RetryCallback is None:  # pragma: no cover - optuna < 4.9
+    RetryCallback = optuna.storages.RetryFailedTrialCallback
+
+HEARTBEAT_KEY = "bonehpc:heartbeat"
+"""Trial system attribute holding the last heartbeat (Unix time) on the journal storage."""
+DEFAULT_HEARTBEAT_S = 60
+DEFAULT_GRACE_S = 180
+LOCK_GRACE_S = 10
+"""A journal lock file older than this is forcibly released (an append holds it for milliseconds)."""
+SPACE_KEYS = {
+    "float": {"type", "low", "high", "log", "step"},
+    "int": {"type", "low", "high", "log", "step"},
+    "categorical": {"type", "choices"},
+}
+
+
+class TuneError(RuntimeError):
+    """The study cannot be set up or run; the message says what is missing or wrong."""
+
+
+@dataclass(frozen=True)
+class TunePaths:
+    """Files of the search: `runs/<exp>/tune/...`."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig) -> TunePaths:
+        return cls(ExperimentPaths.of(cfg).tune)
+
+    @property
+    def journal(self) -> Path:
+        return self.root / "journal.log"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def best_params(self) -> Path:
+        return self.root / "best_params.yaml"
+
+    @property
+    def tasks(self) -> Path:
+        """One small JSON per array task: the trial it runs (finds its own trial after a requeue)."""
+        return self.root / "tasks"
+
+    def trial_dir(self, number: int) -> Path:
+        return self.root / "trials" / str(number)
+
+    def run_dir(self, number: int, fold: int) -> Path:
+        return self.trial_dir(number) / fold_name(fold) / "student"
+
+
+# ----------------------------------------------------------------------------------------------
+# Search space
+
+
+def space_distributions(space: Mapping[str, Mapping[str, Any]]) -> dict[str, BaseDistribution]:
+    """Optuna distributions of `tune.space` (dotted key -> {type, low, high, log, step, choices}).
+
+    Raises:
+        ConfigError: naming the key, for unknown spec fields or values Optuna rejects (log with a
+            step, log with low <= 0, a step that does not fit, empty choices).
+    """
+    dists: dict[str, BaseDistribution] = {}
+    for key, spec in space.items():
+        kind = spec.get("type")
+        if kind not in SPACE_KEYS:
+            raise ConfigError(f"tune.space.{key}: type must be float, int or categorical, got {kind!r}")
+        unknown = set(spec) - SPACE_KEYS[kind]
+        if unknown:
+            raise ConfigError(
+                f"tune.space.{key}: unknown field(s) {', '.join(sorted(unknown))} for type {kind} "
+                f"(allowed: {', '.join(sorted(SPACE_KEYS[kind]))})"
+            )
+        try:
+            if kind == "categorical":
+                choices = spec.get("choices")
+                if not isinstance(choices, (list, tuple)) or not choices:
+                    raise ValueError("choices must be a non-empty list")
+                dists[key] = CategoricalDistribution(list(choices))
+            elif kind == "float":
+                step = spec.get("step")
+                dists[key] = FloatDistribution(
+                    float(spec["low"]),
+                    float(spec["high"]),
+                    log=bool(spec.get("log", False)),
+                    step=None if step is None else float(step),
+                )
+            else:
+                for bound in ("low", "high"):
+                    if not isinstance(spec[bound], int) or isinstance(spec[bound], bool):
+                        raise ValueError(f"{bound} must be an integer, got {spec[bound]!r}")
+                dists[key] = IntDistribution(
+                    spec["low"], spec["high"], log=bool(spec.get("log", False)), step=int(spec.get("step", 1))
+                )
+        except (KeyError, ValueError, TypeError) as err:
+            raise ConfigError(f"tune.space.{key}: {err}") from None
+    return dists
+
+
+def suggest_params(trial: optuna.trial.BaseTrial, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Sample (or, for a retried trial, read back) one value per key of the search space."""
+    params: dict[str, Any] = {}
+    for key, dist in space_distributions(space).items():
+        if isinstance(dist, FloatDistribution):
+            params[key] = trial.suggest_float(key, dist.low, dist.high, log=dist.log, step=dist.step)
+        elif isinstance(dist, IntDistribution):
+            params[key] = trial.suggest_int(key, dist.low, dist.high, log=dist.log, step=dist.step)
+        else:
+            assert isinstance(dist, CategoricalDistribution)
+            params[key] = trial.suggest_categorical(key, dist.choices)
+    return params
+
+
+def trial_config(cfg: ExperimentConfig, params: Mapping[str, Any]) -> ExperimentConfig:
+    """The experiment config with a trial's parameters (dotted keys) and `tune.epochs` applied."""
+    overrides: dict[str, Any] = dict(params)
+    if cfg.tune.epochs > 0:
+        overrides["student.epochs"] = cfg.tune.epochs
+    try:
+        return apply_overrides(cfg, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"tune.space: applying {dict(params)} failed: {err}") from None
+
+
+def check_space(cfg: ExperimentConfig) -> None:
+    """Fail early when a space key is not a config key or a range end gives an invalid config."""
+    dists = space_distributions(cfg.tune.space)
+    for corner in (0, -1):
+        sample: dict[str, Any] = {}
+        for key, dist in dists.items():
+            if isinstance(dist, CategoricalDistribution):
+                sample[key] = dist.choices[corner]
+            else:
+                assert isinstance(dist, (FloatDistribution, IntDistribution))
+                sample[key] = dist.low if corner == 0 else dist.high
+        trial_config(cfg, sample)
+
+
+def missing_teachers(cfg: ExperimentConfig) -> list[Path]:
+    """`best.pt` files of the teachers of `tune.folds` that do not exist (the search reuses them)."""
+    paths = ExperimentPaths.of(cfg)
+    return [p for p in (paths.role_dir(f, "teacher") / "best.pt" for f in cfg.tune.folds) if not p.is_file()]
+
+
+def check_folds(cfg: ExperimentConfig) -> None:
+    bad = [f for f in cfg.tune.folds if not 0 <= f < cfg.data.num_folds]
+    if bad:
+        raise ConfigError(
+            f"tune.folds: {bad} outside 0..{cfg.data.num_folds - 1} (data.num_folds={cfg.data.num_folds})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Storage, sampler, pruner, study
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """Optuna's journal storage with the heartbeat interface that Optuna 5.0 gives only RDBStorage.
+
+    A beat is the trial system attribute `HEARTBEAT_KEY` (Unix time of the writer); a RUNNING trial
+    whose last beat (or start, whichever is later) is older than `grace_period` seconds is stale.
+    Clocks of the nodes must agree to well within the grace period (NTP), as for the shared file.
+    """
+
+    def __init__(
+        self,
+        backend: JournalFileBackend,
+        heartbeat_interval: int,
+        grace_period: int,
+        stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    ) -> None:
+        super().__init__(backend)
+        if heartbeat_interval <= 0 or grace_period <= heartbeat_interval:
+            raise ConfigError(
+                f"heartbeat: need 0 < interval < grace period, got {heartbeat_interval} and {grace_period}"
+            )
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.stale_trial_callback = stale_trial_callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker declared this trial dead (a beat came too late): the trial's result
+            # will be refused at tell(); nothing to record any more.
+            log.warning("heartbeat of trial id %d refused: the trial is already finished", trial_id)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.time()
+        stale = []
+        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            # A retried trial inherits the old beat of the trial it retries: its start time counts too.
+            last = max(
+                float(t.system_attrs.get(HEARTBEAT_KEY, 0.0)), t.datetime_start.timestamp() if t.datetime_start else 0.0
+            )
+            if now - last > self.grace_period:
+                stale.append(t._trial_id)
+        return stale
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        return self.stale_trial_callback
+
+    def get_failed_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        return self.stale_trial_callback
+
+
+def heartbeat_settings(cfg: ExperimentConfig) -> tuple[int, int]:
+    """(heartbeat interval, grace period) in seconds; `tune.heartbeat_interval` / `tune.grace_period` when set."""
+    interval = int(getattr(cfg.tune, "heartbeat_interval", 0) or DEFAULT_HEARTBEAT_S)
+    grace = int(getattr(cfg.tune, "grace_period", 0) or max(DEFAULT_GRACE_S, 3 * interval))
+    return interval, grace
+
+
+def retry_callback(cfg: ExperimentConfig) -> Any:
+    """Optuna's retry callback: a dead trial is re-enqueued (WAITING, same params, same reports)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryCallback(max_retry=cfg.tune.max_retry, inherit_intermediate_values=True)
+
+
+def build_storage(
+    cfg: ExperimentConfig, heartbeat_interval: int | None = None, grace_period: int | None = None
+) -> BaseStorage:
+    """The study storage: the journal file of the experiment (default) or the RDB at `tune.storage`.
+
+    Both get heartbeats and the retry callback. SQLite is refused: its locking is unreliable on the
+    shared file systems Slurm jobs write to (optuna#815); the journal file needs no locking by fcntl.
+    """
+    import warnings
+
+    interval, grace = heartbeat_settings(cfg)
+    interval = heartbeat_interval or interval
+    grace = grace_period or max(grace, 2 * interval)
+    url = cfg.tune.storage.strip()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if not url:
+            journal = TunePaths.of(cfg).journal
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            lock = JournalFileOpenLock(str(journal), grace_period=LOCK_GRACE_S)
+            backend = JournalFileBackend(str(journal), lock_obj=lock)
+            return HeartbeatJournalStorage(backend, interval, grace, retry_callback(cfg))
+        if url.startswith("sqlite"):
+            raise ConfigError(
+                "tune.storage: SQLite is not safe on shared file systems; leave tune.storage empty for the "
+                "journal file or use a server database (mysql+pymysql://..., postgresql://...)"
+            )
+        if "://" not in url:
+            raise ConfigError(f"tune.storage: {url!r} is not a database URL (e.g. mysql+pymysql://u:p@host/db)")
+        try:
+            return RDBStorage(
+                url,
+                engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=interval,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=retry_callback(cfg),
+            )
+        except Exception as err:  # sqlalchemy raises many kinds; the URL (minus password) names the problem
+            raise TuneError(f"tune.storage: cannot open {_hide_password(url)}: {err}") from err
+
+
+def _hide_password(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def study_name(cfg: ExperimentConfig) -> str:
+    return cfg.tune.study_name or cfg.name
+
+
+def build_pruner(cfg: ExperimentConfig) -> optuna.pruners.BasePruner:
+    """median: MedianPruner that waits for a few finished trials; halving: successive halving; none."""
+    if cfg.tune.pruner == "median":
+        # Optuna's default waits for 5 finished trials; small studies would then never prune.
+        return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, cfg.tune.trials // 3)), n_warmup_steps=0)
+    if cfg.tune.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+def build_sampler(cfg: ExperimentConfig, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE seeded from `tune.sampler_seed` and the worker index.
+
+    The sampler is not stored with the study: each task builds its own. Tasks that started at the
+    same moment see the same history, so the same seed would make them propose the same point; the
+    worker index separates them. constant_liar keeps TPE away from points that running trials test.
+    """
+    import warnings
+
+    seed = int(np.random.SeedSequence([cfg.tune.sampler_seed, worker]).generate_state(1)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
+def open_study(
+    cfg: ExperimentConfig, worker: int = 0, storage: BaseStorage | None = None, create: bool = False
+) -> optuna.Study:
+    """Create (create=True) or load the study of the experiment, maximising `tune.metric`.
+
+    The search space and metric are stored with the study; creating it again with a different
+    space or metric is an error (use another `tune.study_name`).
+    """
+    storage = storage or build_storage(cfg)
+    name = study_name(cfg)
+    kwargs: dict[str, Any] = {
+        "study_name": name,
+        "storage": storage,
+        "sampler": build_sampler(cfg, worker),
+        "pruner": build_pruner(cfg),
+    }
+    if create:
+        study = optuna.create_study(direction="maximize", load_if_exists=True, **kwargs)
+        identity = {"metric": cfg.tune.metric, "space": cfg.tune.space, "folds": list(cfg.tune.folds)}
+        for key, value in identity.items():
+            old = study.user_attrs.get(key)
+            if old is None:
+                study.set_user_attr(key, value)
+            elif old != value:
+                raise TuneError(
+                    f"study {name!r} already exists with a different tune.{key} ({old!r}); "
+                    "set tune.study_name to start a new study"
+                )
+        return study
+    try:
+        return optuna.load_study(**kwargs)
+    except KeyError:
+        raise TuneError(f"no study {name!r} in {storage_label(cfg)}; run `bonehpc submit tune` first") from None
+
+
+def storage_label(cfg: ExperimentConfig) -> str:
+    return _hide_password(cfg.tune.storage) if cfg.tune.storage else str(TunePaths.of(cfg).journal)
+
+
+# ----------------------------------------------------------------------------------------------
+# One trial
+
+
+def original_number(trial: FrozenTrial) -> int:
+    """The number of the first trial of a retry series (the trial itself when it is not a retry)."""
+    history = trial.system_attrs.get("retry_history") or []
+    return int(history[0]) if history else int(trial.number)
+
+
+class Objective:
+    """Trains the KD student of one trial on `tune.folds` and returns the mean validation metric.
+
+    `train_fold(cfg, fold, run_dir, on_epoch_end) -> dict` defaults to `bonehpc.train.run` of the student,
+    which resumes from `last.pt` and returns at once for a run dir whose `metrics.json` says completed.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        on_start: Callable[[optuna.Trial], None] | None = None,
+        train_fold: Callable[..., Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.paths = TunePaths.of(cfg)
+        self.on_start = on_start
+        self.train_fold = train_fold or _train_student
+        self.trial_number: int | None = None
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.trial_number = trial.number
+        if self.on_start:
+            self.on_start(trial)
+        frozen = _trial_by_number(trial.study, trial.number)  # optuna.Trial does not expose system attrs
+        number = original_number(frozen) if frozen is not None else trial.number
+        if number != trial.number:
+            log.info("trial %d retries trial %d: resuming in %s", trial.number, number, self.paths.trial_dir(number))
+        try:
+            params = suggest_params(trial, self.cfg.tune.space)
+            cfg = trial_config(self.cfg, params)
+            trial_dir = self.paths.trial_dir(number)
+            trial_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, trial_dir / "config.yaml")
+            epochs = cfg.student.epochs
+            metric = self.cfg.tune.metric
+            values: list[float] = []
+            for pos, fold in enumerate(self.cfg.tune.folds):
+                run_dir = self.paths.run_dir(number, fold)
+                # a fold finished before a preemption returns its metrics at once (train.run reads metrics.json)
+                done = self.train_fold(cfg, fold, run_dir, _PruneHook(trial, metric, pos * epochs))
+                value = _metric(done, metric, run_dir)
+                trial.set_user_attr(f"{fold_name(fold)}/{metric}", value)
+                values.append(value)
+            return float(np.mean(values))
+        except optuna.TrialPruned:
+            raise
+        except BaseException as err:
+            if not _is_preempted(err):
+                trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
+            raise
+
+
+class _PruneHook:
+    """Per-epoch callback of train.run: report the metric, raise TrialPruned when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, offset: int) -> None:
+        self.trial, self.metric, self.offset = trial, metric, offset
+
+    def __call__(self, epoch: int, metrics: Mapping[str, Any]) -> None:
+        if self.metric not in metrics:
+            raise TuneError(
+                f"tune.metric {self.metric!r} is not among the epoch metrics ({', '.join(sorted(metrics))})"
+            )
+        step = self.offset + int(epoch)
+        value = float(metrics[self.metric])
+        if math.isnan(value):
+            value = float("-inf")  # NaN would make the pruner ignore the step; an undefined metric is the worst
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} (epoch {epoch}): {self.metric}={value:.4f}")
+
+
+def _train_student(
+    cfg: ExperimentConfig, fold: int, run_dir: Path, on_epoch_end: Callable[[int, Mapping[str, Any]], None]
+) -> Mapping[str, Any]:
+    """bonehpc.train.run of the student into the trial's run dir, reporting every epoch to the pruner."""
+    import inspect
+    import json
+
+    from bonehpc import train
+
+    if "on_epoch_end" in inspect.signature(train.run).parameters:
+        return train.run(cfg, fold, "student", run_dir=run_dir, on_epoch_end=on_epoch_end)  # type: ignore[call-arg]
+    # A train.run without the per-epoch hook: report the epochs once the fold is done, so pruning acts
+    # between folds only (and marks a finished single-fold trial PRUNED without saving its time).
+    log.warning("bonehpc.train.run has no on_epoch_end hook: pruning can only act after each fold")
+    metrics = train.run(cfg, fold, "student", run_dir=run_dir)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    for record in (json.loads(line) for line in lines if line.strip()):
+        on_epoch_end(int(record["epoch"]), record)
+    return metrics
+
+
+def _metric(metrics: Mapping[str, Any], metric: str, run_dir: Path) -> float:
+    if metric not in metrics:
+        raise TuneError(
+            f"tune.metric {metric!r} missing from the final metrics of {run_dir} ({', '.join(sorted(metrics))})"
+        )
+    value = float(metrics[metric])
+    return float("-inf") if math.isnan(value) else value
+
+
+def _is_preempted(err: BaseException) -> bool:
+    try:
+        from bonehpc.train import Preempted
+    except ImportError:
+        return False
+    return isinstance(err, Preempted)
+
+
+# ----------------------------------------------------------------------------------------------
+# One array task
+
+
+def _write_json(path: Path, data: Any) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _trial_by_number(study: optuna.Study, number: int) -> FrozenTrial | None:
+    for t in study.get_trials(deepcopy=False):
+        if t.number == number:
+            return t
+    return None
+
+
+def fail_and_retry(cfg: ExperimentConfig, study: optuna.Study, number: int, reason: str) -> None:
+    """Mark a RUNNING trial FAIL and enqueue its retry (what the heartbeat does for dead trials)."""
+    t = _trial_by_number(study, number)
+    if t is None or t.state != TrialState.RUNNING:
+        if t is not None and t.state == TrialState.FAIL and not _has_retry(study, t.number):
+            retry_callback(cfg)(study, t)
+        return
+    log.warning("trial %d: %s; marking it FAIL and enqueueing a retry", number, reason)
+    try:
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    except (ValueError, RuntimeError) as err:  # another worker finished it first
+        log.info("trial %d could not be failed: %s", number, err)
+        return
+    failed = _trial_by_number(study, number)
+    assert failed is not None
+    retry_callback(cfg)(study, failed)
+
+
+def _has_retry(study: optuna.Study, number: int) -> bool:
+    return any(number in (t.system_attrs.get("retry_history") or []) for t in study.get_trials(deepcopy=False))
+
+
+def _waiting(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def run_task(
+    cfg: ExperimentConfig,
+    task_index: int,
+    train_fold: Callable[..., Mapping[str, Any]] | None = None,
+    storage: BaseStorage | None = None,
+) -> list[dict[str, Any]]:
+    """Run one array task: recover this task's earlier trial if it died, run one trial, then any retries left.
+
+    Returns one `{"task", "trial", "state", "value"}` per trial run. A trial that raises is recorded as FAIL
+    with its error (user attribute `error`) and the task goes on, so one bad trial does not stop the study.
+    `Preempted` (and KeyboardInterrupt) propagate after the trial was failed and re-enqueued, for the job to
+    requeue itself. Retries enqueued while this task ran (a dead trial of another task) are run here too,
+    so a retry is not lost when every other task has already finished.
+    """
+    paths = TunePaths.of(cfg)
+    study = open_study(cfg, worker=task_index, storage=storage)
+    state_file = paths.tasks / f"{task_index}.json"
+    previous = _read_json(state_file)
+    if previous is not None and previous.get("state") is None:
+        # The same array task ran before (Slurm requeue) and did not finish its trial: that process is gone.
+        fail_and_retry(cfg, study, int(previous["trial"]), f"task {task_index} restarted while the trial was running")
+
+    def on_start(trial: optuna.Trial) -> None:
+        _write_json(state_file, {"trial": trial.number, "job": os.environ.get("SLURM_JOB_ID"), "state": None})
+        trial.set_user_attr("task", task_index)
+        job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        if job:
+            trial.set_user_attr("slurm_job", f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}")
+
+    results: list[dict[str, Any]] = []
+    for _ in range(max(1, cfg.tune.trials)):  # bound: never more trials than the study has
+        if results and not _waiting(study):
+            break
+        objective = Objective(cfg, on_start=on_start, train_fold=train_fold)
+        try:
+            study.optimize(objective, n_trials=1, catch=())
+        except BaseException as err:
+            if objective.trial_number is None:
+                raise
+            if _is_preempted(err) or isinstance(err, KeyboardInterrupt):
+                # optimize() marked it FAIL; queue the retry now rather than after the heartbeat grace period.
+                fail_and_retry(cfg, study, objective.trial_number, "preempted")
+                raise
+            log.error("trial %d failed: %s: %s", objective.trial_number, type(err).__name__, err)
+        if objective.trial_number is None:
+            break
+        final = _trial_by_number(study, objective.trial_number)
+        assert final is not None
+        results.append({"task": task_index, "trial": final.number, "state": final.state.name, "value": final.value})
+        _write_json(state_file, {"trial": final.number, "state": final.state.name})
+        if final.state == TrialState.COMPLETE:
+            write_best_params(study, paths.best_params)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+
+
+def best_params_yaml(study: optuna.Study) -> str:
+    """The best trial's parameters as flat dotted keys (the format `load_config(params=...)` reads)."""
+    best = study.best_trial
+    header = (
+        f"# best trial {best.number} of study {study.study_name!r}: "
+        f"{study.user_attrs.get('metric', 'value')} = {best.value:.6g}\n"
+        "# use: make submit-folds PARAMS=<this file>\n"
+    )
+    return header + yaml.safe_dump({k: _plain(v) for k, v in best.params.items()}, sort_keys=True)
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def write_best_params(study: optuna.Study, path: str | Path) -> Path:
+    """Write best_params_yaml atomically (several tasks may write at once).
+
+    Raises:
+        ValueError: no trial is COMPLETE yet.
+    """
+    p = Path(path)
+    text = best_params_yaml(study)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, p)
+    return p
+
+
+def study_status(study: optuna.Study) -> dict[str, Any]:
+    """Counts by state, the best trial and one row per trial (number, state, value, params, retry of, error)."""
+    trials = study.get_trials(deepcopy=False)
+    counts = Counter(t.state.name for t in trials)
+    rows = []
+    for t in trials:
+        history = t.system_attrs.get("retry_history") or []
+        duration = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else None
+        )
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "last_step": t.last_step,
+                "retry_of": history[0] if history else None,
+                "duration_s": duration,
+                "params": dict(t.params),
+                "error": t.user_attrs.get("error"),
+            }
+        )
+    status: dict[str, Any] = {
+        "study": study.study_name,
+        "metric": study.user_attrs.get("metric"),
+        "n_trials": len(trials),
+        "states": {s.name: counts.get(s.name, 0) for s in TrialState},
+        "pruned": counts.get("PRUNED", 0),
+        "best": None,
+        "trials": rows,
+    }
+    if counts.get("COMPLETE"):
+        best = study.best_trial
+        status["best"] = {"number": best.number, "value": best.value, "params": dict(best.params)}
+    return status
+
+
+def format_status(status: Mapping[str, Any]) -> str:
+    """A plain-text table of study_status()."""
+    lines = [f"study {status['study']}  metric {status['metric']}  trials {status['n_trials']}"]
+    lines.append("  " + "  ".join(f"{k}={v}" for k, v in status["states"].items() if v))
+    best = status["best"]
+    if best:
+        lines.append(f"best: trial {best['number']}  value {best['value']:.4f}")
+        lines.extend(f"  {k} = {v}" for k, v in best["params"].items())
+    else:
+        lines.append("best: none yet (no COMPLETE trial)")
+    lines.append(f"{'#':>4} {'state':<9} {'value':>8} {'step':>5} {'retry of':>8} {'time s':>7}  params / error")
+    for r in status["trials"]:
+        value = "" if r["value"] is None else f"{r['value']:.4f}"
+        step = "" if r["last_step"] is None else str(r["last_step"])
+        retry = "" if r["retry_of"] is None else str(r["retry_of"])
+        dur = "" if r["duration_s"] is None else f"{r['duration_s']:.0f}"
+        params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in r["params"].items())
+        extra = f"  ERROR {r['error']}" if r["error"] else ""
+        lines.append(f"{r['number']:>4} {r['state']:<9} {value:>8} {step:>5} {retry:>8} {dur:>7}  {params}{extra}")
+    return "\n".join(lines)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Submission
+
+
+def prepare(cfg: ExperimentConfig) -> optuna.Study:
+    """Every check that can fail before anything is submitted, then create the study and save the config.
+
+    Raises:
+        TuneError: listing the teachers of `tune.folds` that are not trained yet.
+        ConfigError: for a bad search space, fold list or storage URL.
+    """
+    check_folds(cfg)
+    check_space(cfg)
+    missing = missing_teachers(cfg)
+    if missing:
+        listing = "\n  ".join(str(p) for p in missing)
+        raise TuneError(
+            f"the search reuses the trained teachers of tune.folds={list(cfg.tune.folds)}, missing:\n  {listing}\n"
+            "train them first (make submit-folds) or change tune.folds"
+        )
+    paths = TunePaths.of(cfg)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    study = open_study(cfg, create=True)
+    save_config(cfg, paths.config)
+    return study
+
+
+def load_tune_config(exp_dir: str | Path) -> ExperimentConfig:
+    """The config saved by `submit tune` in `<exp_dir>/tune/config.yaml`."""
+    from bonehpc.config import load_config
+
+    path = Path(exp_dir) / "tune" / "config.yaml"
+    if not path.is_file():
+        raise TuneError(f"{path} not found: no study was submitted for {exp_dir} (run `bonehpc submit tune`)")
+    return load_config(path)
+
+
+def submit_tune(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dict[str, Any]:
+    """Check, create the study, then submit ONE array of `tune.trials` tasks (`tune.parallel` at a time).
+
+    Uses the submit helper and cluster profiles of `bonehpc.slurm`; cluster.mode local/debug runs the tasks
+    with submitit's local/debug executor, one after another, before returning. The submission is recorded
+    in `runs/<exp>/tune/jobs.json` (the registry format of `runs/<exp>/jobs.json`, kept apart so fold
+    status tables stay about folds).
+
+    Returns:
+        The registry entry, plus `run_dir`, `study` and `storage`.
+    """
+    import dataclasses
+    import datetime as dt
+
+    from bonehpc import slurm
+    from jobs.tune import TuneTask
+
+    study = prepare(cfg)
+    paths = TunePaths.of(cfg)
+    mode = slurm.resolve_mode(cfg.cluster.mode)
+    profile = slurm.load_profile(cfg.cluster.profile if mode == "slurm" or cfg.cluster.profile != "dev" else "local")
+    per_kind = {k: dict(v) for k, v in profile.per_kind.items()}
+    per_kind.get("tune", {}).pop("array_parallelism", None)
+    profile = dataclasses.replace(profile, array_parallelism=cfg.tune.parallel, per_kind=per_kind)
+    exp = ExperimentPaths.of(cfg)
+    ctx = slurm.SubmitContext(cfg, exp, profile, mode, str(Path(workdir or os.getcwd()).resolve()))
+    task = TuneTask(str(paths.config.resolve()), ctx.workdir)
+    log.info(
+        "study %r in %s: %d trial(s) so far; submitting %d task(s), %d at a time (%s)",
+        study.study_name,
+        storage_label(cfg),
+        len(study.trials),
+        cfg.tune.trials,
+        cfg.tune.parallel,
+        mode,
+    )
+    record = slurm._submit(ctx, "tune", task, list(range(cfg.tune.trials)), role="tune")
+    for t in record["tasks"]:
+        t["slot"] = t.pop("fold", None) and t["index"]  # the helper labels array items as folds
+    entry: dict[str, Any] = {
+        "kind": "tune",
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "mode": mode,
+        "profile": profile.name,
+        "config_hash": slurm.config_hash(cfg),
+        "git_sha": slurm.git_sha(),
+        "workdir": ctx.workdir,
+        "study": study.study_name,
+        "storage": storage_label(cfg),
+        "jobs": ctx.jobs,
+    }
+    registry = slurm.read_registry(paths.root)
+    registry.setdefault("experiment", cfg.name)
+    registry["submissions"].append(entry)
+    slurm._write_registry(paths.root, registry)
+    return {**entry, "run_dir": str(paths.root)}
