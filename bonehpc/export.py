@@ -72,6 +72,11 @@ def export_onnx(
     tmp = out.with_name(f".{out.name}.tmp")
     example = torch.zeros(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    # The exporter's helpers log every graph pass at INFO; keep the caller's log readable.
+    quiet = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.WARNING)
     try:
         torch.onnx.export(
             model,
@@ -88,6 +93,9 @@ def export_onnx(
     except Exception as err:
         tmp.unlink(missing_ok=True)
         raise ExportError(f"ONNX export of {checkpoint} failed: {type(err).__name__}: {err}") from err
+    finally:
+        for lg, level in zip(quiet, levels, strict=True):
+            lg.setLevel(level)
     tmp.replace(out)
     info: dict[str, Any] = {
         "path": str(out),
