@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from bonehpc import report_plots as plots
 from bonehpc.config import ExperimentConfig, from_dict, read_yaml
@@ -180,7 +181,12 @@ def load_experiment_config(exp_dir: Path) -> tuple[ExperimentConfig | None, dict
     """(config or None, raw dict, problem) of runs/<exp>/config.yaml."""
     path = exp_dir / "config.yaml"
     if not path.is_file():
-        return None, {}, f"{path} not found"
+        # experiments run without `bonehpc submit` have no top-level copy; every run saved its resolved config
+        runs = sorted(exp_dir.glob("*/*/config.yaml"))
+        if not runs:
+            return None, {}, f"{path} not found"
+        log.info("%s not found; using %s", path, runs[0])
+        path = runs[0]
     try:
         raw = read_yaml(path)
     except Exception as err:  # noqa: BLE001 - reported in the document
@@ -435,6 +441,9 @@ def section_holdout(exp: Experiment) -> Section:
                 rows.append({"model": model, "level": level, "status": "completed", **_metric_row(m, level)})
         if problem:
             sec.p(f"{model}: {problem}", "missing")
+        elif exp.holdout[model][2].get("folds_missing"):
+            meta = exp.holdout[model][2]
+            sec.p(f"{model}: averages folds {meta.get('folds_used')}; folds {meta['folds_missing']} missing", "missing")
     df = pd.DataFrame(rows).reindex(columns=["model", "level", "status", "n", "n_pos", *METRICS])
     sec.table(df, "holdout_metrics", "Holdout metrics of the final models and the fold ensembles.")
     return sec
@@ -798,8 +807,15 @@ def section_repro(exp: Experiment) -> Section:
     rows.append(("training nodes (sacct)", ", ".join(nodes) or "unknown (no Slurm accounting)"))
     rows += [(f"package {k}", v) for k, v in package_versions().items()]
     sec.table(pd.DataFrame(rows, columns=["item", "value"]), "reproducibility", "Code, data, seeds, machine.")
-    cfg_text = (exp.root / "config.yaml").read_text() if (exp.root / "config.yaml").is_file() else "config.yaml missing"
-    sec.p(f"Resolved config (config.yaml):\n{cfg_text}", "pre")
+    if (exp.root / "config.yaml").is_file():
+        sec.p(f"Resolved config (config.yaml):\n{(exp.root / 'config.yaml').read_text()}", "pre")
+    elif exp.raw_cfg:
+        sec.p(
+            f"Resolved config (config.yaml of a run; none at the top):\n{yaml.safe_dump(exp.raw_cfg, sort_keys=False)}",
+            "pre",
+        )
+    else:
+        sec.p("Resolved config: no config.yaml found", "missing")
     return sec
 
 
