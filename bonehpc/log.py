@@ -151,7 +151,7 @@ class MetricLogger:
         parts.append(f"img/s {images / window if window > 0 else 0.0:.1f}")
         parts.append(f"data {1000 * self.data_time / i:.1f}ms")
         parts.append(f"step {1000 * per_step:.1f}ms")
-        parts += [f"{k} {v:.4f}" for k, v in self.meters.items()]
+        parts += [f"{k} {v:.4g}" for k, v in self.meters.items()]
         if torch.cuda.is_available():
             parts.append(f"max mem {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
         self.logger.info(self.delimiter.join(parts))

@@ -1,0 +1,84 @@
+"""`bonehpc train` (one fold/role in this process) and `bonehpc evaluate` (holdout evaluation)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from bonehpc.cli import add_config_args, load_cfg
+
+log = logging.getLogger("bonehpc.cli.train")
+
+PREEMPTED_EXIT_CODE = 3  # the same value as bonehpc.train.PREEMPTED_EXIT_CODE (not imported: torch)
+
+TRAIN_EPILOG = """\
+This runs one process. For several processes (GPUs) on one node use torchrun with the module entry:
+  torchrun --standalone --nproc_per_node=4 -m bonehpc.train --config C --fold 0 --role teacher [key=value ...]
+On a cluster, the Slurm commands of bonehpc submit every fold/role as jobs (they call the same code).
+
+The run resumes from <run dir>/last.pt when it exists and returns at once when metrics.json says completed.
+SIGUSR2 / SIGTERM stop it at the next step boundary; the exit status is then 3 (run it again to resume).
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train one fold/role (teacher or distilled student) in this process",
+        description="Train the teacher or the student of one fold (or the final model on all train patients).",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_args(p)
+    p.add_argument("--fold", required=True, help="fold number 0..K-1 (validate on it) or 'final' (validate on valid)")
+    p.add_argument("--role", required=True, choices=("teacher", "student"), help="which model to train")
+    p.add_argument("--run-dir", help="output folder (default: runs/<name>/fold<k>|final/<role>)")
+    p.set_defaults(func=_train)
+
+    e = sub.add_parser(
+        "evaluate",
+        help="holdout evaluation on the official valid split: final models and fold ensembles",
+        description="Evaluate final/<role>/best.pt and the mean of the fold models of each role on the valid "
+        "split; writes holdout/<model>/predictions.csv and metrics.json. Models without checkpoints are skipped.",
+    )
+    add_config_args(e)
+    e.set_defaults(func=_evaluate)
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_cfg(args)
+    from bonehpc.train import Preempted, parse_fold, run
+
+    try:
+        fold = parse_fold(args.fold)
+    except ValueError as err:
+        log.error("%s", err)
+        return 2
+    try:
+        metrics = run(cfg, fold, args.role, args.run_dir)
+    except Preempted as err:
+        log.warning("%s", err)
+        return PREEMPTED_EXIT_CODE
+    log.info("best val metrics: %s", {k: round(v, 4) for k, v in metrics.items() if "/" not in k[4:]})
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    cfg = load_cfg(args)
+    from bonehpc.evaluate import evaluate_holdout
+
+    results = evaluate_holdout(cfg)
+    if not results:
+        log.error(
+            "nothing to evaluate: no final/<role>/best.pt and no fold checkpoints under %s/%s", cfg.run_root, cfg.name
+        )
+        return 1
+    for model, m in results.items():
+        log.info(
+            "%-17s study_kappa %.4f  study_auroc %.4f  image_auroc %.4f",
+            model,
+            m["study_kappa"],
+            m["study_auroc"],
+            m["image_auroc"],
+        )
+    return 0
