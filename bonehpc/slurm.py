@@ -413,8 +413,8 @@ def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[st
                 skipped[key] = "not selected"
                 continue
             todo[role].append(fold)
-    # a student whose teacher is rerun reruns too (its teacher changes)
-    for fold in todo["teacher"]:
+    # a student whose teacher is rerun reruns too (its teacher changes); an explicit selection is kept as is
+    for fold in todo["teacher"] if only is None else []:
         if fold not in todo["student"]:
             fname = paths.role_dir(fold, "teacher").parent.name
             if (fname, "student") not in active:
@@ -545,6 +545,7 @@ def submit_folds(
     only: set[tuple[str, str]] | None = None,
     kind: str = "folds",
     workdir: str | Path | None = None,
+    evaluate: bool = True,
 ) -> dict[str, Any]:
     """Submit (or run, in local/debug mode) the fold graph of an experiment; returns the registry entry.
 
@@ -553,6 +554,7 @@ def submit_folds(
         only: restrict to these (fold name, role) pairs (resubmit); None: everything not done or active.
         kind: name of the submission in the registry (folds or resubmit).
         workdir: the jobs' working directory (relative paths of the config resolve there); default cwd.
+        evaluate: also submit the holdout evaluation + report job when it is due.
     """
     from jobs.evaluate import EvaluateTask
     from jobs.train import TrainTask
@@ -602,7 +604,7 @@ def submit_folds(
             run_if=teacher_ok,
         )
         train_ids.append(student["job_id"])
-    if plan.evaluate:
+    if plan.evaluate and evaluate:
         dependency = "afterany:" + ":".join(train_ids) if train_ids and ctx.mode == "slurm" else ""
         _submit(ctx, "evaluate", EvaluateTask(cfg_path, ctx.workdir), role="", dependency=dependency)
 
@@ -647,6 +649,8 @@ def resubmit(exp_dir: str | Path, workdir: str | Path | None = None) -> dict[str
         fold: int | str = "final" if fname == "final" else int(fname.removeprefix("fold"))
         if states.get(task["task_id"]) in RETRY_STATES and not role_completed(paths, fold, role):
             only.add((fname, role))
+            if role == "teacher" and not role_completed(paths, fold, "student"):
+                only.add((fname, "student"))  # the dependent student (cancelled or never run) goes too
     log.info("resubmitting %s", ", ".join(f"{f}/{r}" for f, r in sorted(only)) or "no training task")
     if not registry["submissions"][-1].get("workdir") and workdir is None:
         workdir = os.getcwd()

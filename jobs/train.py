@@ -61,7 +61,9 @@ def first_node() -> str:
     return out[0]
 
 
-def torchrun_command(cfg_path: str, fold: int | str, role: str, nproc: int, python: str) -> list[str]:
+def torchrun_command(
+    cfg_path: str, fold: int | str, role: str, nproc: int, python: str, module: str = "bonehpc.train"
+) -> list[str]:
     """torchrun over `python -m bonehpc.train` for this node (standalone, or c10d rendezvous across nodes)."""
     nnodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
     cmd = [python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--max_restarts=0"]
@@ -78,7 +80,7 @@ def torchrun_command(cfg_path: str, fold: int | str, role: str, nproc: int, pyth
         ]
     else:
         cmd.append("--standalone")
-    return [*cmd, "-m", "bonehpc.train", "--config", cfg_path, "--fold", str(fold), "--role", role]
+    return [*cmd, "-m", module, "--config", cfg_path, "--fold", str(fold), "--role", role]
 
 
 class TrainTask(submitit.helpers.Checkpointable):
@@ -90,6 +92,9 @@ class TrainTask(submitit.helpers.Checkpointable):
         workdir: working directory of the job (relative config paths resolve there).
         nproc_per_node: training processes per node (0: one per GPU, 1 without GPUs).
     """
+
+    module = "bonehpc.train"
+    """The training module torchrun starts (`python -m <module> --config C --fold k --role r`)."""
 
     def __init__(self, cfg_path: str, role: str, workdir: str = "", nproc_per_node: int = 0) -> None:
         self.cfg_path = cfg_path
@@ -112,7 +117,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         if metrics_path.is_file() and json.loads(metrics_path.read_text()).get("status") == "completed":
             log.info("%s of %s already completed; nothing to do", self.role, fold)
             return json.loads(metrics_path.read_text())
-        cmd = torchrun_command(self.cfg_path, fold, self.role, nproc_for_node(self.nproc_per_node), sys.executable)
+        nproc = nproc_for_node(self.nproc_per_node)
+        cmd = torchrun_command(self.cfg_path, fold, self.role, nproc, sys.executable, self.module)
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
         log.info("starting: %s", " ".join(cmd))

@@ -1,0 +1,167 @@
+"""The fold job graph on the real dev Slurm cluster: order, failure + resubmit, idempotency, requeue + resume.
+
+Runs real training (tiny: 64 px, resnet18 / hybrid_tiny, 1-3 epochs) through submitit, torchrun and sacct.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from bonehpc.accounting import experiment_status
+from bonehpc.config import ExperimentConfig, load_config
+from bonehpc.paths import ExperimentPaths
+from bonehpc.slurm import resubmit, submit_folds
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+
+
+def _cfg(root: Path, synth_root: Path, shards_dir: Path, name: str, *extra: str) -> ExperimentConfig:
+    return load_config(
+        None,
+        [
+            f"name={name}",
+            f"run_root={root}",
+            f"data.mura_root={synth_root}",
+            f"data.shards={shards_dir}",
+            "data.num_folds=2",
+            "data.image_size=64",
+            "data.pack_size=64",
+            "data.num_workers=0",
+            "data.backend=torch",
+            "teacher.model=resnet18",
+            "teacher.epochs=1",
+            "student.model=hybrid_tiny",
+            "student.epochs=1",
+            "train.batch_size=16",
+            "train.log_every=5",
+            "cluster.mode=slurm",
+            "cluster.profile=dev",
+            *extra,
+        ],
+    )
+
+
+def _wait(exp: Path, timeout_s: float = 420.0, until: set[str] = TERMINAL):
+    """Poll the status table until every task is in `until`; returns it."""
+    t0 = time.monotonic()
+    while True:
+        df = experiment_status(exp)
+        if len(df) and set(df["state"]) <= until:
+            return df
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"tasks not finished after {timeout_s:.0f} s:\n{df.to_string()}")
+        time.sleep(3)
+
+
+def _row(df, fold: str, role: str):
+    return df.set_index(["fold", "role"]).loc[(fold, role)]
+
+
+def test_graph_failure_resubmit_and_idempotency(slurm_cluster, synth_root, shards_dir, tmp_path) -> None:
+    cfg = _cfg(tmp_path / "runs", synth_root, shards_dir, "graph")
+    paths = ExperimentPaths.of(cfg)
+    paths.root.mkdir(parents=True)
+    # forced failure of fold 1: its run folder cannot be created (a file where the folder should be)
+    (paths.root / "fold1").write_text("in the way")
+    t0 = time.monotonic()
+    first = submit_folds(cfg)
+    kinds = [(j["kind"], j["role"], [t["fold"] for t in j["tasks"] if "fold" in t]) for j in first["jobs"]]
+    assert kinds == [
+        ("train", "teacher", ["fold0", "fold1", "final"]),
+        ("train", "student", ["fold0", "fold1", "final"]),
+        ("evaluate", "", []),
+    ]
+    teacher_id = first["jobs"][0]["job_id"]
+    assert first["jobs"][1]["dependency"] == f"aftercorr:{teacher_id}"
+    assert first["jobs"][2]["dependency"].startswith("afterany:")
+
+    df = _wait(paths.root)
+    t_first = time.monotonic() - t0
+    assert _row(df, "fold1", "teacher")["state"] == "FAILED"
+    assert _row(df, "fold1", "student")["state"] == "CANCELLED"  # its dependency can never be met
+    for fold in ("fold0", "final"):
+        for role in ("teacher", "student"):
+            assert _row(df, fold, role)["state"] == "COMPLETED", df.to_string()
+    # the evaluation ran although a fold failed, after everything else, and recorded the failure
+    ev = _row(df, "holdout", "evaluate")
+    assert ev["state"] == "COMPLETED"
+    for fold in ("fold0", "final"):
+        assert _row(df, fold, "teacher")["end"] <= _row(df, fold, "student")["start"]
+    assert ev["start"] >= max(e for e in df["end"] if e and e != ev["end"])
+    outcome = json.loads((paths.holdout / "outcome.json").read_text())
+    assert outcome["failed"] == ["fold1/teacher", "fold1/student"]
+
+    # the CLI status shows the failure too
+    out = subprocess.run(
+        ["bonehpc", "status", "--exp", str(paths.root), "--json"], capture_output=True, text=True, check=True
+    ).stdout
+    states = {(t["fold"], t["role"]): t["state"] for t in json.loads(out)["tasks"]}
+    assert states[("fold1", "teacher")] == "FAILED"
+
+    # fix the cause; resubmit reruns only fold 1 (teacher, then its student) and the evaluation
+    (paths.root / "fold1").unlink()
+    t1 = time.monotonic()
+    second = resubmit(paths.root)
+    assert [(j["role"], [t.get("fold") for t in j["tasks"]]) for j in second["jobs"]] == [
+        ("teacher", ["fold1"]),
+        ("student", ["fold1"]),
+        ("", [None]),
+    ]
+    df = _wait(paths.root)
+    t_second = time.monotonic() - t1
+    assert set(df["state"]) == {"COMPLETED"}, df.to_string()
+    for fold in ("fold0", "fold1", "final"):
+        for role in ("teacher", "student"):
+            metrics = json.loads(
+                (paths.role_dir(fold if fold == "final" else int(fold[-1]), role) / "metrics.json").read_text()
+            )
+            assert metrics["status"] == "completed" and "val/study_kappa" in metrics["metrics"]
+
+    # everything is done: a second submit submits nothing
+    third = submit_folds(cfg)
+    assert third["jobs"] == []
+    assert third["skipped"]["fold0/teacher"] == "completed" and third["skipped"]["holdout/evaluate"] == "completed"
+    registry = json.loads(paths.jobs.read_text())
+    assert [s["kind"] for s in registry["submissions"]] == ["folds", "resubmit"]
+    assert all(s["git_sha"] and s["config_hash"] and s["profile"] == "dev" for s in registry["submissions"])
+    print(f"\n[timing] first graph {t_first:.0f} s, resubmit {t_second:.0f} s")
+
+
+def test_requeued_training_resumes_with_same_metrics(slurm_cluster, synth_root, shards_dir, tmp_path) -> None:
+    extra = ("teacher.epochs=3",)
+    ref_cfg = _cfg(tmp_path / "runs", synth_root, shards_dir, "ref", *extra)
+    rq_cfg = _cfg(tmp_path / "runs", synth_root, shards_dir, "rq", *extra)
+    only = {("fold0", "teacher")}
+    t0 = time.monotonic()
+    submit_folds(ref_cfg, only=only, evaluate=False)
+    rq = submit_folds(rq_cfg, only=only, evaluate=False)
+    task_id = rq["jobs"][0]["tasks"][0]["task_id"]
+    rq_paths = ExperimentPaths.of(rq_cfg)
+    history = rq_paths.role_dir(0, "teacher") / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (history.is_file() and history.read_text().strip()):  # first epoch done: mid-run
+        assert time.monotonic() < deadline, "the training never finished its first epoch"
+        time.sleep(1)
+    subprocess.run(["scancel", "--signal=USR2", task_id], check=True)  # what Slurm sends before a time limit
+
+    df = _wait(rq_paths.root)
+    ref_df = _wait(ExperimentPaths.of(ref_cfg).root)
+    print(f"\n[timing] requeue test {time.monotonic() - t0:.0f} s")
+    row = _row(df, "fold0", "teacher")
+    assert row["state"] == "COMPLETED" and row["requeues"] >= 1, df.to_string()
+    assert _row(ref_df, "fold0", "teacher")["requeues"] == 0
+    log = (rq_paths.role_dir(0, "teacher") / "train.log").read_text()
+    assert "resumed from" in log
+    got = json.loads((rq_paths.role_dir(0, "teacher") / "metrics.json").read_text())
+    want = json.loads((ExperimentPaths.of(ref_cfg).role_dir(0, "teacher") / "metrics.json").read_text())
+    assert got["epochs_run"] == want["epochs_run"] == 3
+    assert got["metrics"].keys() == want["metrics"].keys()
+    for key, value in want["metrics"].items():
+        assert got["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
