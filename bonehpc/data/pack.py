@@ -1,0 +1,941 @@
+"""Parallel, resumable packing of MURA PNGs into HDF5 shards (format: bonehpc.data.shards).
+
+Three steps, so a cluster can run the middle one as an array job:
+
+1. `plan_pack` fixes which image goes to which shard (deterministic: manifest order, fixed shard size)
+   and writes the plan to ``<out>/.pack/``.
+2. `pack_shard(plan, k)` decodes, converts to 8-bit gray, resizes and writes shard k, then records
+   what it did in ``<out>/.pack/shard-0000k.json``. A shard whose record and file match the plan
+   (same images and settings, same SHA-256) is skipped, so a re-run only redoes what is missing,
+   partial or stale. Each worker writes its own shard file: no pixels travel between processes.
+3. `finalize_pack` writes index.csv, rejected.csv, lost_studies.csv and, last, manifest.json.
+
+Images that cannot be used (missing, unreadable, empty, truncated, corrupt, not an image, unsupported
+pixel format, too small) never stop the pack: they are listed in rejected.csv with the reason. When
+more than `max_reject_frac` of the images are rejected the pack fails with PackError after writing
+rejected.csv, and without manifest.json, so the shards are not mistaken for a good data set.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import multiprocessing
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from bonehpc import __version__
+from bonehpc.data.shards import (
+    FITS,
+    FORMAT_VERSION,
+    INDEX_CSV,
+    LOST_STUDIES_CSV,
+    MANIFEST_COLUMNS,
+    MANIFEST_JSON,
+    REJECTED_CSV,
+    VERIFIED_STAMP,
+    ShardReader,
+    ShardWriter,
+    atomic_write_csv,
+    atomic_write_text,
+    manifest_sha256,
+    now_iso,
+    sha256_file,
+    shard_name,
+    write_manifest_json,
+)
+
+log = logging.getLogger(__name__)
+
+PLAN_DIR = ".pack"
+PLAN_JSON = "plan.json"
+PLAN_MANIFEST = "manifest.csv"
+DEFAULT_MIN_SIDE = 32
+REJECT_REASONS = (
+    "missing",
+    "unreadable",
+    "empty",
+    "truncated",
+    "corrupt",
+    "not_an_image",
+    "unsupported",
+    "too_small",
+)
+REJECTED_COLUMNS = ("image_id", "path", "split", "patient", "study", "body_part", "label", "reason", "detail")
+LOST_COLUMNS = ("study", "split", "patient", "body_part", "label", "n_images", "reasons")
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+class PackError(RuntimeError):
+    """Packing failed; `counts` holds rejected images per reason (when that is why)."""
+
+    def __init__(self, message: str, counts: dict[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.counts = dict(counts or {})
+
+
+class RejectedImageError(Exception):
+    """One image cannot be packed; `reason` is one of REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# ----------------------------------------------------------------------------------------------
+# One image: bytes -> 8-bit gray -> square
+
+
+def to_gray8(img: np.ndarray) -> np.ndarray:
+    """An image as cv2.imread(IMREAD_UNCHANGED) returns it, as uint8 gray [H, W].
+
+    BGR / BGRA (palette PNGs arrive as BGR) use the luma weights of cv2.cvtColor (alpha is dropped);
+    gray+alpha keeps the gray plane; 16-bit values are scaled to 0..255 (x / 257, rounded), not
+    truncated.
+
+    Raises:
+        RejectedImageError: ('unsupported') for other depths or channel counts.
+    """
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 3:
+        channels = img.shape[2]
+        if channels == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+        elif channels == 4:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
+        elif channels == 2:
+            img = np.ascontiguousarray(img[:, :, 0])
+        else:
+            raise RejectedImageError("unsupported", f"{channels} channels")
+    if img.ndim != 2:
+        raise RejectedImageError("unsupported", f"shape {img.shape}")
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        # 65535 / 257 == 255 exactly, so the full 16-bit range maps onto the full 8-bit range.
+        return cv2.convertScaleAbs(img, alpha=1.0 / 257.0)
+    raise RejectedImageError("unsupported", f"pixel type {img.dtype}")
+
+
+def read_gray8(path: str | Path, min_side: int = 0) -> np.ndarray:
+    """Read an image file as uint8 gray [H, W] with OpenCV; every failure is an RejectedImageError with a reason.
+
+    Args:
+        path: image file.
+        min_side: reject images whose shorter side is below this (0: no limit).
+    """
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise RejectedImageError("missing", "file does not exist") from None
+    except OSError as err:  # a directory, no permission, I/O error
+        raise RejectedImageError("unreadable", f"{type(err).__name__}: {err.strerror or err}") from None
+    if not data:
+        raise RejectedImageError("empty", "file has 0 bytes")
+    is_png = data.startswith(_PNG_SIGNATURE)
+    if is_png and not data.endswith(_PNG_IEND):
+        raise RejectedImageError("truncated", f"PNG without its end chunk ({len(data)} bytes)")
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as err:
+        raise RejectedImageError("corrupt", f"OpenCV: {str(err).strip().splitlines()[-1]}") from None
+    if img is None:
+        if is_png:
+            raise RejectedImageError("corrupt", "PNG data cannot be decoded")
+        raise RejectedImageError("not_an_image", f"not a PNG or other image OpenCV reads (starts with {data[:8]!r})")
+    gray = to_gray8(img)
+    h, w = gray.shape
+    if min(h, w) < min_side:
+        raise RejectedImageError("too_small", f"{h}x{w} px, shorter side below min_side={min_side}")
+    return gray
+
+
+def letterbox_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """(new_h, new_w, top, left) of an h x w image scaled to fit a size x size square, centred."""
+    scale = size / max(h, w)
+    nh = min(size, max(1, round(h * scale)))
+    nw = min(size, max(1, round(w * scale)))
+    return nh, nw, (size - nh) // 2, (size - nw) // 2
+
+
+def fit_square(img: np.ndarray, size: int, fit: str = "letterbox") -> np.ndarray:
+    """A uint8 gray image made size x size with cv2.INTER_AREA: letterbox (aspect kept, 0 padding) or stretch."""
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    if img.ndim != 2 or img.dtype != np.uint8:
+        raise ValueError(f"fit_square needs uint8 gray [H, W], got {img.dtype} {img.shape}")
+    h, w = img.shape
+    if fit == "stretch":
+        return img if (h, w) == (size, size) else cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    nh, nw, top, left = letterbox_geometry(h, w, size)
+    small = img if (nh, nw) == (h, w) else cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+    out = np.zeros((size, size), np.uint8)
+    out[top : top + nh, left : left + nw] = small
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass(frozen=True)
+class PackSettings:
+    """Everything that changes the bytes of a shard."""
+
+    pack_size: int = 256
+    fit: str = "letterbox"
+    compression: str = "none"
+    min_side: int = DEFAULT_MIN_SIDE
+
+    def __post_init__(self) -> None:
+        if self.pack_size <= 0:
+            raise ValueError(f"pack_size must be > 0, got {self.pack_size}")
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {self.fit!r}")
+        if self.compression not in ("none", "lzf"):
+            raise ValueError(f"compression must be none or lzf, got {self.compression!r}")
+        if self.min_side < 0:
+            raise ValueError(f"min_side must be >= 0, got {self.min_side}")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The images (manifest positions) of one shard and the key that identifies its content."""
+
+    index: int
+    name: str
+    start: int
+    stop: int
+    key: str
+
+
+@dataclass
+class PackPlan:
+    """Deterministic assignment of manifest rows to shards, saved under <out>/.pack/."""
+
+    out: Path
+    root: Path
+    settings: PackSettings
+    images_per_shard: int
+    manifest: pd.DataFrame
+    manifest_sha256: str
+    shards: list[ShardPlan]
+
+    @property
+    def plan_dir(self) -> Path:
+        return self.out / PLAN_DIR
+
+    def record_path(self, shard_index: int) -> Path:
+        """The done-record of a shard: <out>/.pack/shard-NNNNN.json."""
+        return self.plan_dir / (Path(shard_name(shard_index)).stem + ".json")
+
+    def rows(self, shard_index: int) -> pd.DataFrame:
+        s = self.shards[shard_index]
+        return self.manifest.iloc[s.start : s.stop]
+
+    def save(self) -> None:
+        self.plan_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_csv(self.plan_dir / PLAN_MANIFEST, self.manifest.loc[:, list(MANIFEST_COLUMNS)])
+        doc = {
+            "format_version": FORMAT_VERSION,
+            "root": str(self.root),
+            "settings": asdict(self.settings),
+            "images_per_shard": self.images_per_shard,
+            "manifest_sha256": self.manifest_sha256,
+            "shards": [asdict(s) for s in self.shards],
+        }
+        atomic_write_text(self.plan_dir / PLAN_JSON, json.dumps(doc, indent=1) + "\n")
+
+
+def _shard_key(settings: PackSettings, rows: pd.DataFrame) -> str:
+    import hashlib
+
+    h = hashlib.sha256(f"bonehpc-shard-v{FORMAT_VERSION}".encode())
+    h.update(json.dumps(asdict(settings), sort_keys=True).encode())
+    h.update(rows.loc[:, list(MANIFEST_COLUMNS)].astype(str).to_csv(index=False, lineterminator="\n").encode())
+    return h.hexdigest()
+
+
+def _manifest_of(mura_root: str | Path) -> pd.DataFrame:
+    from bonehpc.data.mura import build_manifest
+
+    # Missing image files are the packer's to report (rejected.csv), not a reason to stop; build_manifest
+    # gains a switch for that (check_files); until it has one, its own error names the missing files.
+    if "check_files" in inspect.signature(build_manifest).parameters:
+        return build_manifest(mura_root, check_files=False)  # type: ignore[call-arg]
+    return build_manifest(mura_root)
+
+
+def plan_pack(
+    mura_root: str | Path,
+    out: str | Path,
+    *,
+    manifest: pd.DataFrame | None = None,
+    pack_size: int = 256,
+    fit: str = "letterbox",
+    compression: str = "none",
+    images_per_shard: int = 2048,
+    min_side: int = DEFAULT_MIN_SIDE,
+) -> PackPlan:
+    """Assign manifest rows to shards (in manifest order), prepare `out` and save the plan there.
+
+    Removes what could make an unfinished pack look finished (manifest.json, index.csv, the verify
+    stamp), temporary files of killed runs and shards beyond the new shard count. Complete shards
+    stay; `pack_shard` decides whether they still match.
+    """
+    from bonehpc.data.mura import locate
+
+    settings = PackSettings(pack_size=pack_size, fit=fit, compression=compression, min_side=min_side)
+    if images_per_shard <= 0:
+        raise ValueError(f"images_per_shard must be > 0, got {images_per_shard}")
+    root = locate(mura_root).resolve()
+    df = _manifest_of(root) if manifest is None else manifest
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise PackError(f"manifest lacks columns {missing}")
+    if df.empty:
+        raise PackError(f"the manifest of {root} lists no images")
+    if df["image_id"].duplicated().any():
+        raise PackError("manifest image_id values repeat")
+    df = df.loc[:, list(MANIFEST_COLUMNS)].reset_index(drop=True)
+    n_shards = -(-len(df) // images_per_shard)
+    shards = []
+    for k in range(n_shards):
+        start, stop = k * images_per_shard, min(len(df), (k + 1) * images_per_shard)
+        shards.append(ShardPlan(k, shard_name(k), start, stop, _shard_key(settings, df.iloc[start:stop])))
+    plan = PackPlan(Path(out).resolve(), root, settings, images_per_shard, df, manifest_sha256(df), shards)
+
+    plan.out.mkdir(parents=True, exist_ok=True)
+    for name in (MANIFEST_JSON, INDEX_CSV, VERIFIED_STAMP):
+        (plan.out / name).unlink(missing_ok=True)
+    for tmp in plan.out.glob(".shard-*.h5.tmp-*"):
+        tmp.unlink(missing_ok=True)
+    wanted = {s.name for s in shards}
+    for old in plan.out.glob("shard-*.h5"):
+        if old.name not in wanted:
+            log.info("removing %s (not part of the new plan)", old.name)
+            old.unlink()
+    if plan.plan_dir.is_dir():
+        for rec in plan.plan_dir.glob("shard-*.json"):
+            if rec.stem + ".h5" not in wanted:
+                rec.unlink()
+    plan.save()
+    return plan
+
+
+def load_plan(out: str | Path) -> PackPlan:
+    """The plan saved by plan_pack in `out` (for array tasks that each pack some shards)."""
+    o = Path(out).resolve()
+    pdir = o / PLAN_DIR
+    try:
+        doc = json.loads((pdir / PLAN_JSON).read_text())
+    except (OSError, ValueError) as err:
+        raise PackError(f"{pdir / PLAN_JSON}: no readable pack plan ({err}); run plan_pack first") from err
+    from bonehpc.data.mura import read_manifest
+
+    df = read_manifest(pdir / PLAN_MANIFEST).loc[:, list(MANIFEST_COLUMNS)]
+    plan = PackPlan(
+        out=o,
+        root=Path(doc["root"]),
+        settings=PackSettings(**doc["settings"]),
+        images_per_shard=int(doc["images_per_shard"]),
+        manifest=df,
+        manifest_sha256=doc["manifest_sha256"],
+        shards=[ShardPlan(**s) for s in doc["shards"]],
+    )
+    if manifest_sha256(df) != plan.manifest_sha256:
+        raise PackError(f"{pdir}: the saved manifest does not match the plan's hash")
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# One shard
+
+
+@dataclass
+class ShardResult:
+    """What pack_shard did with one shard."""
+
+    name: str
+    planned: int
+    packed: int
+    rejected: list[dict[str, Any]]
+    skipped: bool
+    bytes: int
+    sha256: str
+    elapsed_s: float
+
+
+def _valid_record(plan: PackPlan, k: int) -> dict[str, Any] | None:
+    """The done-record of shard k when it and the shard file match the plan; None otherwise."""
+    s = plan.shards[k]
+    rec_path, shard_path = plan.record_path(k), plan.out / s.name
+    try:
+        rec = json.loads(rec_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("plan_key") != s.key:
+        return None
+    if not rec.get("rows"):  # every image of the shard was rejected: there is no file to match
+        return None if shard_path.exists() else rec
+    if not shard_path.is_file() or shard_path.stat().st_size != rec.get("bytes"):
+        return None
+    return rec
+
+
+def pack_shard(plan: PackPlan, shard_index: int, *, check_hash: bool = True) -> ShardResult:
+    """Pack shard `shard_index` of `plan` (skip it when the file on disk already matches the plan).
+
+    Args:
+        plan: from plan_pack / load_plan.
+        shard_index: which shard.
+        check_hash: before skipping an existing shard, compare its SHA-256 with its done-record.
+
+    Returns:
+        ShardResult (skipped=True when the existing shard was kept).
+    """
+    t0 = time.perf_counter()
+    s = plan.shards[shard_index]
+    rec = _valid_record(plan, shard_index)
+    if rec is not None and (not check_hash or not rec["rows"] or sha256_file(plan.out / s.name) == rec["sha256"]):
+        return ShardResult(
+            s.name, s.stop - s.start, len(rec["rows"]), rec["rejected"], True, rec["bytes"], rec["sha256"], 0.0
+        )
+    plan.record_path(shard_index).unlink(missing_ok=True)
+    rows = plan.rows(shard_index)
+    st = plan.settings
+    packed: list[list[int]] = []
+    rejected: list[dict[str, Any]] = []
+    with ShardWriter(
+        plan.out / s.name,
+        pack_size=st.pack_size,
+        capacity=len(rows),
+        fit=st.fit,
+        compression=st.compression,
+        source_manifest_sha256=plan.manifest_sha256,
+        plan_key=s.key,
+    ) as writer:
+        for r in rows.itertuples(index=False):
+            try:
+                gray = read_gray8(plan.root / str(r.path), st.min_side)
+            except RejectedImageError as rej:
+                rejected.append({"image_id": int(r.image_id), "reason": rej.reason, "detail": rej.detail})
+                continue
+            h, w = gray.shape
+            meta = {**r._asdict(), "orig_h": h, "orig_w": w}
+            writer.add(fit_square(gray, st.pack_size, st.fit), meta)
+            packed.append([int(r.image_id), h, w])
+        if not packed:
+            writer.abort()
+            info = None
+        else:
+            info = writer.close()
+    if info is None:
+        (plan.out / s.name).unlink(missing_ok=True)
+    record: dict[str, Any] = {
+        "name": s.name,
+        "plan_key": s.key,
+        "bytes": info.bytes if info else 0,
+        "sha256": info.sha256 if info else "",
+        "rows": packed,
+        "rejected": rejected,
+        "written_at": now_iso(),
+    }
+    plan.plan_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(plan.record_path(shard_index), json.dumps(record) + "\n")
+    return ShardResult(
+        s.name,
+        len(rows),
+        len(packed),
+        rejected,
+        False,
+        record["bytes"],
+        record["sha256"],
+        time.perf_counter() - t0,
+    )
+
+
+def _worker_init() -> None:
+    # Parallelism comes from processes; OpenCV's own threads would only compete with them.
+    cv2.setNumThreads(1)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_plan(out: str, stamp: float) -> PackPlan:
+    return load_plan(out)
+
+
+def _pack_shard_task(out: str, shard_index: int) -> ShardResult:
+    plan_file = Path(out) / PLAN_DIR / PLAN_JSON
+    return pack_shard(_cached_plan(out, plan_file.stat().st_mtime), shard_index)
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # fork starts at once and works from any __main__ (stdin, notebooks); the workers open no inherited
+    # HDF5 handle (each writes its own new file) and switch OpenCV to one thread in _worker_init.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context(method), initializer=_worker_init
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Finishing
+
+
+@dataclass
+class PackSummary:
+    """Outcome of a pack."""
+
+    out: str
+    n_planned: int
+    n_packed: int
+    n_rejected: int
+    rejected_by_reason: dict[str, int]
+    lost_studies: list[str]
+    n_shards: int
+    shards_written: int = 0
+    shards_skipped: int = 0
+    bytes: int = 0
+    elapsed_s: float = 0.0
+    img_per_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        """Human-readable summary lines."""
+        out = [
+            f"packed {self.n_packed}/{self.n_planned} images into {self.n_shards} shards "
+            f"({self.shards_written} written, {self.shards_skipped} kept) at {self.out}, "
+            f"{self.bytes / 1e6:.1f} MB in {self.elapsed_s:.1f} s ({self.img_per_s:.0f} img/s)"
+        ]
+        if self.n_rejected:
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.rejected_by_reason.items()))
+            out.append(f"rejected {self.n_rejected} images ({reasons}); see {Path(self.out) / REJECTED_CSV}")
+        if self.lost_studies:
+            shown = ", ".join(self.lost_studies[:5]) + (" ..." if len(self.lost_studies) > 5 else "")
+            out.append(
+                f"{len(self.lost_studies)} studies lost every image: {shown}; see {Path(self.out) / LOST_STUDIES_CSV}"
+            )
+        return out
+
+
+def finalize_pack(plan: PackPlan, *, max_reject_frac: float = 0.01, elapsed_s: float = 0.0) -> PackSummary:
+    """Write rejected.csv, lost_studies.csv, index.csv and manifest.json once every shard is packed.
+
+    Raises:
+        PackError: when a shard has not been packed (names it), or more than `max_reject_frac` of the
+            images were rejected (after rejected.csv and lost_studies.csv are written; no manifest.json).
+    """
+    records = []
+    not_done = []
+    for k, s in enumerate(plan.shards):
+        rec = _valid_record(plan, k)
+        if rec is None:
+            not_done.append(s.name)
+        records.append(rec)
+    if not_done:
+        raise PackError(f"{len(not_done)} shards are not packed (or stale): {', '.join(not_done[:10])}")
+
+    m = plan.manifest.set_index("image_id", drop=False)
+    rej = [r for rec in records if rec for r in rec["rejected"]]
+    rej_df = m.loc[
+        [r["image_id"] for r in rej], ["image_id", "path", "split", "patient", "study", "body_part", "label"]
+    ]
+    rej_df = rej_df.reset_index(drop=True)
+    rej_df["reason"] = [r["reason"] for r in rej]
+    rej_df["detail"] = [r["detail"] for r in rej]
+    rej_df = rej_df.loc[:, list(REJECTED_COLUMNS)]
+    atomic_write_csv(plan.out / REJECTED_CSV, rej_df)
+
+    # Studies none of whose images made it into the shards.
+    packed_ids = [row[0] for rec in records if rec for row in rec["rows"]]
+    kept_studies = set(m.loc[packed_ids, "study"])
+    lost = []
+    for study, g in plan.manifest.groupby("study", sort=False):
+        if study not in kept_studies:
+            reasons = Counter(rej_df.loc[rej_df["study"] == study, "reason"])
+            first = g.iloc[0]
+            lost.append(
+                {
+                    "study": study,
+                    "split": first["split"],
+                    "patient": first["patient"],
+                    "body_part": first["body_part"],
+                    "label": int(first["label"]),
+                    "n_images": len(g),
+                    "reasons": ";".join(f"{k}={v}" for k, v in sorted(reasons.items())),
+                }
+            )
+    lost_df = pd.DataFrame(lost, columns=list(LOST_COLUMNS))
+    atomic_write_csv(plan.out / LOST_STUDIES_CSV, lost_df)
+
+    counts = dict(Counter(rej_df["reason"]))
+    n_total = len(plan.manifest)
+    summary = PackSummary(
+        out=str(plan.out),
+        n_planned=n_total,
+        n_packed=len(packed_ids),
+        n_rejected=len(rej_df),
+        rejected_by_reason=counts,
+        lost_studies=list(lost_df["study"]),
+        n_shards=sum(1 for rec in records if rec and rec["rows"]),
+        bytes=sum(int(rec["bytes"]) for rec in records if rec),
+        elapsed_s=elapsed_s,
+    )
+    frac = len(rej_df) / n_total
+    if frac > max_reject_frac:
+        by_reason = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+        raise PackError(
+            f"{len(rej_df)} of {n_total} images rejected ({frac:.2%} > max_reject_frac={max_reject_frac:.2%}): "
+            f"{by_reason}; every one is listed in {plan.out / REJECTED_CSV}. Fix the data or raise max_reject_frac.",
+            counts,
+        )
+
+    # index.csv: manifest columns + where each image is; shard rows in write order.
+    parts = []
+    shard_entries = []
+    for rec in records:
+        assert rec is not None
+        if not rec["rows"]:
+            continue
+        rows = np.asarray(rec["rows"], dtype=np.int64).reshape(-1, 3)
+        part = m.loc[rows[:, 0], list(MANIFEST_COLUMNS)].reset_index(drop=True)
+        part["shard"] = rec["name"]
+        part["row"] = np.arange(len(rows))
+        part["orig_h"] = rows[:, 1]
+        part["orig_w"] = rows[:, 2]
+        parts.append(part)
+        shard_entries.append(
+            {"name": rec["name"], "n_images": len(rows), "bytes": int(rec["bytes"]), "sha256": rec["sha256"]}
+        )
+    index = pd.concat(parts, ignore_index=True)
+    atomic_write_csv(plan.out / INDEX_CSV, index)
+    st = plan.settings
+    write_manifest_json(
+        plan.out,
+        {
+            "format_version": FORMAT_VERSION,
+            "bonehpc_version": __version__,
+            "created": now_iso(),
+            "pack_size": st.pack_size,
+            "fit": st.fit,
+            "compression": st.compression,
+            "min_side": st.min_side,
+            "images_per_shard": plan.images_per_shard,
+            "mura_root": str(plan.root),
+            "source_manifest_sha256": plan.manifest_sha256,
+            "index_sha256": sha256_file(plan.out / INDEX_CSV),
+            "n_images": len(index),
+            "n_planned": n_total,
+            "n_rejected": len(rej_df),
+            "rejected_by_reason": counts,
+            "n_lost_studies": len(lost_df),
+            "shards": shard_entries,
+        },
+    )
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole pack
+
+
+def _fmt_eta(seconds: float) -> str:
+    s = int(max(0.0, seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _run_shards(
+    plan: PackPlan, indices: Sequence[int], workers: int, on_done: Callable[[ShardResult], None]
+) -> list[ShardResult]:
+    results: list[ShardResult] = []
+    if workers <= 1 or len(indices) <= 1:
+        for k in indices:
+            res = pack_shard(plan, k)
+            results.append(res)
+            on_done(res)
+        return results
+    with _pool(min(workers, len(indices))) as pool:
+        futures: dict[Future[ShardResult], int] = {pool.submit(_pack_shard_task, str(plan.out), k): k for k in indices}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in done:
+                err = fut.exception()
+                if err is not None:
+                    for p in pending:
+                        p.cancel()
+                    raise PackError(f"packing {plan.shards[futures[fut]].name} failed: {err}") from err
+                res = fut.result()
+                results.append(res)
+                on_done(res)
+    return results
+
+
+def pack_dataset(
+    mura_root: str | Path,
+    out: str | Path,
+    *,
+    manifest: pd.DataFrame | None = None,
+    pack_size: int = 256,
+    fit: str = "letterbox",
+    compression: str = "none",
+    images_per_shard: int = 2048,
+    workers: int = 1,
+    max_reject_frac: float = 0.01,
+    min_side: int = DEFAULT_MIN_SIDE,
+    progress: bool = True,
+) -> PackSummary:
+    """Pack a MURA-layout data set into HDF5 shards under `out` (resumable; see the module docstring).
+
+    Args:
+        mura_root: folder that contains MURA-v1.1/ (or MURA-v1.1 itself).
+        out: shard folder (created).
+        manifest: manifest DataFrame; default: build_manifest(mura_root).
+        pack_size: side of the stored square images.
+        fit: letterbox (keep aspect, pad with 0) or stretch.
+        compression: none or lzf.
+        images_per_shard: images per shard file.
+        workers: processes, one shard per task.
+        max_reject_frac: fail (PackError) when more than this fraction of images is rejected.
+        min_side: reject images whose shorter side is below this many pixels.
+        progress: log a line per finished shard (img/s, ETA); otherwise only at debug level.
+
+    Returns:
+        PackSummary.
+
+    Raises:
+        PackError: too many rejected images (rejected.csv is written), or a shard failed to write.
+    """
+    t0 = time.perf_counter()
+    if not 0 <= max_reject_frac <= 1:
+        raise ValueError(f"max_reject_frac must be in [0, 1], got {max_reject_frac}")
+    plan = plan_pack(
+        mura_root,
+        out,
+        manifest=manifest,
+        pack_size=pack_size,
+        fit=fit,
+        compression=compression,
+        images_per_shard=images_per_shard,
+        min_side=min_side,
+    )
+    level = logging.INFO if progress else logging.DEBUG
+    n_total = len(plan.manifest)
+    log.log(
+        level,
+        "packing %d images from %s into %d shards of <= %d at %dpx (%s, %s) with %d worker(s) -> %s",
+        n_total,
+        plan.root,
+        len(plan.shards),
+        images_per_shard,
+        pack_size,
+        fit,
+        compression,
+        workers,
+        plan.out,
+    )
+    state = {"done": 0, "images": 0, "work_images": 0}
+    todo_images = n_total
+    t_work = time.perf_counter()
+
+    def on_done(res: ShardResult) -> None:
+        nonlocal todo_images
+        state["done"] += 1
+        if res.skipped:
+            todo_images -= res.planned
+        else:
+            state["work_images"] += res.planned
+        elapsed = time.perf_counter() - t_work
+        rate = state["work_images"] / elapsed if elapsed > 0 else 0.0
+        left = todo_images - state["work_images"]
+        eta = _fmt_eta(left / rate) if rate > 0 else "?"
+        what = "kept (complete and unchanged)" if res.skipped else f"written in {res.elapsed_s:.1f} s"
+        log.log(
+            level,
+            "shard %s %s: %d/%d images, %d rejected | %d/%d shards | %.0f img/s | ETA %s",
+            res.name,
+            what,
+            res.packed,
+            res.planned,
+            len(res.rejected),
+            state["done"],
+            len(plan.shards),
+            rate,
+            eta,
+        )
+
+    results = _run_shards(plan, range(len(plan.shards)), workers, on_done)
+    work_s = time.perf_counter() - t_work
+    summary = finalize_pack(plan, max_reject_frac=max_reject_frac, elapsed_s=time.perf_counter() - t0)
+    summary.shards_written = sum(not r.skipped for r in results)
+    summary.shards_skipped = sum(r.skipped for r in results)
+    summary.elapsed_s = time.perf_counter() - t0
+    written = sum(r.planned for r in results if not r.skipped)
+    summary.img_per_s = written / work_s if work_s > 0 and written else 0.0
+    for line in summary.lines():
+        log.log(level, "%s", line)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmarks
+
+
+def _decode_task(root: str, paths: list[str], min_side: int) -> int:
+    n = 0
+    for p in paths:
+        try:
+            read_gray8(Path(root) / p, min_side)
+            n += 1
+        except RejectedImageError:
+            pass
+    return n
+
+
+def _decode_only(root: Path, chunks: list[list[str]], workers: int, min_side: int) -> float:
+    t0 = time.perf_counter()
+    if workers <= 1 or len(chunks) <= 1:
+        for c in chunks:
+            _decode_task(str(root), c, min_side)
+    else:
+        with _pool(min(workers, len(chunks))) as pool:
+            list(pool.map(_decode_task, [str(root)] * len(chunks), chunks, [min_side] * len(chunks)))
+    return time.perf_counter() - t0
+
+
+def benchmark_pack(
+    mura_root: str | Path,
+    workers: int,
+    limit: int | None = None,
+    pack_size: int = 256,
+    images_per_shard: int | None = None,
+    workdir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Pack throughput next to decode-only throughput: same images, same processes, same task split.
+
+    Decode-only reads each file and converts it to 8-bit gray (what packing must do at the least);
+    packing also resizes, writes HDF5 shards, fsyncs and hashes them. Both include the start of
+    their process pool. The pack goes to a temporary folder (under `workdir` if given), removed after.
+
+    Args:
+        mura_root: data set to read.
+        workers: processes for both.
+        limit: use the first `limit` images of the manifest (None: all).
+        pack_size: stored image side.
+        images_per_shard: shard size (default: enough for 4 tasks per worker, at most 2048).
+        workdir: parent of the temporary pack folder.
+
+    Returns:
+        dict with images, workers, pack_img_per_s, decode_img_per_s, ratio (pack / decode), and times.
+    """
+    from bonehpc.data.mura import locate
+
+    root = locate(mura_root).resolve()
+    manifest = _manifest_of(root)
+    if limit is not None:
+        manifest = manifest.iloc[:limit].reset_index(drop=True)
+    n = len(manifest)
+    per_shard = images_per_shard or max(1, min(2048, -(-n // (4 * max(1, workers)))))
+    paths = manifest["path"].astype(str).tolist()
+    chunks = [paths[i : i + per_shard] for i in range(0, n, per_shard)]
+    tmp = Path(tempfile.mkdtemp(prefix="bonehpc-bench-pack-", dir=workdir))
+    try:
+        # Warm the page cache for both contenders alike, then decode first, pack second.
+        _decode_only(root, chunks[:1], 1, 0)
+        decode_s = _decode_only(root, chunks, workers, 0)
+        t0 = time.perf_counter()
+        summary = pack_dataset(
+            root,
+            tmp / "shards",
+            manifest=manifest,
+            pack_size=pack_size,
+            images_per_shard=per_shard,
+            workers=workers,
+            max_reject_frac=1.0,
+            min_side=0,
+            progress=False,
+        )
+        pack_s = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "images": n,
+        "workers": workers,
+        "pack_size": pack_size,
+        "images_per_shard": per_shard,
+        "decode_s": round(decode_s, 3),
+        "pack_s": round(pack_s, 3),
+        "decode_img_per_s": round(n / decode_s, 1),
+        "pack_img_per_s": round(n / pack_s, 1),
+        "ratio": round(decode_s / pack_s, 3),
+        "rejected": summary.n_rejected,
+        "target_ratio": 0.8,
+    }
+
+
+def benchmark_reads(shards_dir: str | Path, n: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Warm random-access shard reads next to decoding the original PNGs of the same images (one process).
+
+    The shard reads run twice and the second (warm: page cache and open handles) pass is timed; the
+    PNGs are also read once before timing, so both sides read from the page cache.
+
+    Args:
+        shards_dir: packed folder (its manifest.json names the source data set).
+        n: images to read (drawn with replacement when the set is smaller).
+        seed: seed of the random order.
+
+    Returns:
+        dict with images, shard_img_per_s, png_img_per_s, ratio (shard / png).
+    """
+    reader = ShardReader(shards_dir)
+    rng = np.random.default_rng(seed)
+    ids = reader.image_ids
+    picks = rng.choice(ids, size=n, replace=len(ids) < n)
+    root = Path(reader.info["mura_root"])
+    pos = reader.index.set_index("image_id")["path"]
+    paths = [str(root / pos[i]) for i in picks]
+    for i in picks:
+        reader.read(int(i))
+    t0 = time.perf_counter()
+    for i in picks:
+        reader.read(int(i))
+    shard_s = time.perf_counter() - t0
+    for p in set(paths):  # into the page cache, so both sides read from memory
+        Path(p).read_bytes()
+    t0 = time.perf_counter()
+    for p in paths:
+        img = cv2.imread(p, cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise PackError(f"benchmark_reads: {p} cannot be decoded")
+    png_s = time.perf_counter() - t0
+    reader.close()
+    return {
+        "images": n,
+        "pack_size": reader.pack_size,
+        "shard_s": round(shard_s, 4),
+        "png_s": round(png_s, 4),
+        "shard_img_per_s": round(n / shard_s, 1),
+        "png_img_per_s": round(n / png_s, 1),
+        "ratio": round(png_s / shard_s, 2),
+        "target_ratio": 10.0,
+    }
