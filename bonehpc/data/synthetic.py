@@ -584,7 +584,7 @@ def generate(
             img = render_image(plan.part, height, width, rng, view=view, fracture=fracture, finding=plan.finding)
             if rng.random() < rgb_frac:
                 img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-            ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+            ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
             if not ok:  # pragma: no cover - cv2 only fails here on out-of-memory
                 raise RuntimeError(f"PNG encoding failed for {plan.folder}image{view}.png")
             (study_dir / f"image{view}.png").write_bytes(buf.tobytes())
