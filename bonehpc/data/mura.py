@@ -66,7 +66,7 @@ def locate(mura_root: str | Path) -> Path:
     )
 
 
-def _read_csv(path: Path, columns: int) -> list[tuple[int, list[str]]]:
+def _read_csv(path: Path) -> list[tuple[int, list[str]]]:
     """(line number, fields) of every non-blank row; malformed column counts are left to the caller."""
     rows = []
     with path.open(newline="", encoding="utf-8-sig") as fh:
@@ -150,8 +150,8 @@ def build_manifest(mura_root: str | Path, *, strict: bool = False) -> pd.DataFra
     studies: dict[str, list[tuple[int, str, int, re.Match[str]]]] = {}
     for split in SPLITS:
         name_i, name_s = f"{split}_image_paths.csv", f"{split}_labeled_studies.csv"
-        images[split] = _check_rows(_read_csv(folder / name_i, 1), name_i, split, False, problems)
-        studies[split] = _check_rows(_read_csv(folder / name_s, 2), name_s, split, True, problems)
+        images[split] = _check_rows(_read_csv(folder / name_i), name_i, split, False, problems)
+        studies[split] = _check_rows(_read_csv(folder / name_s), name_s, split, True, problems)
     if problems:
         raise ManifestError(f"{len(problems)} malformed row(s) in {folder}: {_listing(problems, 10)}")
 

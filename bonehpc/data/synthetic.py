@@ -504,7 +504,8 @@ def _image_size(part: str, max_side: int, rng: np.random.Generator) -> tuple[int
     return (long_side, short) if rng.random() < 0.8 else (short, long_side)
 
 
-def _fracture(part: str, finding: str, rng: np.random.Generator) -> Fracture:
+def random_fracture(part: str, finding: str, rng: np.random.Generator) -> Fracture:
+    """The finding of one abnormal study: which breakable bone breaks where, and how (finding: healing, plate, cast)."""
     anatomy = ANATOMY[part]
     candidates = [i for i, b in enumerate(anatomy.bones) if b.breakable]
     bone = int(candidates[int(rng.integers(len(candidates)))])
@@ -577,7 +578,7 @@ def generate(
         study_dir = staging.parent / plan.folder.replace(MURA_DIR, staging.name, 1)
         study_dir.mkdir(parents=True, exist_ok=True)
         study_rng = np.random.default_rng(np.random.SeedSequence(list(plan.seed_key) + [0]))
-        fracture = _fracture(plan.part, plan.finding, study_rng) if plan.label else None
+        fracture = random_fracture(plan.part, plan.finding, study_rng) if plan.label else None
         for view in range(1, plan.views + 1):
             rng = np.random.default_rng(np.random.SeedSequence(list(plan.seed_key) + [view]))
             height, width = _image_size(plan.part, max_side, rng)

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from bonehpc.data.synthetic import ANATOMY, BODY_PARTS, FINDINGS, _fracture, generate, render_image
+from bonehpc.data.synthetic import ANATOMY, BODY_PARTS, FINDINGS, generate, random_fracture, render_image
 
 MAX_SIDE = 160  # tests/conftest.py SYNTH_MAX_SIDE
 IMAGE_RE = re.compile(
@@ -163,7 +163,7 @@ def test_findings_visible_at_64px(part: str) -> None:
     """The same radiograph with and without each finding differs clearly after a letterbox to 64 px."""
     for finding, _ in FINDINGS:
         for s in range(3):
-            fracture = _fracture(part, finding, np.random.default_rng(s))
+            fracture = random_fracture(part, finding, np.random.default_rng(s))
             normal = render_image(part, 400, 260, np.random.default_rng(50 + s), view=1, fracture=None, finding="")
             abnormal = render_image(
                 part, 400, 260, np.random.default_rng(50 + s), view=1, fracture=fracture, finding=finding
