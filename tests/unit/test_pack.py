@@ -1,0 +1,295 @@
+"""Packer: pixel conversions, letterbox geometry, bad inputs, reject limit, resume after a kill, CLI, benchmarks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from bonehpc.cli import main as cli_main
+from bonehpc.data.mura import build_manifest, write_manifest
+from bonehpc.data.pack import (
+    PackError,
+    RejectedImageError,
+    benchmark_pack,
+    benchmark_reads,
+    finalize_pack,
+    fit_square,
+    letterbox_geometry,
+    load_plan,
+    pack_dataset,
+    pack_shard,
+    plan_pack,
+    read_gray8,
+)
+from bonehpc.data.shards import ShardError, ShardReader, verify_shards
+from bonehpc.data.synthetic import generate
+
+REPO = Path(__file__).resolve().parents[2]
+MIN_SIDE = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# One image
+
+
+def test_letterbox_geometry_and_padding() -> None:
+    assert letterbox_geometry(100, 300, 64) == (21, 64, 21, 0)
+    assert letterbox_geometry(300, 100, 64) == (64, 21, 0, 21)
+    assert letterbox_geometry(50, 50, 64) == (64, 64, 0, 0)
+    wide = np.full((100, 300), 200, np.uint8)
+    out = fit_square(wide, 64)
+    assert out.shape == (64, 64) and out.dtype == np.uint8
+    assert (out[:21] == 0).all() and (out[42:] == 0).all()  # padding above and below
+    assert (out[21:42] == 200).all()  # content keeps its value (INTER_AREA of a flat image)
+    stretched = fit_square(wide, 64, "stretch")
+    assert (stretched == 200).all()
+    with pytest.raises(ValueError, match="fit must be"):
+        fit_square(wide, 64, "crop")
+
+
+def test_rgb_palette_alpha_and_16bit_conversion(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb, "RGB").save(tmp_path / "rgb.png")
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    luma = 0.299 * r + 0.587 * g + 0.114 * b  # ITU-R BT.601, what a gray conversion must give
+    got = read_gray8(tmp_path / "rgb.png")
+    assert got.shape == (40, 50) and np.abs(got - luma).max() <= 1.0
+
+    Image.fromarray(rgb, "RGB").convert("RGBA").save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(read_gray8(tmp_path / "rgba.png"), got)
+
+    gray = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    Image.fromarray(gray, "L").convert("P").save(tmp_path / "palette.png")
+    np.testing.assert_array_equal(read_gray8(tmp_path / "palette.png"), gray)
+    Image.fromarray(np.stack([gray, np.full_like(gray, 9)], -1), "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(read_gray8(tmp_path / "la.png"), gray)
+
+    # 16 bit: scaled to 0..255 (x / 257), not truncated to the low or high byte.
+    g16 = np.array([[0, 1000, 32896, 65535], [257, 128, 60000, 40000]], np.uint16)
+    cv2.imwrite(str(tmp_path / "g16.png"), g16)
+    want = np.round(g16 / 257.0).astype(np.uint8)
+    np.testing.assert_array_equal(read_gray8(tmp_path / "g16.png"), want)
+    assert read_gray8(tmp_path / "g16.png")[0, 1] == 4  # 1000 -> 4 (low byte 232, high byte 3)
+    rgb16 = np.dstack([g16, g16, g16])
+    cv2.imwrite(str(tmp_path / "rgb16.png"), rgb16)
+    assert np.abs(read_gray8(tmp_path / "rgb16.png").astype(int) - want).max() <= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _png(path: Path, h: int, w: int) -> None:
+    cv2.imwrite(str(path), np.full((h, w), 120, np.uint8))
+
+
+@pytest.fixture
+def damaged(tmp_path: Path) -> tuple[Path, pd.DataFrame, dict[str, str], str]:
+    """A small synthetic set with one image of each bad kind and one study whose images are all bad."""
+    root = tmp_path / "synth"
+    generate(root, patients=10, seed=3, max_side=96)
+    manifest = build_manifest(root)
+    by_study = manifest.groupby("study")["path"].apply(list)
+    lost_study = by_study[by_study.map(len) >= 2].index[0]
+    others = manifest.loc[manifest["study"] != lost_study, "path"].tolist()
+    want: dict[str, str] = {}
+
+    def at(i: int) -> Path:
+        return root / others[i]
+
+    data = at(0).read_bytes()
+    at(0).write_bytes(data[: len(data) // 2])
+    want[others[0]] = "truncated"
+    at(1).write_bytes(b"")
+    want[others[1]] = "empty"
+    at(2).write_text("this is not an image\n")
+    want[others[2]] = "not_an_image"
+    at(3).unlink()
+    at(3).mkdir()  # tests run as root, so a directory stands in for a file that cannot be read
+    want[others[3]] = "unreadable"
+    _png(at(4), 10, 90)  # below MIN_SIDE (the synthetic images here have sides >= 28)
+    want[others[4]] = "too_small"
+    at(5).unlink()
+    want[others[5]] = "missing"
+    good = at(6).read_bytes()
+    at(6).write_bytes(good[:8] + b"\x00" * 64 + good[-12:])  # PNG signature and end chunk, garbage between
+    want[others[6]] = "corrupt"
+    for p in by_study[lost_study]:
+        (root / p).write_bytes(b"")
+        want[p] = "empty"
+    return root, manifest, want, lost_study
+
+
+def test_every_bad_input_is_rejected_with_its_reason(damaged, tmp_path: Path) -> None:
+    root, manifest, want, lost_study = damaged
+    out = tmp_path / "out"
+    summary = pack_dataset(
+        root, out, manifest=manifest, pack_size=32, images_per_shard=16, max_reject_frac=1.0, min_side=MIN_SIDE
+    )
+    rejected = pd.read_csv(out / "rejected.csv")
+    assert dict(zip(rejected["path"], rejected["reason"], strict=True)) == want
+    assert set(rejected.columns) >= {"path", "study", "reason", "detail"}
+    assert summary.n_rejected == len(want) and summary.n_packed == len(manifest) - len(want)
+    assert summary.rejected_by_reason["empty"] >= 2 and summary.rejected_by_reason["missing"] == 1
+    all_bad = manifest.assign(bad=manifest["path"].isin(want)).groupby("study", sort=False)["bad"].all()
+    assert lost_study in summary.lost_studies
+    assert summary.lost_studies == all_bad[all_bad].index.tolist()  # incl. one-image studies hit above
+    lost = pd.read_csv(out / "lost_studies.csv").set_index("study")
+    assert lost.index.tolist() == summary.lost_studies
+    assert lost.loc[lost_study, "reasons"] == f"empty={lost.loc[lost_study, 'n_images']}"
+    reader = ShardReader(out)
+    assert set(reader.index["path"]).isdisjoint(want)
+    assert len(reader) == summary.n_packed
+    verify_shards(out, full=True)
+
+
+def test_too_many_rejects_fail_loudly_but_keep_the_list(damaged, tmp_path: Path, capsys) -> None:
+    root, manifest, want, _ = damaged
+    out = tmp_path / "out"
+    with pytest.raises(PackError, match=r"images rejected .* max_reject_frac") as err:
+        pack_dataset(
+            root, out, manifest=manifest, pack_size=32, images_per_shard=16, max_reject_frac=0.01, min_side=MIN_SIDE
+        )
+    assert err.value.counts["truncated"] == 1
+    assert len(pd.read_csv(out / "rejected.csv")) == len(want)
+    assert not (out / "manifest.json").exists()  # failed packs are not readable data sets
+    with pytest.raises(ShardError, match="manifest.json: missing"):
+        verify_shards(out)
+    # The CLI: exit code 1 and the reason counts on stderr (the manifest CSV stands in for the missing file).
+    write_manifest(manifest, tmp_path / "manifest.csv")
+    rc = cli_main(
+        ["pack", "--mura-root", str(root), "--out", str(out), "--manifest", str(tmp_path / "manifest.csv"),
+         "--pack-size", "32", "--max-reject-frac", "0.01", "--min-side", str(MIN_SIDE), "--quiet"]
+    )  # fmt: skip
+    assert rc == 1
+    assert "FAILED" in capsys.readouterr().err
+    # Raising the limit finishes the same folder without repacking anything.
+    rc = cli_main(
+        ["pack", "--mura-root", str(root), "--out", str(out), "--manifest", str(tmp_path / "manifest.csv"),
+         "--pack-size", "32", "--max-reject-frac", "0.5", "--min-side", str(MIN_SIDE), "--quiet"]
+    )  # fmt: skip
+    assert rc == 0 and "0 written" in capsys.readouterr().out
+
+
+def test_read_gray8_reasons(tmp_path: Path) -> None:
+    with pytest.raises(RejectedImageError) as err:
+        read_gray8(tmp_path / "absent.png")
+    assert err.value.reason == "missing"
+    _png(tmp_path / "ok.png", 40, 33)
+    assert read_gray8(tmp_path / "ok.png", min_side=33).shape == (40, 33)
+    with pytest.raises(RejectedImageError, match="too_small"):
+        read_gray8(tmp_path / "ok.png", min_side=34)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume, staleness, the array-job path, parallel workers
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from bonehpc.data import shards
+from bonehpc.data.pack import pack_dataset
+
+add = shards.ShardWriter.add
+def add_then_die(self, image, meta):
+    if self.path.name == "shard-00002.h5" and len(self) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)   # a real kill in the middle of a shard
+    return add(self, image, meta)
+shards.ShardWriter.add = add_then_die
+pack_dataset(sys.argv[1], sys.argv[2], pack_size=32, images_per_shard=16, workers=1)
+"""
+
+
+def test_resume_after_a_killed_pack(synth_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(KILL_SCRIPT), str(synth_root), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9, proc.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert "shard-00000.h5" in names and "shard-00001.h5" in names
+    assert "shard-00002.h5" not in names and "manifest.json" not in names
+    assert any(n.startswith(".shard-00002.h5.tmp-") for n in names)  # the half-written shard, under a tmp name
+    with pytest.raises(ShardError):
+        verify_shards(out)
+    before = {n: (out / n).stat() for n in ("shard-00000.h5", "shard-00001.h5")}
+
+    summary = pack_dataset(synth_root, out, pack_size=32, images_per_shard=16, workers=1)
+    assert summary.shards_skipped == 2 and summary.shards_written == summary.n_shards - 2
+    for n, st in before.items():
+        now = (out / n).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), f"{n} was rewritten"
+    assert not list(out.glob(".shard-*tmp*"))
+    verify_shards(out, full=True)
+
+    # A damaged complete shard and changed settings are both redone.
+    with open(out / "shard-00001.h5", "r+b") as fh:
+        fh.seek(-1000, os.SEEK_END)
+        fh.write(b"\x55" * 8)
+    again = pack_dataset(synth_root, out, pack_size=32, images_per_shard=16, workers=1)
+    assert again.shards_written == 1
+    assert (out / "shard-00000.h5").stat().st_ino == before["shard-00000.h5"].st_ino
+    verify_shards(out, full=True)
+    restyled = pack_dataset(synth_root, out, pack_size=32, fit="stretch", images_per_shard=16, workers=1)
+    assert restyled.shards_skipped == 0
+    assert ShardReader(out).info["fit"] == "stretch"
+
+
+def test_plan_is_deterministic_and_shards_can_run_separately(synth_root: Path, tmp_path: Path) -> None:
+    a = plan_pack(synth_root, tmp_path / "a", pack_size=32, images_per_shard=40)
+    b = plan_pack(synth_root, tmp_path / "b", pack_size=32, images_per_shard=40)
+    assert [s.key for s in a.shards] == [s.key for s in b.shards] and len(a.shards) >= 3
+    assert plan_pack(synth_root, tmp_path / "c", pack_size=48, images_per_shard=40).shards[0].key != a.shards[0].key
+    plan = load_plan(tmp_path / "a")  # what an array task does
+    for k in range(len(plan.shards) - 1):
+        pack_shard(plan, k)
+    with pytest.raises(PackError, match=plan.shards[-1].name):
+        finalize_pack(plan)
+    pack_shard(plan, len(plan.shards) - 1)
+    summary = finalize_pack(plan)
+    assert summary.n_packed == len(plan.manifest)
+    verify_shards(tmp_path / "a", full=True)
+
+
+def test_two_workers_give_the_same_shards(synth_root: Path, shards_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "par"
+    pack_dataset(synth_root, out, pack_size=64, images_per_shard=30, workers=2, compression="lzf")
+    one, two = ShardReader(shards_dir), ShardReader(out)
+    assert two.info["compression"] == "lzf" and len(two.shard_names) > len(one.shard_names)
+    assert sorted(one.image_ids) == sorted(two.image_ids)
+    for i in one.image_ids:
+        np.testing.assert_array_equal(one.read(int(i)), two.read(int(i)))
+
+
+def test_cli_pack_from_config(synth_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cfgshards"
+    rc = cli_main(
+        ["pack", f"data.mura_root={synth_root}", f"data.shards={out}", "data.pack_size=32",
+         "data.images_per_shard=100", "data.num_workers=0", "--quiet"]
+    )  # fmt: skip
+    assert rc == 0
+    reader = ShardReader(out)
+    assert reader.pack_size == 32 and len(reader.shard_names) == 2
+    assert cli_main(["pack"]) == 2
+
+
+def test_benchmarks_return_measured_numbers(synth_root: Path, shards_dir: Path) -> None:
+    p = benchmark_pack(synth_root, workers=1, limit=24, pack_size=64)
+    assert p["images"] == 24 and p["pack_img_per_s"] > 0 and p["decode_img_per_s"] > 0
+    assert p["ratio"] == pytest.approx(p["pack_img_per_s"] / p["decode_img_per_s"], rel=0.02)
+    r = benchmark_reads(shards_dir, n=64)
+    assert r["images"] == 64 and r["shard_img_per_s"] > 0 and r["png_img_per_s"] > 0
