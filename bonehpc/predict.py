@@ -1,7 +1,8 @@
 """Inference on new X-rays: image and study probabilities from a checkpoint, a run or a fold ensemble, plus Grad-CAM.
 
-Preprocessing is the evaluation path of training, step for step: decode as gray with OpenCV, make square
-at the pack size stored in the checkpoint's config exactly as the packer does (`bonehpc.data.pack`), then
+Preprocessing is the evaluation path of training, step for step: the packer's reader and square fit
+(`bonehpc.data.pack.read_gray8` / `fit_square`: OpenCV decode to 8-bit gray, letterbox or stretch to the
+pack size stored in the checkpoint's config), then
 the eval preset (`bonehpc.augment`: resize to data.image_size, gray -> 3 channels, normalise). A study is
 the folder that holds its images; its probability is the mean of its images' probabilities and it is
 called abnormal when that mean is > 0.5 (MURA protocol). Images that cannot be read are listed with a
@@ -147,23 +148,15 @@ def list_inputs(inputs: str | Path) -> list[Path]:
     return out
 
 
-def square_like_pack(img: np.ndarray, cfg: ExperimentConfig) -> np.ndarray:
-    """The image made square at data.pack_size exactly as the packer stored training images."""
-    from bonehpc.data.pack import fit_square
-
-    return fit_square(img, cfg.data.pack_size, cfg.data.fit)
-
-
 def _read(path: Path, cfg: ExperimentConfig) -> tuple[np.ndarray | None, str]:
-    if not path.is_file():
-        return None, "file not found"
+    """The image as the packer stores it (same reader, same square fit at data.pack_size), or (None, reason)."""
+    from bonehpc.data.pack import RejectedImageError, fit_square, read_gray8
+
     try:
-        img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    except cv2.error as err:
-        return None, f"cv2 cannot decode it: {err}"
-    if img is None or img.size == 0:
-        return None, "cv2 cannot decode it (corrupt, truncated or not an image)"
-    return square_like_pack(img, cfg), ""
+        gray = read_gray8(path)
+    except RejectedImageError as err:
+        return None, f"{err.reason}: {err.detail}"
+    return fit_square(gray, cfg.data.pack_size, cfg.data.fit), ""
 
 
 def _cam_layer(model: nn.Module) -> nn.Module:

@@ -363,7 +363,8 @@ def _fmt(x: Any) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
     if isinstance(x, (float, np.floating)):
-        return f"{x:.3f}"
+        # 3 decimals for metrics; small values (learning rates) keep 3 significant digits
+        return f"{x:.3g}" if 0 < abs(x) < 1e-2 else f"{x:.3f}"
     return str(x)
 
 
