@@ -483,22 +483,14 @@ class _PruneHook:
 def _train_student(
     cfg: ExperimentConfig, fold: int, run_dir: Path, on_epoch_end: Callable[[int, Mapping[str, Any]], None]
 ) -> Mapping[str, Any]:
-    """bonehpc.train.run of the student into the trial's run dir, reporting every epoch to the pruner."""
-    import inspect
-    import json
+    """bonehpc.train.run of the student into the trial's run dir, reporting every epoch to the pruner.
 
+    Runs in this process with world size 1: a trial is one task on one GPU (or CPU); the array
+    provides the parallelism, so pruning needs no broadcast between ranks.
+    """
     from bonehpc import train
 
-    if "on_epoch_end" in inspect.signature(train.run).parameters:
-        return train.run(cfg, fold, "student", run_dir=run_dir, on_epoch_end=on_epoch_end)  # type: ignore[call-arg]
-    # A train.run without the per-epoch hook: report the epochs once the fold is done, so pruning acts
-    # between folds only (and marks a finished single-fold trial PRUNED without saving its time).
-    log.warning("bonehpc.train.run has no on_epoch_end hook: pruning can only act after each fold")
-    metrics = train.run(cfg, fold, "student", run_dir=run_dir)
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    for record in (json.loads(line) for line in lines if line.strip()):
-        on_epoch_end(int(record["epoch"]), record)
-    return metrics
+    return train.run(cfg, fold, "student", run_dir=run_dir, on_epoch_end=on_epoch_end)
 
 
 def _metric(metrics: Mapping[str, Any], metric: str, run_dir: Path) -> float:
