@@ -191,7 +191,13 @@ def _comparable(records: list[dict]) -> list[dict]:
 
 def test_preempted_run_resumes_to_the_same_result(tiny_cfg, tmp_path: Path) -> None:  # noqa: ANN001
     """SIGUSR2 during epoch 2 -> exit status 3; the restart ends exactly like an uninterrupted run."""
-    cfg = apply_overrides(tiny_cfg, {"teacher.epochs": 2, "teacher.warmup_epochs": 0.5, "train.num_threads": 2})
+    overrides = {
+        "teacher.model": "hybrid_tiny",
+        "teacher.epochs": 2,
+        "teacher.warmup_epochs": 0.5,
+        "train.num_threads": 2,
+    }
+    cfg = apply_overrides(tiny_cfg, overrides)
     cfg_path = save_config(cfg, tmp_path / "cfg.yaml")
     straight = tmp_path / "straight"
     interrupted = tmp_path / "interrupted"
