@@ -117,5 +117,7 @@ def create_model(
         ("std", tuple(float(s) for s in std)),
         ("bonehpc_spec", spec),
     ):
+        if attr in model._parameters or attr in model._buffers or attr in model._modules:
+            raise ValueError(f"model {name!r} has a parameter, buffer or submodule named {attr!r}; cannot describe it")
         setattr(model, attr, value)
     return model
