@@ -1,0 +1,61 @@
+"""Holdout evaluation: final model and fold ensemble on the official valid split, missing folds recorded."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bonehpc.config import apply_overrides
+from bonehpc.evaluate import evaluate_holdout, predict_checkpoint
+from bonehpc.paths import ExperimentPaths
+from bonehpc.train import run
+
+
+def test_holdout_final_and_ensemble(tiny_cfg) -> None:  # noqa: ANN001
+    cfg = apply_overrides(tiny_cfg, {"teacher.model": "hybrid_tiny", "train.max_steps_per_epoch": 2})
+    paths = ExperimentPaths.of(cfg)
+    for fold in (0, 1, "final"):
+        run(cfg, fold, "teacher")
+
+    results = evaluate_holdout(cfg)
+    # No student was trained: those models are skipped, not faked.
+    assert set(results) == {"final_teacher", "ensemble_teacher"}
+
+    final = pd.read_csv(paths.holdout_dir("final_teacher") / "predictions.csv")
+    assert list(final.columns) == ["image_id", "study", "body_part", "label", "prob"]
+    trained_on_valid = pd.read_csv(paths.role_dir("final", "teacher") / "predictions_val.csv")
+    assert final["image_id"].tolist() == trained_on_valid["image_id"].tolist()  # every valid image once
+    np.testing.assert_allclose(final["prob"], trained_on_valid["prob"], atol=1e-6)
+    meta = json.loads((paths.holdout_dir("final_teacher") / "metrics.json").read_text())
+    assert meta["status"] == "completed" and meta["kind"] == "final" and meta["n_images"] == len(final)
+    assert meta["metrics"]["study_auroc"] == pytest.approx(results["final_teacher"]["study_auroc"], nan_ok=True)
+
+    ens = pd.read_csv(paths.holdout_dir("ensemble_teacher") / "predictions.csv")
+    per_fold = [
+        predict_checkpoint(cfg, paths.role_dir(k, "teacher") / "best.pt", final["image_id"].to_numpy())["prob"]
+        for k in (0, 1)
+    ]
+    np.testing.assert_allclose(ens["prob"], np.mean(per_fold, axis=0), atol=1e-6)
+    meta = json.loads((paths.holdout_dir("ensemble_teacher") / "metrics.json").read_text())
+    assert meta["folds_used"] == [0, 1] and meta["folds_missing"] == []
+
+    # A fold that disappears is reported as missing; the ensemble averages what is left.
+    (paths.role_dir(1, "teacher") / "best.pt").unlink()
+    evaluate_holdout(cfg)
+    meta = json.loads((paths.holdout_dir("ensemble_teacher") / "metrics.json").read_text())
+    assert meta["folds_used"] == [0] and meta["folds_missing"] == [1]
+    ens = pd.read_csv(paths.holdout_dir("ensemble_teacher") / "predictions.csv")
+    np.testing.assert_allclose(ens["prob"], per_fold[0], atol=1e-6)
+
+
+def test_cli_evaluate_without_checkpoints_fails_clearly(tiny_cfg, tmp_path, caplog) -> None:  # noqa: ANN001
+    from bonehpc.cli import main
+    from bonehpc.config import save_config
+
+    cfg_path = save_config(tiny_cfg, tmp_path / "cfg.yaml")
+    assert main(["evaluate", "--config", str(cfg_path)]) == 1
+    assert "nothing to evaluate" in caplog.text
+    assert main(["train", "--config", str(cfg_path), "--fold", "nine", "--role", "teacher"]) == 2
