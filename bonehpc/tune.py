@@ -74,17 +74,19 @@ class TuneError(RuntimeError):
 
 @dataclass(frozen=True)
 class TunePaths:
-    """Files of the search: `runs/<exp>/tune/...`."""
+    """Files of one study: `runs/<exp>/tune/...` for the experiment's own study (tune.study_name empty
+    or the experiment name), `runs/<exp>/tune/studies/<name>/...` for other study names, so studies of
+    one experiment never share trial dirs. The journal file is shared: it holds every study."""
 
     root: Path
+    journal: Path
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> TunePaths:
-        return cls(ExperimentPaths.of(cfg).tune)
-
-    @property
-    def journal(self) -> Path:
-        return self.root / "journal.log"
+        base = ExperimentPaths.of(cfg).tune
+        name = cfg.tune.study_name
+        root = base if not name or name == cfg.name else base / "studies" / _safe_name(name)
+        return cls(root, base / "journal.log")
 
     @property
     def config(self) -> Path:
@@ -104,6 +106,12 @@ class TunePaths:
 
     def run_dir(self, number: int, fold: int) -> Path:
         return self.trial_dir(number) / fold_name(fold) / "student"
+
+
+def _safe_name(name: str) -> str:
+    if not name or "/" in name or name.startswith(".") or any(c.isspace() for c in name):
+        raise ConfigError(f"tune.study_name: {name!r} cannot name a folder (no '/', spaces or leading '.')")
+    return name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -743,13 +751,18 @@ def prepare(cfg: ExperimentConfig) -> optuna.Study:
     return study
 
 
-def load_tune_config(exp_dir: str | Path) -> ExperimentConfig:
-    """The config saved by `submit tune` in `<exp_dir>/tune/config.yaml`."""
+def load_tune_config(exp_dir: str | Path, study: str = "") -> ExperimentConfig:
+    """The config saved by `submit tune` for the experiment's study, or for study `study`."""
     from bonehpc.config import load_config
 
-    path = Path(exp_dir) / "tune" / "config.yaml"
+    base = Path(exp_dir) / "tune"
+    path = base / "config.yaml"
+    if study and not (path.is_file() and study_name(load_config(path)) == study):
+        path = base / "studies" / _safe_name(study) / "config.yaml"
     if not path.is_file():
-        raise TuneError(f"{path} not found: no study was submitted for {exp_dir} (run `bonehpc submit tune`)")
+        others = sorted(p.parent.name for p in base.glob("studies/*/config.yaml"))
+        hint = f" (studies here: {', '.join(others)})" if others else ""
+        raise TuneError(f"{path} not found: no study was submitted for {exp_dir}{hint}; run `bonehpc submit tune`")
     return load_config(path)
 
 

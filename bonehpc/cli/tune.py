@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "`make submit-folds PARAMS=...` reads.",
     )
     add_exp_args(st)
+    st.add_argument("--study", default="", help="study name when tune.study_name was set (default: the experiment's)")
     st.add_argument("--export", metavar="YAML", help="also write the best params (dotted keys) to this file")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
     st.set_defaults(func=_status)
@@ -80,7 +81,7 @@ def _status(args: argparse.Namespace) -> int:
     )
 
     try:
-        cfg = load_tune_config(_exp_dir(args))
+        cfg = load_tune_config(_exp_dir(args), args.study)
         study = open_study(cfg)
     except TuneError as err:
         print(f"bonehpc tune status: {err}", file=sys.stderr)

@@ -445,3 +445,25 @@ def test_local_study_with_real_training_prunes(tiny_cfg: ExperimentConfig, tmp_p
     for t in study.trials:
         lines = (TunePaths.of(cfg).run_dir(t.number, 0) / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == (1 if t.state.name == "PRUNED" else 2)
+
+
+def test_named_studies_keep_their_trials_apart(tmp_path: Path) -> None:
+    from bonehpc.cli import main
+    from bonehpc.tune import load_tune_config
+
+    main_cfg = _cfg(tmp_path, "tune.folds=[0]")
+    other = _cfg(tmp_path, "tune.folds=[0]", "tune.study_name=wide")
+    _fake_teachers(main_cfg)
+    for cfg in (main_cfg, other):
+        prepare(cfg)
+        run_task(cfg, 0, train_fold=cheap_fold)
+    assert TunePaths.of(main_cfg).journal == TunePaths.of(other).journal
+    assert TunePaths.of(other).run_dir(0, 0) == TunePaths.of(main_cfg).root / "studies/wide/trials/0/fold0/student"
+    assert (TunePaths.of(main_cfg).run_dir(0, 0) / "metrics.json").is_file()
+    assert (TunePaths.of(other).run_dir(0, 0) / "metrics.json").is_file()
+    exp = Path(main_cfg.run_root) / main_cfg.name
+    assert load_tune_config(exp).tune.study_name == ""
+    assert load_tune_config(exp, "wide").tune.study_name == "wide"
+    with pytest.raises(TuneError, match="studies here: wide"):
+        load_tune_config(exp, "nope")
+    assert main(["tune", "status", "--exp", str(exp), "--study", "wide", "--json"]) == 0
