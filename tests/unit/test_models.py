@@ -122,12 +122,12 @@ def test_hybrid_bad_arguments() -> None:
 def test_hybrid_learns() -> None:
     """A few optimisation steps fit a small fixed batch (the architecture trains end to end)."""
     torch.manual_seed(0)
-    m = create_model("hybrid_tiny", img_size=64)
-    x = torch.randn(8, 3, 64, 64)
+    m = create_model("hybrid_tiny", img_size=32)
+    x = torch.randn(8, 3, 32, 32)
     y = torch.tensor([0, 1] * 4)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     losses = []
-    for _ in range(25):
+    for _ in range(10):
         loss = nn.functional.cross_entropy(m(x), y)
         opt.zero_grad()
         loss.backward()
