@@ -271,10 +271,13 @@ def experiment_status(
         records = query(slurm_jobs) if slurm_jobs else {}
     rows: list[dict[str, Any]] = []
 
-    def order(key: tuple[str, str]) -> tuple[int, int, str]:
+    def order(key: tuple[str, str]) -> tuple[int, int, int, str]:
         fold, role = key
-        rank = 10**6 if fold == "final" else 10**7 if fold == "holdout" else int(fold.removeprefix("fold") or 0)
-        return (rank, 0 if role == "teacher" else 1, role)
+        num = fold.removeprefix("fold")
+        group = {"pack": 0, "final": 2, "holdout": 3}.get(fold, 1)
+        shard = role.removeprefix("shard")
+        rank = {"teacher": 0, "student": 1}.get(role, 2)
+        return (group, int(num) if num.isdigit() else 0, int(shard) if shard.isdigit() else rank, role)
 
     for (fold, role), task in sorted(latest.items(), key=lambda kv: order(kv[0])):
         tid = task["task_id"]

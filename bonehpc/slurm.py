@@ -323,7 +323,10 @@ def latest_tasks(registry: dict[str, Any]) -> dict[tuple[str, str], dict[str, An
     """The newest task per (fold name, role); the evaluation job under ("holdout", "evaluate")."""
     latest: dict[tuple[str, str], dict[str, Any]] = {}
     for t in registry_tasks(registry):
-        key = (str(t.get("fold", "holdout")), t["role"] or t["kind"])
+        if t["kind"] == "pack":
+            key = ("pack", str(t.get("fold", "")))
+        else:
+            key = (str(t.get("fold", "holdout")), t["role"] or t["kind"])
         latest[key] = t
     return latest
 
@@ -626,6 +629,56 @@ def submit_folds(
         _write_registry(paths.root, registry)
     else:
         log.info("nothing to submit for %s: %s", cfg.name, ", ".join(f"{k} {v}" for k, v in plan.skipped.items()))
+    entry["run_dir"] = str(paths.root)
+    return entry
+
+
+def submit_pack(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dict[str, Any]:
+    """Pack cfg.data into shards on the cluster: an array with one task per shard, then the finalize job.
+
+    The plan is made here (bonehpc.data.pack.plan_pack saves it next to the shards); shards already packed
+    are skipped by the tasks, so submitting again resumes. Recorded in runs/<exp>/jobs.json as kind pack.
+    """
+    from bonehpc.data.pack import plan_pack
+    from jobs.pack import FinalizePackTask, PackShardTask
+
+    mode = resolve_mode(cfg.cluster.mode)
+    profile = load_profile(cfg.cluster.profile if mode == "slurm" or cfg.cluster.profile != "dev" else "local")
+    paths = ExperimentPaths.of(cfg)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    d = cfg.data
+    plan = plan_pack(
+        d.mura_root,
+        d.shards,
+        pack_size=d.pack_size,
+        fit=d.fit,
+        compression=d.compression,
+        images_per_shard=d.images_per_shard,
+    )
+    out = str(Path(d.shards).resolve())
+    ctx = SubmitContext(cfg, paths, profile, mode, str(Path(workdir or os.getcwd()).resolve()))
+    shards = list(range(len(plan.shards)))
+    arr = _submit(ctx, "pack", PackShardTask(out), shards, role="")
+    for task, index in zip(arr["tasks"], shards, strict=True):
+        task["fold"] = f"shard{index}"
+    dependency = f"afterok:{arr['job_id']}" if mode == "slurm" else ""
+    fin = _submit(ctx, "pack", FinalizePackTask(out, d.max_reject_frac), role="", dependency=dependency)
+    fin["tasks"][0]["fold"] = "finalize"
+    entry = {
+        "kind": "pack",
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "mode": mode,
+        "profile": profile.name,
+        "config_hash": config_hash(cfg),
+        "git_sha": git_sha(),
+        "workdir": ctx.workdir,
+        "skipped": {},
+        "jobs": ctx.jobs,
+    }
+    registry = read_registry(paths.root)
+    registry.setdefault("experiment", cfg.name)
+    registry["submissions"].append(entry)
+    _write_registry(paths.root, registry)
     entry["run_dir"] = str(paths.root)
     return entry
 

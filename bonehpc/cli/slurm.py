@@ -46,6 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_config_args(f)
     f.set_defaults(func=_submit_folds)
+    k = group.add_parser(
+        "pack",
+        help="pack data.mura_root into data.shards on the cluster: one array task per shard, then finalize",
+        description="Plan the shards here, then submit an array (one task per shard; packed shards are skipped, "
+        "so submitting again resumes) and a finalize job (index.csv, manifest.json) after it.",
+    )
+    add_config_args(k)
+    k.set_defaults(func=_submit_pack)
     r = group.add_parser("resubmit", help="resubmit only the failed / cancelled / timed-out tasks of an experiment")
     add_exp_args(r)
     r.set_defaults(func=_resubmit)
@@ -74,6 +82,15 @@ def _submit_folds(args: argparse.Namespace) -> int:
 
     cfg = load_cfg(args)
     entry = submit_folds(cfg)
+    _print_submission(entry)
+    failed = [t for j in entry["jobs"] for t in j["tasks"] if t.get("state") == "FAILED"]
+    return 1 if failed else 0
+
+
+def _submit_pack(args: argparse.Namespace) -> int:
+    from bonehpc.slurm import submit_pack
+
+    entry = submit_pack(load_cfg(args))
     _print_submission(entry)
     failed = [t for j in entry["jobs"] for t in j["tasks"] if t.get("state") == "FAILED"]
     return 1 if failed else 0
