@@ -78,6 +78,7 @@ class Table:
     df: pd.DataFrame
     name: str  # CSV file stem
     caption: str = ""
+    show: bool = True  # False: CSV only (machine-readable duplicates of a displayed table)
 
 
 @dataclass
@@ -99,8 +100,8 @@ class Section:
     def p(self, text: str, kind: str = "p") -> None:
         self.blocks.append(Text(text, kind))
 
-    def table(self, df: pd.DataFrame, name: str, caption: str = "") -> None:
-        self.blocks.append(Table(df, name, caption))
+    def table(self, df: pd.DataFrame, name: str, caption: str = "", show: bool = True) -> None:
+        self.blocks.append(Table(df, name, caption, show))
 
     def figure(self, fig: Any, name: str, caption: str = "") -> None:
         self.blocks.append(Figure(plots.png_bytes(fig), name, caption))
@@ -363,8 +364,9 @@ def _fmt(x: Any) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
     if isinstance(x, (float, np.floating)):
+        v = float(x)
         # 3 decimals for metrics; small values (learning rates) keep 3 significant digits
-        return f"{x:.3g}" if 0 < abs(x) < 1e-2 else f"{x:.3f}"
+        return f"{v:.3g}" if 0 < abs(v) < 1e-2 else f"{v:.3f}"
     return str(x)
 
 
@@ -415,13 +417,15 @@ def section_cv(exp: Experiment) -> Section:
                     "missing",
                 )
     for level in LEVELS:
+        unit = "studies" if level == "study" else "images"
         sec.table(
             _cv_display(per_fold, summary, level),
             f"cv_{level}_display",
-            f"{level.capitalize()}-level validation metrics per fold (unit: {level}s).",
+            f"{level.capitalize()}-level validation metrics per fold (unit: {unit}).",
         )
-    sec.table(per_fold, "cv_metrics", "All per-fold numbers (machine-readable).")
-    sec.table(summary, "cv_summary", "Mean and standard deviation over the completed folds.")
+    sec.table(per_fold, "cv_metrics", "All per-fold numbers (machine-readable).", show=False)
+    sec.table(summary, "cv_summary", "Mean and standard deviation over the completed folds.", show=False)
+    sec.p("Machine-readable: cv_metrics.csv (every fold, role and level) and cv_summary.csv (mean, std).", "note")
     return sec
 
 
@@ -916,6 +920,8 @@ def _html_block(b: Block) -> str:
         cls = f' class="{b.kind}"' if b.kind in ("note", "missing") else ""
         return f"<p{cls}>{html.escape(b.text)}</p>"
     if isinstance(b, Table):
+        if not b.show:
+            return ""
         t = _display_df(b.df).to_html(index=False, escape=True, border=0)
         t = t.replace("<table", f'<table id="{b.name}"', 1)
         cap = f"<caption>{html.escape(b.caption)} <small>[{b.name}.csv]</small></caption>"
@@ -966,6 +972,8 @@ def render_markdown(title: str, sections: list[Section]) -> str:
                 else:
                     out.append(b.text)
             elif isinstance(b, Table):
+                if not b.show:
+                    continue
                 out += [f"**{b.caption}** ([{b.name}.csv]({b.name}.csv))", "", _md_table(b.df)]
             else:
                 out.append(f"![{b.caption or b.name}]({b.name}.png)")

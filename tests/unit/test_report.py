@@ -265,3 +265,12 @@ def test_cli_report_and_missing_experiment(built: Path, tmp_path: Path, capsys: 
     assert main(["report", "--exp", "nope", "--run-root", str(root)]) == 2
     with pytest.raises(FileNotFoundError, match="nope"):
         build_report(root / "nope")
+
+
+def test_inference_speed_is_timed_from_the_checkpoints(tiny_experiment: Path) -> None:
+    from bonehpc.report import load_experiment, measure_inference
+
+    exp = load_experiment(tiny_experiment)
+    for role in ("teacher", "student"):
+        got = measure_inference(exp, role)
+        assert got["img_per_s"] > 0 and "batch 8, 64 px" in got["device"]
