@@ -302,8 +302,13 @@ def experiment_status(
             # not in accounting yet (the controller writes to slurmdbd asynchronously): ask squeue; a job
             # neither knows is SUBMITTED right after submission and UNKNOWN later
             row["state"] = live.get(tid) or ("SUBMITTED" if _recent(task.get("time", "")) else "UNKNOWN")
-        else:
-            row["state"] = task.get("state", "UNKNOWN")
+        else:  # local/debug: what was recorded when the job ran
+            row.update(
+                state=task.get("state", "UNKNOWN"),
+                elapsed_s=task.get("elapsed_s"),
+                exit_code=task.get("exit_code"),
+                node="local",
+            )
         row["metrics"] = _metrics_status(exp, fold, role)
         rows.append(row)
     return pd.DataFrame(rows, columns=list(STATUS_COLUMNS))

@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -496,14 +497,16 @@ def _submit(
                 entry.update(task_id=f"skipped-{kind}-{role}-{i}", state="CANCELLED", reason="dependency failed")
                 record["tasks"].append(entry)
                 continue
+            t0 = time.monotonic()
             job = executor.submit(task) if items is None else executor.submit(task, item)
             entry["task_id"] = str(job.job_id)
             try:
                 job.result()
-                entry["state"] = "COMPLETED"
+                entry.update(state="COMPLETED", exit_code=0)
             except Exception as err:  # noqa: BLE001 - a failed job is recorded, the graph goes on
                 log.error("%s %s %s failed: %s", kind, role, entry.get("fold", ""), str(err).strip()[-2000:])
-                entry["state"] = "FAILED"
+                entry.update(state="FAILED", exit_code=1)
+            entry["elapsed_s"] = round(time.monotonic() - t0)
             record["tasks"].append(entry)
         record["job_id"] = record["tasks"][0]["task_id"] if record["tasks"] else ""
     ctx.jobs.append(record)

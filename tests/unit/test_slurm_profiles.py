@@ -82,3 +82,76 @@ def test_explicit_modes_and_bad_mode() -> None:
     with pytest.raises(ConfigError, match="cluster.mode"):
         resolve_mode("kubernetes")
     assert load_config(None, ["cluster.mode=auto"]).cluster.mode == "auto"
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning of the fold graph (idempotent submit, resubmit selection), from files on disk
+
+
+def _exp(tmp_path: Path):
+    from bonehpc.paths import ExperimentPaths
+
+    cfg = load_config(None, ["name=plan", f"run_root={tmp_path}", "data.num_folds=2", "cluster.mode=local"])
+    paths = ExperimentPaths.of(cfg)
+    paths.root.mkdir(parents=True)
+    return cfg, paths
+
+
+def _complete(paths, fold, role) -> None:
+    d = paths.role_dir(fold, role)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.json").write_text('{"status": "completed"}')
+
+
+def _register(paths, tasks: list[tuple[str, str, str]]) -> None:
+    import json
+
+    jobs = [
+        {
+            "kind": "evaluate" if role == "evaluate" else "train",
+            "role": "" if role == "evaluate" else role,
+            "job_id": str(i),
+            "tasks": [{"task_id": str(i), "state": state, **({} if role == "evaluate" else {"fold": fold})}],
+        }
+        for i, (fold, role, state) in enumerate(tasks)
+    ]
+    paths.jobs.write_text(json.dumps({"submissions": [{"mode": "local", "jobs": jobs}]}))
+
+
+def test_plan_fresh_partial_and_finished(tmp_path: Path) -> None:
+    from bonehpc.slurm import plan_folds
+
+    cfg, paths = _exp(tmp_path)
+    plan = plan_folds(cfg, paths)
+    assert plan.teacher == [0, 1, "final"] and plan.student == [0, 1, "final"] and plan.evaluate
+
+    _complete(paths, 0, "teacher")
+    _complete(paths, 0, "student")
+    _complete(paths, "final", "teacher")
+    plan = plan_folds(cfg, paths)
+    assert plan.teacher == [1] and plan.student == [1, "final"]
+    assert plan.skipped["fold0/teacher"] == "completed"
+
+    for fold in (1, "final"):
+        for role in ("teacher", "student"):
+            _complete(paths, fold, role)
+    _register(paths, [("holdout", "evaluate", "COMPLETED")])
+    plan = plan_folds(cfg, paths)
+    assert (plan.teacher, plan.student, plan.evaluate) == ([], [], False)
+
+
+def test_plan_resubmit_selection_and_rerun_teacher_reruns_student(tmp_path: Path) -> None:
+    from bonehpc.slurm import plan_folds
+
+    cfg, paths = _exp(tmp_path)
+    for fold in (0, "final"):
+        for role in ("teacher", "student"):
+            _complete(paths, fold, role)
+    _complete(paths, 1, "student")  # a student whose teacher is missing: trained on a teacher that is gone
+    _register(
+        paths, [("fold1", "teacher", "FAILED"), ("fold1", "student", "CANCELLED"), ("holdout", "evaluate", "COMPLETED")]
+    )
+    plan = plan_folds(cfg, paths)
+    assert plan.teacher == [1] and plan.student == [1] and plan.evaluate  # the student of a rerun teacher reruns
+    only = plan_folds(cfg, paths, only={("fold1", "teacher")})
+    assert only.teacher == [1] and only.student == [] and only.skipped["fold0/teacher"] == "completed"
