@@ -12,13 +12,20 @@ if ! flock -n 9; then
   echo "with-cluster.sh: waiting for another user of the dev cluster (/tmp/bonehpc-slurm.lock)" >&2
   flock 9
 fi
-down() { bash "$HERE/down.sh" >/dev/null || true; }
+child=""
+down() { bash "$HERE/down.sh" >/dev/null 2>&1 || true; }
+stop() {  # INT/TERM: stop CMD first (the trap runs at once because we sit in `wait`, not in CMD)
+  [ -n "$child" ] && kill -TERM "$child" 2>/dev/null
+  exit "$1"
+}
 trap down EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'stop 130' INT
+trap 'stop 143' TERM
 down  # a cluster left behind by a killed run (same root) would hold the ports
 SLURM_CI_FRESH=1 bash "$HERE/up.sh" || { echo "with-cluster.sh: the dev cluster did not come up" >&2; exit 1; }
 export SLURM_CONF=$SLURM_CI_ROOT/etc/slurm.conf
-"$@"
-rc=$?
-exit $rc
+# in the background (stdin kept) so that a signal to this script is handled while CMD runs
+"$@" <&0 &
+child=$!
+wait "$child"
+exit $?
