@@ -288,7 +288,7 @@ def test_cli_pack_from_config(synth_root: Path, tmp_path: Path) -> None:
 
 
 def test_benchmarks_return_measured_numbers(synth_root: Path, shards_dir: Path) -> None:
-    p = benchmark_pack(synth_root, workers=1, limit=24, pack_size=64)
+    p = benchmark_pack(synth_root, workers=1, limit=24, pack_size=64, repeats=1)
     assert p["images"] == 24 and p["pack_img_per_s"] > 0 and p["decode_img_per_s"] > 0
     assert p["ratio"] == pytest.approx(p["pack_img_per_s"] / p["decode_img_per_s"], rel=0.02)
     r = benchmark_reads(shards_dir, n=64)
