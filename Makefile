@@ -65,8 +65,8 @@ status: setup ## per fold and role: state, elapsed, exit code, requeues (sacct)
 submit-tune: setup ## Optuna study as a Slurm array: TRIALS=N PARALLEL=P
 	$(BIN)/bonehpc submit tune --config $(CONFIG) $(PROFILE_ARG) tune.trials=$(TRIALS) tune.parallel=$(PARALLEL)
 
-tune-status: setup
-	$(BIN)/bonehpc tune status --exp $(EXP)
+tune-status: setup ## Optuna study of EXP: trials by state, best params (-> runs/EXP/tune/best_params.yaml)
+	$(BIN)/bonehpc tune status --exp $(EXP) $(if $(STUDY),--study $(STUDY),)
 
 report: setup ## aggregated report of EXP: runs/EXP/report/index.html
 	$(BIN)/bonehpc report --exp $(EXP)

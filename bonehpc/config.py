@@ -242,6 +242,10 @@ class TuneConfig:
     """Seed of the TPE sampler."""
     max_retry: int = 2
     """Retries of a trial whose job died (heartbeat-detected)."""
+    heartbeat_interval: int = 60
+    """Seconds between a running trial's heartbeats; a trial silent for grace_period is failed and retried."""
+    grace_period: int = 0
+    """Seconds without a heartbeat before a trial counts as dead (0: max(180, 3 x heartbeat_interval))."""
     space: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
             "student.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
@@ -256,6 +260,8 @@ class TuneConfig:
     def __post_init__(self) -> None:
         _positive("tune.trials", self.trials)
         _positive("tune.parallel", self.parallel)
+        _positive("tune.heartbeat_interval", self.heartbeat_interval)
+        _positive("tune.grace_period", self.grace_period, allow_zero=True)
         _choice("tune.pruner", self.pruner, ("median", "halving", "none"))
         if not self.folds:
             raise ConfigError("tune.folds: need at least one fold")
@@ -265,8 +271,16 @@ class TuneConfig:
                 raise ConfigError(f"tune.space.{key}: type must be float, int or categorical")
             if kind == "categorical" and not spec.get("choices"):
                 raise ConfigError(f"tune.space.{key}: categorical needs choices")
-            if kind in ("float", "int") and not ("low" in spec and "high" in spec and spec["low"] < spec["high"]):
-                raise ConfigError(f"tune.space.{key}: needs low < high")
+            if kind in ("float", "int"):
+                low, high = spec.get("low"), spec.get("high")
+                for name, v in (("low", low), ("high", high)):
+                    if isinstance(v, bool) or not isinstance(v, (int, float)):
+                        raise ConfigError(
+                            f"tune.space.{key}.{name}: expected a number, got {v!r} "
+                            "(YAML reads 1e-5 as text: write 1.0e-5)"
+                        )
+                if not low < high:  # type: ignore[operator]
+                    raise ConfigError(f"tune.space.{key}: needs low < high")
 
 
 @dataclass(kw_only=True)
