@@ -7,6 +7,7 @@ Precedence is defaults < experiment YAML (< PARAMS YAML, e.g. tuned best params)
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ import yaml
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -272,14 +276,16 @@ class TuneConfig:
             if kind == "categorical" and not spec.get("choices"):
                 raise ConfigError(f"tune.space.{key}: categorical needs choices")
             if kind in ("float", "int"):
-                low, high = spec.get("low"), spec.get("high")
-                for name, v in (("low", low), ("high", high)):
+                for name in ("low", "high"):
+                    v = spec.get(name)
+                    if isinstance(v, str) and _FLOAT_TEXT.fullmatch(v.strip()):
+                        spec[name] = v = float(v)
                     if isinstance(v, bool) or not isinstance(v, (int, float)):
                         raise ConfigError(
                             f"tune.space.{key}.{name}: expected a number, got {v!r} "
-                            "(YAML reads 1e-5 as text: write 1.0e-5)"
+                            "(bounds of a float or int range)"
                         )
-                if not low < high:  # type: ignore[operator]
+                if not spec["low"] < spec["high"]:
                     raise ConfigError(f"tune.space.{key}: needs low < high")
 
 
@@ -358,6 +364,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as text; accept it where a number is due
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

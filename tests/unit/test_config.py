@@ -50,6 +50,7 @@ def test_precedence(tmp_path: Path) -> None:
         ("bogus.x=1", "unknown config key 'bogus'"),
         ("train.batch_size=abc", "train.batch_size: expected an integer"),
         ("train.batch_size=1.5", "train.batch_size: expected an integer"),
+        ("teacher.lr=fast", "teacher.lr: expected a number"),
         ("train.channels_last=maybe", "train.channels_last: expected true/false"),
         ("teacher.epochs=0", "teacher.epochs: must be > 0"),
         ("data.fit=crop", "data.fit: 'crop' is not one of"),
@@ -116,3 +117,12 @@ def test_every_field_is_documented() -> None:
 
     assert walk(ExperimentConfig) == []
     assert "train.batch_size = 64" in describe()
+
+
+def test_yaml11_exponent_text_is_a_number() -> None:
+    # YAML 1.1 reads 1e-3 (no dot) as a string; where a float is due it is accepted as the number it spells.
+    cfg = load_config(None, ["teacher.lr=8e-3", "tune.space={student.lr: {type: float, low: 1e-5, high: 1e-3}}"])
+    assert cfg.teacher.lr == pytest.approx(8e-3)
+    assert cfg.tune.space["student.lr"]["low"] == pytest.approx(1e-5)
+    with pytest.raises(ConfigError, match=r"tune.space.student.lr.low: expected a number"):
+        load_config(None, ["tune.space={student.lr: {type: float, low: tiny, high: 1}}"])
