@@ -48,6 +48,7 @@ log = logging.getLogger("bonehpc.bench")  # not __name__: it is "__main__" under
 SECTIONS = ("pack", "reads", "loader", "train", "infer", "ddp", "parity")
 BACKENDS = ("dali", "torch")
 MODES = ("eager", "compile")
+ROLES = ("teacher", "student", "kd")
 TARGETS = {"pack": 0.8, "reads": 10.0, "infer": 3.0}
 FORMAT_VERSION = 1
 
@@ -92,6 +93,8 @@ class BenchOptions:
     """Student model name."""
     kd: str = "soft"
     """Distillation kind of the KD step (soft or hard)."""
+    roles: tuple[str, ...] = ROLES
+    """Training steps to measure: teacher, student and/or kd (student + frozen teacher)."""
     workers: int = 0
     """Loader worker processes; 0: min(8, cores - 1), at least 1."""
     pack_workers: int = 0
@@ -120,6 +123,10 @@ class BenchOptions:
             raise BenchError(f"max_side must be >= 16, got {self.max_side}")
         self.backends = tuple(self.backends)
         self.modes = tuple(self.modes)
+        self.roles = tuple(self.roles)
+        for r in self.roles:
+            if r not in ROLES:
+                raise BenchError(f"role {r!r} is not one of {', '.join(ROLES)}")
         for b in self.backends:
             if b not in BACKENDS:
                 raise BenchError(f"backend {b!r} is not one of {', '.join(BACKENDS)}")
@@ -572,7 +579,15 @@ def bench_train(opts: BenchOptions, data: BenchData, dev: torch.device, workdir:
         sources[source] = s
         return s
 
-    roles = (("teacher", opts.teacher, None), ("student", opts.student, None), ("kd", opts.student, opts.teacher))
+    roles = [
+        (role, name, teacher)
+        for role, name, teacher in (
+            ("teacher", opts.teacher, None),
+            ("student", opts.student, None),
+            ("kd", opts.student, opts.teacher),
+        )
+        if role in opts.roles
+    ]
     try:
         for mode in modes:
             for role, name, teacher in roles:

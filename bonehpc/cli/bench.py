@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--teacher", default="resnet50", help="teacher model (resnet50)")
     p.add_argument("--student", default="hybrid_small", help="student model (hybrid_small)")
+    p.add_argument(
+        "--roles", type=_csv, default=("teacher", "student", "kd"), help="train steps to measure (teacher,student,kd)"
+    )
     p.add_argument("--kd", default="soft", choices=("soft", "hard"), help="distillation kind of the KD step")
     p.add_argument("--workers", type=int, default=0, help="loader workers (0: min(8, cores - 1))")
     p.add_argument("--pack-workers", type=int, default=0, help="packing processes (0: all cores)")
@@ -107,6 +110,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             teacher=args.teacher,
             student=args.student,
             kd=args.kd,
+            roles=args.roles,
             workers=args.workers,
             pack_workers=args.pack_workers,
             read_images=args.read_images,
