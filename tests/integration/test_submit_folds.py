@@ -169,3 +169,48 @@ def test_requeued_training_resumes_with_same_metrics(slurm_cluster, synth_root, 
     assert got["metrics"].keys() == want["metrics"].keys()
     for key, value in want["metrics"].items():
         assert got["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5, nan_ok=True), key
+
+
+def test_preempted_by_urgent_partition_resumes(slurm_cluster, synth_root, shards_dir, tmp_path) -> None:
+    # a profile whose task fills the node, with a time limit long enough that submitit calls the signal a
+    # preemption (not a timeout: it does not use up max_num_timeout)
+    profile = tmp_path / "fill.yaml"
+    profile.write_text("partition: debug\ncpus_per_task: 8\nmem_gb: 3\ntime_min: 30\nsignal_delay_s: 60\n")
+    cfg = _cfg(tmp_path / "runs", synth_root, shards_dir, "pre", "teacher.epochs=3", f"cluster.profile={profile}")
+    entry = submit_folds(cfg, only={("fold0", "teacher")}, evaluate=False)
+    paths = ExperimentPaths.of(cfg)
+    history = paths.role_dir(0, "teacher") / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (history.is_file() and history.read_text().strip()):
+        assert time.monotonic() < deadline, "the training never finished its first epoch"
+        time.sleep(1)
+    urgent = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            "urgent",
+            "-c",
+            "8",
+            "-J",
+            "urgent",
+            "-o",
+            str(tmp_path / "urgent.out"),
+            "--wrap",
+            "sleep 3",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    df = _wait(paths.root)
+    row = _row(df, "fold0", "teacher")
+    assert row["state"] == "COMPLETED" and row["requeues"] >= 1, df.to_string()
+    task_id = entry["jobs"][0]["tasks"][0]["task_id"]
+    logs = "".join(p.read_text() for p in (paths.submitit / task_id).glob("*.out"))
+    assert "this job is preempted" in logs and "(3 remaining timeouts)" in logs
+    assert json.loads((paths.role_dir(0, "teacher") / "metrics.json").read_text())["epochs_run"] == 3
+    sacct = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "--format=State", "-j", urgent], capture_output=True, text=True, check=True
+    ).stdout
+    assert sacct.split() == ["COMPLETED"]
