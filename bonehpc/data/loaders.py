@@ -258,6 +258,11 @@ class TorchLoader(BatchLoader):
         labels = _labels_of(reader, plan.ids)
         dataset = _ShardDataset(reader, preset, labels, plan.seed, plan.rank)
         workers = cfg.data.num_workers
+        if workers > 0:
+            # The fork server imports these once; each worker then starts without re-importing them.
+            import multiprocessing
+
+            multiprocessing.set_forkserver_preload(["torch", "albumentations", "cv2", "h5py", "bonehpc.data.loaders"])
         self.dataloader = DataLoader(
             dataset,
             batch_size=plan.batch_size,
@@ -267,6 +272,10 @@ class TorchLoader(BatchLoader):
             pin_memory=cuda,
             persistent_workers=workers > 0,
             worker_init_fn=_WorkerInit(plan.seed, plan.rank) if workers > 0 else None,
+            # Workers come from a clean fork server, not from this process: a fork of a process that
+            # runs DALI, CUDA or HDF5 threads can inherit a held lock and hang (seen here: a worker
+            # stuck after DALI pipelines had run in the parent).
+            multiprocessing_context="forkserver" if workers > 0 else None,
         )
 
     def _iter(self) -> Iterator[Batch]:
