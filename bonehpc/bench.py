@@ -36,7 +36,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,7 @@ class BenchOptions:
     """Timed windows per figure; the median is reported."""
     loader_steps: int = 24
     """Timed batches of each loader alone (more than the prefetch queue holds)."""
-    patients: int = 40
+    patients: int = 80
     """Synthetic patients (about 3.6 images each)."""
     max_side: int = 256
     """Longest side of the synthetic PNGs."""
@@ -460,8 +460,6 @@ class _Step:
     scaler: Any
     params: int
     compiled: bool = False
-    warm: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _make_step(
@@ -485,35 +483,50 @@ def _make_step(
     return _Step(name, train_model, loss_fn, opt, sched, scaler, count_params(model), compiled)
 
 
-def _time_train(step: _Step, stream: _Endless, cfg: Any, dev: torch.device, opts: BenchOptions) -> dict[str, Any]:
-    """Warm-up steps (untimed; the first ones compile), then `repeats` timed windows of `steps` steps."""
-    from bonehpc.engine import train_one_epoch
-    from bonehpc.train import amp_dtype_of
+class _Timer:
+    """Warm-up and timed windows of the real training step (`train_one_epoch`) on one stream."""
 
-    amp_dtype = amp_dtype_of(cfg.train.amp, dev)
-    kwargs: dict[str, Any] = {
-        "amp_dtype": amp_dtype,
-        "grad_clip": cfg.train.grad_clip,
-        "log_every": 10**9,  # no progress line (and no sync) inside the timed windows
-    }
-    args = (step.model, stream, step.loss_fn, step.optimizer, step.scheduler, step.scaler, dev)
-    res: dict[str, Any] = {}
-    if opts.warmup or not step.warm:
+    def __init__(self, step: _Step, stream: _Endless, cfg: Any, dev: torch.device, opts: BenchOptions) -> None:
+        from bonehpc.train import amp_dtype_of
+
+        self.step, self.stream, self.dev, self.opts = step, stream, dev, opts
+        self.kwargs: dict[str, Any] = {
+            "amp_dtype": amp_dtype_of(cfg.train.amp, dev),
+            "grad_clip": cfg.train.grad_clip,
+            "log_every": 10**9,  # no progress line (and no sync) inside the timed windows
+        }
+        self.rates: list[float] = []
+        self.loss = float("nan")
+
+    def _epoch(self, steps: int, header: str) -> dict[str, float]:
+        from bonehpc.engine import train_one_epoch
+
+        st = self.step
+        args = (st.model, self.stream, st.loss_fn, st.optimizer, st.scheduler, st.scaler, self.dev)
+        return train_one_epoch(*args, max_steps=steps, header=header, **self.kwargs)
+
+    def warmup(self) -> float:
+        """Untimed steps (the first ones of a compiled model compile it); returns their seconds."""
         t0 = time.perf_counter()
-        train_one_epoch(*args, max_steps=max(1, opts.warmup), header="bench warm-up", **kwargs)
-        _sync(dev)
-        res["warmup_s"] = round(time.perf_counter() - t0, 2)
-        step.warm = True
-    rates, loss = [], float("nan")
-    for _ in range(opts.repeats):
-        _sync(dev)
+        self._epoch(max(1, self.opts.warmup), "bench warm-up")
+        _sync(self.dev)
+        return round(time.perf_counter() - t0, 2)
+
+    def window(self) -> None:
+        """One timed window of `steps` steps: synchronize, steps, synchronize (the only host syncs)."""
+        _sync(self.dev)
         t0 = time.perf_counter()
-        out = train_one_epoch(*args, max_steps=opts.steps, header="bench", **kwargs)
-        _sync(dev)
-        rates.append(opts.batch_size * opts.steps / (time.perf_counter() - t0))
-        loss = out["train/loss"]
-    res.update(img_s=round(_median(rates), 1), img_s_repeats=[round(r, 1) for r in rates], loss=round(loss, 4))
-    return res
+        out = self._epoch(self.opts.steps, "bench")
+        _sync(self.dev)
+        self.rates.append(self.opts.batch_size * self.opts.steps / (time.perf_counter() - t0))
+        self.loss = out["train/loss"]
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "img_s": round(_median(self.rates), 1),
+            "img_s_repeats": [round(r, 1) for r in self.rates],
+            "loss": round(self.loss, 4),
+        }
 
 
 def _compile_default(dev: torch.device) -> tuple[str, ...]:
@@ -597,24 +610,37 @@ def bench_train(opts: BenchOptions, data: BenchData, dev: torch.device, workdir:
                     log.exception("building %s %s failed", role, mode)
                     out["runs"].append({"role": role, "mode": mode, "error": f"{type(err).__name__}: {err}"})
                     continue
+                # Warm up on every source, then interleave the timed windows (ceiling, dali, torch, ceiling,
+                # ...): on a shared machine, load changes then hit every source alike.
+                timers: list[tuple[dict[str, Any], _Timer]] = []
                 for source in ("ceiling", *opts.backends):
                     run: dict[str, Any] = {"role": role, "model": name, "mode": mode, "source": source}
                     if teacher:
                         run["teacher"] = teacher
+                    run["params"] = step.params
+                    out["runs"].append(run)
                     s = stream(source)
                     if s is None:
                         run["skipped"] = errors.get(source, "unavailable")
-                        out["runs"].append(run)
                         continue
                     try:
-                        run.update(_time_train(step, s, cfg, dev, opts))
-                        if source not in out["loader_format"] or "dtype" not in out["loader_format"][source]:
-                            out["loader_format"].setdefault(source, {}).update(s.first)
+                        timer = _Timer(step, s, cfg, dev, opts)
+                        run["warmup_s"] = timer.warmup()
+                        out["loader_format"].setdefault(source, {}).update(s.first)
+                        timers.append((run, timer))
                     except Exception as err:  # noqa: BLE001
                         log.exception("train benchmark %s/%s/%s failed", role, mode, source)
                         run["error"] = f"{type(err).__name__}: {err}"
-                    run["params"] = step.params
-                    out["runs"].append(run)
+                for _ in range(opts.repeats):
+                    for run, timer in list(timers):
+                        try:
+                            timer.window()
+                        except Exception as err:  # noqa: BLE001
+                            log.exception("train benchmark %s/%s/%s failed", role, mode, run["source"])
+                            run["error"] = f"{type(err).__name__}: {err}"
+                            timers.remove((run, timer))
+                for run, timer in timers:
+                    run.update(timer.result())
                     log.info("train %s", {k: v for k, v in run.items() if k != "img_s_repeats"})
                 del step
     finally:

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first; they include compilation (2)")
     p.add_argument("--repeats", type=int, default=3, help="timed windows per figure, the median is reported (3)")
     p.add_argument("--loader-steps", type=int, default=24, help="timed batches of each loader alone (24)")
-    p.add_argument("--patients", type=int, default=40, help="synthetic patients, ~3.6 images each (40)")
+    p.add_argument("--patients", type=int, default=80, help="synthetic patients, ~3.6 images each (80)")
     p.add_argument("--max-side", type=int, default=256, help="longest side of the synthetic PNGs (256)")
     p.add_argument("--pack-size", type=int, default=0, help="packed image side (0: image size x 256/224)")
     p.add_argument("--backends", type=_csv, default=("dali", "torch"), help="loader backends, comma separated")
