@@ -59,6 +59,8 @@ class DataConfig:
     """Images per shard file."""
     max_reject_frac: float = 0.01
     """Packing fails when more than this fraction of images is unreadable."""
+    min_side: int = 32
+    """Packing rejects images whose shorter side is below this many pixels (0: no limit)."""
     backend: str = "auto"
     """Loader backend: auto (dali if importable, else torch), dali, torch or synthetic."""
     num_workers: int = 2
@@ -78,6 +80,7 @@ class DataConfig:
         for key in ("pack_size", "images_per_shard", "image_size"):
             _positive(f"data.{key}", getattr(self, key))
         _positive("data.num_workers", self.num_workers, allow_zero=True)
+        _positive("data.min_side", self.min_side, allow_zero=True)
         if not 0 <= self.max_reject_frac <= 1:
             raise ConfigError(f"data.max_reject_frac: must be in [0, 1], got {self.max_reject_frac}")
 
@@ -282,8 +285,7 @@ class TuneConfig:
                         spec[name] = v = float(v)
                     if isinstance(v, bool) or not isinstance(v, (int, float)):
                         raise ConfigError(
-                            f"tune.space.{key}.{name}: expected a number, got {v!r} "
-                            "(bounds of a float or int range)"
+                            f"tune.space.{key}.{name}: expected a number, got {v!r} (bounds of a float or int range)"
                         )
                 if not spec["low"] < spec["high"]:
                     raise ConfigError(f"tune.space.{key}: needs low < high")

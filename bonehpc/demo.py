@@ -103,6 +103,7 @@ def run_demo(
         images_per_shard=cfg.data.images_per_shard,
         workers=max(1, cfg.data.num_workers),
         max_reject_frac=cfg.data.max_reject_frac,
+        min_side=cfg.data.min_side,
     )
     print("\n".join(summary.lines()))
 

@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Decode every image of the manifest with OpenCV, convert it to 8-bit gray, make it square "
         "(letterbox or stretch, INTER_AREA) and write HDF5 shards + index.csv + manifest.json. Settings come "
         "from --config (data.mura_root, data.shards, data.pack_size, data.fit, data.compression, "
-        "data.images_per_shard, data.max_reject_frac, data.num_workers) or from --mura-root/--out; the flags "
-        "below override both. A re-run keeps complete shards that match and redoes the rest. Unusable images "
+        "data.images_per_shard, data.max_reject_frac, data.min_side, data.num_workers) or from --mura-root/--out; "
+        "the flags below override both. A re-run keeps complete shards that match and redoes the rest. Unusable images "
         "are listed in OUT/rejected.csv; exit code 1 when more than --max-reject-frac of them are rejected.",
     )
     add_config_args(p)
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-reject-frac", type=float, help="fail above this fraction of rejected images (data.max_reject_frac)"
     )
-    p.add_argument("--min-side", type=int, default=32, help="reject images whose shorter side is below this (32)")
+    p.add_argument("--min-side", type=int, help="reject images whose shorter side is below this (data.min_side)")
     p.add_argument("--quiet", action="store_true", help="no per-shard progress lines")
     p.set_defaults(func=cmd_pack)
 
@@ -77,7 +77,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
             images_per_shard=args.images_per_shard or data.images_per_shard,
             workers=max(1, workers),
             max_reject_frac=data.max_reject_frac if args.max_reject_frac is None else args.max_reject_frac,
-            min_side=args.min_side,
+            min_side=data.min_side if args.min_side is None else args.min_side,
             progress=not args.quiet,
         )
     except ManifestError as err:

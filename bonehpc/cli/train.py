@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from bonehpc.cli import add_config_args, load_cfg
 
@@ -44,6 +45,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(e)
     e.set_defaults(func=_evaluate)
 
+    w = sub.add_parser(
+        "weights",
+        help="fetch ImageNet weights into a shared cache (on a machine with internet; jobs never download)",
+        description="Downloads MODEL's default pretrained weights (timm / Hugging Face) into --cache-dir in the "
+        "Hugging Face cache layout and prints the file. Jobs then load them offline: set "
+        "teacher.pretrained=true and teacher.weights=<cache dir or printed file>. Returns at once when the "
+        "weights are already there.",
+    )
+    w.add_argument("model", nargs="?", default="resnet50", help="timm model name (default resnet50)")
+    w.add_argument("--cache-dir", help="shared folder for the weights (default: the Hugging Face cache)")
+    w.set_defaults(func=_weights)
+
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_cfg(args)
@@ -81,4 +94,22 @@ def _evaluate(args: argparse.Namespace) -> int:
             m["study_auroc"],
             m["image_auroc"],
         )
+    return 0
+
+
+def _weights(args: argparse.Namespace) -> int:
+    import os
+
+    # bonehpc sets HF_HUB_OFFLINE=1 for jobs; this one command is meant to reach the hub, and
+    # huggingface_hub reads the variable when it is first imported (below), so lift it first.
+    os.environ["HF_HUB_OFFLINE"] = "0"
+    from bonehpc.models.weights import WeightsNotFoundError, fetch_weights
+
+    try:
+        path = fetch_weights(args.model, args.cache_dir)
+    except (WeightsNotFoundError, RuntimeError, OSError) as err:
+        print(f"bonehpc weights: {err}", file=sys.stderr)
+        return 1
+    print(path)
+    print(f"use: teacher.pretrained=true teacher.weights={path}")
     return 0

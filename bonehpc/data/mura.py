@@ -124,12 +124,14 @@ def _duplicates(rows: list[tuple[int, str, int, re.Match[str]]], name: str) -> l
     return dups
 
 
-def build_manifest(mura_root: str | Path, *, strict: bool = False) -> pd.DataFrame:
+def build_manifest(mura_root: str | Path, *, strict: bool = False, check_files: bool = True) -> pd.DataFrame:
     """One row per image of the official CSVs (train first, then valid), in CSV order.
 
     Args:
         mura_root: The folder that contains MURA-v1.1/, or MURA-v1.1 itself.
         strict: Treat labeled studies without any image row as an error instead of a warning.
+        check_files: Raise when listed image files are missing. The packer passes False: it records
+            missing files in rejected.csv (with every other unusable image) instead of stopping.
 
     Returns:
         DataFrame with the columns of MANIFEST_COLUMNS (see docs/architecture.md).
@@ -193,7 +195,9 @@ def build_manifest(mura_root: str | Path, *, strict: bool = False) -> pd.DataFra
         log.warning("%s (ignored: a per-image manifest has no rows for them)", msg)
 
     absent = [path for split in SPLITS for _, path, _, _ in images[split] if not os.path.isfile(base / path)]
-    if absent:
+    if absent and not check_files:
+        log.warning("%d image file(s) listed in the CSVs are missing under %s: %s", len(absent), base, _listing(absent))
+    elif absent:
         raise ManifestError(
             f"{len(absent)} image file(s) listed in the CSVs are missing under {base}: {_listing(absent)}"
         )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import json
 import logging
 import multiprocessing
@@ -279,11 +278,8 @@ def _shard_key(settings: PackSettings, rows: pd.DataFrame) -> str:
 def _manifest_of(mura_root: str | Path) -> pd.DataFrame:
     from bonehpc.data.mura import build_manifest
 
-    # Missing image files are the packer's to report (rejected.csv), not a reason to stop; build_manifest
-    # gains a switch for that (check_files); until it has one, its own error names the missing files.
-    if "check_files" in inspect.signature(build_manifest).parameters:
-        return build_manifest(mura_root, check_files=False)  # type: ignore[call-arg]
-    return build_manifest(mura_root)
+    # Missing image files are the packer's to report (rejected.csv), not a reason to stop.
+    return build_manifest(mura_root, check_files=False)
 
 
 def plan_pack(

@@ -107,6 +107,9 @@ def test_missing_image_files(tree: Path) -> None:
     msg = str(err.value)
     assert "3 image file(s)" in msg and "missing" in msg
     assert all(p in msg for p in paths)
+    # The packer's mode: missing files are kept in the manifest (it records them in rejected.csv).
+    df = build_manifest(tree, check_files=False)
+    assert set(paths) <= set(df["path"])
 
 
 def test_missing_image_list_is_capped(tree: Path) -> None:

@@ -293,3 +293,16 @@ def test_benchmarks_return_measured_numbers(synth_root: Path, shards_dir: Path) 
     assert p["ratio"] == pytest.approx(p["pack_img_per_s"] / p["decode_img_per_s"], rel=0.02)
     r = benchmark_reads(shards_dir, n=64)
     assert r["images"] == 64 and r["shard_img_per_s"] > 0 and r["png_img_per_s"] > 0
+
+
+def test_missing_file_from_the_csvs_is_rejected_not_fatal(tmp_path: Path) -> None:
+    # Without a manifest argument the packer builds one itself; a file the CSVs list but the disk lacks ends in
+    # rejected.csv with reason "missing" while every other image is packed.
+    root = tmp_path / "mura"
+    generate(root, patients=8, seed=3, max_side=64)
+    gone = build_manifest(root)["path"].iloc[2]
+    (root / gone).unlink()
+    summary = pack_dataset(root, tmp_path / "shards", pack_size=32, max_reject_frac=0.5, min_side=MIN_SIDE)
+    rejected = pd.read_csv(tmp_path / "shards" / "rejected.csv")
+    assert rejected["path"].tolist() == [gone] and rejected["reason"].tolist() == ["missing"]
+    assert summary.n_packed == summary.n_planned - 1
