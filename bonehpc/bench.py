@@ -69,7 +69,7 @@ class BenchOptions:
     """Timed steps per repeat (train, infer, ddp)."""
     warmup: int = 2
     """Untimed steps before timing (they include torch.compile's compilation)."""
-    repeats: int = 3
+    repeats: int = 5
     """Timed windows per figure; the median is reported."""
     loader_steps: int = 24
     """Timed batches of each loader alone (more than the prefetch queue holds)."""

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per step and process (16)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per repeat (4)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first; they include compilation (2)")
-    p.add_argument("--repeats", type=int, default=3, help="timed windows per figure, the median is reported (3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed windows per figure, the median is reported (5)")
     p.add_argument("--loader-steps", type=int, default=24, help="timed batches of each loader alone (24)")
     p.add_argument("--patients", type=int, default=80, help="synthetic patients, ~3.6 images each (80)")
     p.add_argument("--max-side", type=int, default=256, help="longest side of the synthetic PNGs (256)")
