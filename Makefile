@@ -1,4 +1,6 @@
-# bonehpc — every user-facing action is a target here. Variables: CONFIG, PROFILE, EXP, PARAMS, TRIALS, PARALLEL.
+# bonehpc — every user-facing action is a target here.
+# Variables: CONFIG, PROFILE (slurm/clusters/<name>.yaml), MODE (auto|slurm|local|debug), ARGS (extra key=value
+# overrides), EXP, PARAMS (e.g. runs/<exp>/tune/best_params.yaml), TRIALS, PARALLEL, STUDY.
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
@@ -14,10 +16,13 @@ export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 SLURM_CI_ROOT ?= /tmp/bonehpc-slurm
 export SLURM_CI_ROOT
-PROFILE_ARG := $(if $(PROFILE),cluster.profile=$(PROFILE),)
+MODE ?=
+ARGS ?=
+PROFILE_ARG := $(if $(PROFILE),cluster.profile=$(PROFILE),) $(if $(MODE),cluster.mode=$(MODE),) $(ARGS)
 PARAMS_ARG := $(if $(PARAMS),--params $(PARAMS),)
 
-.PHONY: help setup demo test test-unit test-integration lint format typecheck pack submit-folds submit-tune \
+
+.PHONY: help setup demo test test-unit verify lint format typecheck pack submit-folds submit-tune \
         resubmit status report tune-status bench dev-cluster-up dev-cluster-down clean
 
 help:
@@ -50,8 +55,11 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-pack: setup ## pack the data set of CONFIG into HDF5 shards
-	$(BIN)/bonehpc pack --config $(CONFIG)
+pack: setup ## pack the data set of CONFIG into HDF5 shards (here; `bonehpc submit pack` does it as a Slurm array)
+	$(BIN)/bonehpc pack --config $(CONFIG) $(ARGS)
+
+verify: setup ## full check (SHA-256) of the shards of CONFIG
+	$(BIN)/bonehpc verify --full $$($(BIN)/bonehpc config --config $(CONFIG) $(ARGS) | $(BIN)/python -c 'import sys,yaml; print(yaml.safe_load(sys.stdin)["data"]["shards"])')
 
 submit-folds: setup ## submit the cross-validated teacher+student experiment of CONFIG (PROFILE=, PARAMS=)
 	$(BIN)/bonehpc submit folds --config $(CONFIG) $(PARAMS_ARG) $(PROFILE_ARG)

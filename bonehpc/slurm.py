@@ -500,11 +500,14 @@ def _submit(
             t0 = time.monotonic()
             job = executor.submit(task) if items is None else executor.submit(task, item)
             entry["task_id"] = str(job.job_id)
+            what = " ".join(str(x) for x in (kind, role, entry.get("fold", "")) if x)
+            log.info("running %s locally (job %s; log %s)", what, job.job_id, job.paths.stdout)
             try:
                 job.result()
                 entry.update(state="COMPLETED", exit_code=0)
+                log.info("%s COMPLETED in %.0f s", what, time.monotonic() - t0)
             except Exception as err:  # noqa: BLE001 - a failed job is recorded, the graph goes on
-                log.error("%s %s %s failed: %s", kind, role, entry.get("fold", ""), str(err).strip()[-2000:])
+                log.error("%s FAILED: %s", what, str(err).strip()[-2000:])
                 entry.update(state="FAILED", exit_code=1)
             entry["elapsed_s"] = round(time.monotonic() - t0)
             record["tasks"].append(entry)
