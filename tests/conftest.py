@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from tinyexp import tiny_overrides
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,24 +49,4 @@ def tiny_cfg(tmp_path: Path, synth_root: Path, shards_dir: Path):
     """An ExperimentConfig that trains in seconds on the CPU: 64 px, tiny models, 1 epoch, 2 folds."""
     from bonehpc.config import load_config
 
-    return load_config(
-        None,
-        [
-            "name=tiny",
-            f"run_root={tmp_path / 'runs'}",
-            f"data.mura_root={synth_root}",
-            f"data.shards={shards_dir}",
-            "data.num_folds=2",
-            "data.image_size=64",
-            "data.pack_size=64",
-            "data.num_workers=0",
-            "data.backend=torch",
-            "teacher.model=resnet18",
-            "teacher.epochs=1",
-            "student.model=hybrid_tiny",
-            "student.epochs=1",
-            "train.batch_size=16",
-            "train.log_every=5",
-            "cluster.mode=debug",
-        ],
-    )
+    return load_config(None, tiny_overrides(tmp_path / "runs", synth_root, shards_dir))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tinyexp import tiny_overrides
 
 from bonehpc.accounting import experiment_status
 from bonehpc.config import ExperimentConfig, load_config
@@ -24,29 +25,10 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NOD
 
 
 def _cfg(root: Path, synth_root: Path, shards_dir: Path, name: str, *extra: str) -> ExperimentConfig:
-    return load_config(
-        None,
-        [
-            f"name={name}",
-            f"run_root={root}",
-            f"data.mura_root={synth_root}",
-            f"data.shards={shards_dir}",
-            "data.num_folds=2",
-            "data.image_size=64",
-            "data.pack_size=64",
-            "data.num_workers=0",
-            "data.backend=torch",
-            "teacher.model=resnet18",
-            "teacher.epochs=1",
-            "student.model=hybrid_tiny",
-            "student.epochs=1",
-            "train.batch_size=16",
-            "train.log_every=5",
-            "cluster.mode=slurm",
-            "cluster.profile=dev",
-            *extra,
-        ],
+    overrides = tiny_overrides(
+        root, synth_root, shards_dir, f"name={name}", "cluster.mode=slurm", "cluster.profile=dev"
     )
+    return load_config(None, [*overrides, *extra])
 
 
 def _wait(exp: Path, timeout_s: float = 420.0, until: set[str] = TERMINAL):

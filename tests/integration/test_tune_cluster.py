@@ -22,6 +22,7 @@ from bonehpc.tune import TunePaths, build_storage, open_study, prepare, run_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_tune import _start_and_kill, _worker, cheap_fold  # noqa: E402
+from tinyexp import tiny_overrides  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,27 +36,18 @@ def exp_cfg(tmp_path_factory: pytest.TempPathFactory, synth_root: Path, shards_d
 
     cfg = load_config(
         None,
-        [
+        tiny_overrides(
+            tmp_path_factory.mktemp("tune") / "runs",
+            synth_root,
+            shards_dir,
             "name=tunec",
-            f"run_root={tmp_path_factory.mktemp('tune') / 'runs'}",
-            f"data.mura_root={synth_root}",
-            f"data.shards={shards_dir}",
-            "data.num_folds=2",
-            "data.image_size=64",
-            "data.pack_size=64",
-            "data.num_workers=0",
-            "data.backend=torch",
-            "teacher.model=resnet18",
-            "teacher.epochs=1",
-            "student.model=hybrid_tiny",
-            "train.batch_size=16",
-            "train.log_every=5",
+            "student.epochs=15",
             "cluster.mode=slurm",
             "cluster.profile=dev",
             "tune.folds=[0]",
             "tune.metric=val/image_auroc",
             "tune.sampler_seed=3",
-        ],
+        ),
     )
     cfg = apply_overrides(
         cfg,

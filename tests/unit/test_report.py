@@ -18,24 +18,8 @@ from sklearn.metrics import (
     recall_score,
     roc_auc_score,
 )
+from tinyexp import tiny_overrides
 
-# The shared tiny_cfg fixture is function-scoped; the experiment below is trained once per session, so it
-# repeats tiny_cfg's overrides with a session-wide run_root.
-TINY_OVERRIDES = [
-    "name=tiny",
-    "data.num_folds=2",
-    "data.image_size=64",
-    "data.pack_size=64",
-    "data.num_workers=0",
-    "data.backend=torch",
-    "teacher.model=resnet18",
-    "teacher.epochs=1",
-    "student.model=hybrid_tiny",
-    "student.epochs=1",
-    "train.batch_size=16",
-    "train.log_every=5",
-    "cluster.mode=debug",
-]
 SECTION_IDS = ("overview", "cv", "holdout", "bodyparts", "curves", "learning", "kd", "seed", "tuning", "slurm", "repro")
 
 
@@ -48,7 +32,7 @@ def build_tiny_experiment(base: Path, synth_root: Path, shards_dir: Path) -> Pat
 
     cfg = load_config(
         None,
-        [*TINY_OVERRIDES, f"run_root={base / 'runs'}", f"data.mura_root={synth_root}", f"data.shards={shards_dir}"],
+        tiny_overrides(base / "runs", synth_root, shards_dir),
     )
     paths = ExperimentPaths.of(cfg)
     stamp = paths.root / ".test-complete"

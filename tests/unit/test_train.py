@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tinyexp import tiny_overrides
 
 from bonehpc.checkpoint import load_checkpoint
 from bonehpc.config import apply_overrides, load_config, save_config
@@ -32,28 +33,7 @@ TIMING_KEYS = {"time_s", "train/img_per_s"}
 
 def _tiny(tmp: Path, synth_root: Path, shards_dir: Path, *extra: str):  # noqa: ANN202 - ExperimentConfig
     """The tiny_cfg of conftest, for module-scoped fixtures (tiny_cfg itself is per test)."""
-    return load_config(
-        None,
-        [
-            "name=tiny",
-            f"run_root={tmp / 'runs'}",
-            f"data.mura_root={synth_root}",
-            f"data.shards={shards_dir}",
-            "data.num_folds=2",
-            "data.image_size=64",
-            "data.pack_size=64",
-            "data.num_workers=0",
-            "data.backend=torch",
-            "teacher.model=resnet18",
-            "teacher.epochs=1",
-            "student.model=hybrid_tiny",
-            "student.epochs=1",
-            "train.batch_size=16",
-            "train.log_every=5",
-            "cluster.mode=debug",
-            *extra,
-        ],
-    )
+    return load_config(None, tiny_overrides(tmp / "runs", synth_root, shards_dir, *extra))
 
 
 @pytest.fixture(scope="module")
