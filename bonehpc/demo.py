@@ -61,7 +61,7 @@ def fold_table(paths: ExperimentPaths, folds: list[int | str]) -> pd.DataFrame:
 def run_demo(
     cfg: ExperimentConfig,
     *,
-    patients: int = 90,
+    patients: int = 150,
     seed: int = 0,
     step: Callable[[str], float] = _default_step,
 ) -> int:

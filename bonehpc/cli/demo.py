@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluation -> report -> predict. Every step is resumable: running it again reuses what is done.",
     )
     add_config_args(p)
-    p.add_argument("--patients", type=int, default=90, help="synthetic patients to generate (default 90)")
+    p.add_argument("--patients", type=int, default=150, help="synthetic patients to generate (default 150)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
     p.set_defaults(func=_demo)
 
