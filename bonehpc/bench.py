@@ -1099,7 +1099,8 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str, st
     if "loader" in secs:
         for b, s in secs["loader"]["backends"].items():
             if "loader_img_s" in s:
-                add(f"loader {b} alone ({s['num_workers']} workers, {s['device']})", s["loader_img_s"])
+                w = s["num_workers"]
+                add(f"loader {b} alone ({w} worker{'s' if w != 1 else ''}, {s['device']})", s["loader_img_s"])
             else:
                 add(f"loader {b}", s.get("skipped") or s.get("error"))
     if "train" in secs:
