@@ -1104,6 +1104,8 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str, st
             else:
                 add(f"loader {b}", s.get("skipped") or s.get("error"))
     if "train" in secs:
+        if str(secs["train"].get("compile", "")).startswith("not measured"):
+            add("train torch.compile", secs["train"]["compile"])
         runs = secs["train"]["runs"]
         rate = {(r["role"], r.get("mode"), r.get("source")): r.get("img_s") for r in runs}
         for r in runs:

@@ -110,6 +110,7 @@ def test_table_lists_every_figure_with_its_comparison(result: dict) -> None:
     for needle in ("decode only", "PNG decode", "loader dali alone", "loader torch alone", "ceiling", "teacher"):
         assert needle in table, needle
     assert "| infer student hybrid_tiny |" in table and "x | >= 3x |" in table
+    assert "| train torch.compile | not measured: eager only" in table  # said in the table too
 
 
 def test_train_ratios_from_runs() -> None:
