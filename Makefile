@@ -17,6 +17,7 @@ export PYTHONUNBUFFERED := 1
 SLURM_CI_ROOT ?= /tmp/bonehpc-slurm
 export SLURM_CI_ROOT
 MODE ?=
+BENCH_ARGS ?=
 ARGS ?=
 PROFILE_ARG := $(if $(PROFILE),cluster.profile=$(PROFILE),) $(if $(MODE),cluster.mode=$(MODE),) $(ARGS)
 PARAMS_ARG := $(if $(PARAMS),--params $(PARAMS),)
@@ -79,8 +80,8 @@ tune-status: setup ## Optuna study of EXP: trials by state, best params (-> runs
 report: setup ## aggregated report of EXP: runs/EXP/report/index.html
 	$(BIN)/bonehpc report --exp $(EXP)
 
-bench: setup ## benchmarks, ratios side by side (JSON + table)
-	$(BIN)/bonehpc bench all
+bench: setup ## benchmarks, ratios side by side (JSON + table); sizes via BENCH_ARGS="--image-size 224 ..."
+	$(BIN)/bonehpc bench all $(BENCH_ARGS)
 
 dev-cluster-up: ## start the local real Slurm 22.05 cluster (installs Debian packages when missing)
 	bash slurm/dev/up.sh

@@ -281,10 +281,9 @@ class TorchLoader(BatchLoader):
     def _iter(self) -> Iterator[Batch]:
         for images, labels, ids in self.dataloader:
             images = images.to(self.device, non_blocking=True)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            if images.dtype != self.dtype:
-                images = images.to(self.dtype)
+            # Cast and relayout in one copy (two separate calls would copy the batch twice on the GPU).
+            fmt = torch.channels_last if self.channels_last else torch.preserve_format
+            images = images.to(dtype=self.dtype, memory_format=fmt)
             yield images, labels.to(self.device, non_blocking=True), ids.to(self.device, non_blocking=True)
 
     def close(self) -> None:
