@@ -120,8 +120,13 @@ def test_graph_failure_resubmit_and_idempotency(slurm_cluster, synth_root, shard
     print(f"\n[timing] first graph {t_first:.0f} s, resubmit {t_second:.0f} s")
 
 
+# Epochs of the interrupted trainings: the signal is sent right after the first epoch and must land
+# mid-run even on an idle machine (a 64 px resnet18 epoch of the tiny set takes ~1 s there).
+EPOCHS = 6
+
+
 def test_requeued_training_resumes_with_same_metrics(slurm_cluster, synth_root, shards_dir, tmp_path) -> None:
-    extra = ("teacher.epochs=3",)
+    extra = (f"teacher.epochs={EPOCHS}",)
     ref_cfg = _cfg(tmp_path / "runs", synth_root, shards_dir, "ref", *extra)
     rq_cfg = _cfg(tmp_path / "runs", synth_root, shards_dir, "rq", *extra)
     only = {("fold0", "teacher")}
@@ -134,7 +139,7 @@ def test_requeued_training_resumes_with_same_metrics(slurm_cluster, synth_root, 
     deadline = time.monotonic() + 300
     while not (history.is_file() and history.read_text().strip()):  # first epoch done: mid-run
         assert time.monotonic() < deadline, "the training never finished its first epoch"
-        time.sleep(1)
+        time.sleep(0.1)
     subprocess.run(["scancel", "--signal=USR2", task_id], check=True)  # what Slurm sends before a time limit
 
     df = _wait(rq_paths.root)
@@ -147,7 +152,7 @@ def test_requeued_training_resumes_with_same_metrics(slurm_cluster, synth_root, 
     assert "resumed from" in log
     got = json.loads((rq_paths.role_dir(0, "teacher") / "metrics.json").read_text())
     want = json.loads((ExperimentPaths.of(ref_cfg).role_dir(0, "teacher") / "metrics.json").read_text())
-    assert got["epochs_run"] == want["epochs_run"] == 3
+    assert got["epochs_run"] == want["epochs_run"] == EPOCHS
     assert got["metrics"].keys() == want["metrics"].keys()
     for key, value in want["metrics"].items():
         assert got["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5, nan_ok=True), key
@@ -158,14 +163,16 @@ def test_preempted_by_urgent_partition_resumes(slurm_cluster, synth_root, shards
     # preemption (not a timeout: it does not use up max_num_timeout)
     profile = tmp_path / "fill.yaml"
     profile.write_text("partition: debug\ncpus_per_task: 8\nmem_gb: 3\ntime_min: 30\nsignal_delay_s: 60\n")
-    cfg = _cfg(tmp_path / "runs", synth_root, shards_dir, "pre", "teacher.epochs=3", f"cluster.profile={profile}")
+    cfg = _cfg(
+        tmp_path / "runs", synth_root, shards_dir, "pre", f"teacher.epochs={EPOCHS}", f"cluster.profile={profile}"
+    )
     entry = submit_folds(cfg, only={("fold0", "teacher")}, evaluate=False)
     paths = ExperimentPaths.of(cfg)
     history = paths.role_dir(0, "teacher") / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (history.is_file() and history.read_text().strip()):
         assert time.monotonic() < deadline, "the training never finished its first epoch"
-        time.sleep(1)
+        time.sleep(0.1)
     urgent = subprocess.run(
         [
             "sbatch",
@@ -191,7 +198,7 @@ def test_preempted_by_urgent_partition_resumes(slurm_cluster, synth_root, shards
     task_id = entry["jobs"][0]["tasks"][0]["task_id"]
     logs = "".join(p.read_text() for p in (paths.submitit / task_id).glob("*.out"))
     assert "this job is preempted" in logs and "(3 remaining timeouts)" in logs
-    assert json.loads((paths.role_dir(0, "teacher") / "metrics.json").read_text())["epochs_run"] == 3
+    assert json.loads((paths.role_dir(0, "teacher") / "metrics.json").read_text())["epochs_run"] == EPOCHS
     sacct = subprocess.run(
         ["sacct", "-X", "-n", "-P", "--format=State", "-j", urgent], capture_output=True, text=True, check=True
     ).stdout

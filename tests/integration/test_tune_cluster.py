@@ -109,12 +109,24 @@ def test_study_as_one_array_job(slurm_cluster: str, exp_cfg: ExperimentConfig, c
         print(f"\n6-trial study, parallelism 2, on the dev cluster: {wall:.0f} s; states {states}")
 
 
+# Enough epochs that the signal, sent right after the first one, lands mid-run even on an idle machine
+# (one epoch of the tiny student takes ~0.25 s there).
+EPOCHS = 30
+
+
 def test_trial_killed_by_usr2_is_retried_from_its_checkpoint(
     slurm_cluster: str, exp_cfg: ExperimentConfig, capsys
 ) -> None:
     cfg = apply_overrides(
         exp_cfg,
-        {"tune.trials": 1, "tune.parallel": 1, "tune.epochs": 4, "tune.pruner": "none", "tune.study_name": "kill"},
+        {
+            "tune.trials": 1,
+            "tune.parallel": 1,
+            "tune.epochs": EPOCHS,
+            "tune.pruner": "none",
+            "tune.study_name": "kill",
+            "train.patience": 0,  # every epoch runs: the count below checks that none is redone or lost
+        },
     )
     t0 = time.monotonic()
     entry = submit_tune(cfg, workdir=ROOT)
@@ -122,7 +134,7 @@ def test_trial_killed_by_usr2_is_retried_from_its_checkpoint(
     jsonl = TunePaths.of(cfg).run_dir(0, 0) / "metrics.jsonl"
     while not (jsonl.is_file() and jsonl.read_text().strip()):  # one epoch done: last.pt exists
         assert time.monotonic() - t0 < 300, "trial 0 did not finish an epoch"
-        time.sleep(1)
+        time.sleep(0.1)
     subprocess.run(["scancel", "--signal=USR2", task_id], check=True, timeout=30)
     t_kill = time.monotonic() - t0
     trials = _wait_study(cfg, 2, timeout_s=420)
@@ -133,7 +145,7 @@ def test_trial_killed_by_usr2_is_retried_from_its_checkpoint(
     run_dir = TunePaths.of(cfg).run_dir(0, 0)
     log = (run_dir / "train.log").read_text()
     assert "resumed from" in log
-    assert len(jsonl.read_text().splitlines()) == 4  # every epoch once: nothing redone, nothing lost
+    assert len(jsonl.read_text().splitlines()) == EPOCHS  # every epoch once: nothing redone, nothing lost
     assert not TunePaths.of(cfg).trial_dir(1).exists()
     records = query([task_id.split("_")[0]])
     assert records[task_id].requeues >= 1
