@@ -500,7 +500,8 @@ def _submit(
             t0 = time.monotonic()
             job = executor.submit(task) if items is None else executor.submit(task, item)
             entry["task_id"] = str(job.job_id)
-            what = " ".join(str(x) for x in (kind, role, entry.get("fold", "")) if x)
+            item_label = entry.get("fold", "") if kind == "train" else (f"task {i}" if items is not None else "")
+            what = " ".join(str(x) for x in dict.fromkeys((kind, role, item_label)) if x)
             log.info("running %s locally (job %s; log %s)", what, job.job_id, job.paths.stdout)
             try:
                 job.result()
