@@ -79,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as err:
+        # bonehpc's own errors (ShardError, ManifestError, WeightsNotFoundError, ...) describe a problem
+        # of the input, not a bug: one clear line, no traceback (-v shows it). Anything else propagates.
+        if not type(err).__module__.startswith("bonehpc.") or args.verbose:
+            raise
+        print(f"bonehpc {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 
