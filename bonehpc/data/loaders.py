@@ -19,6 +19,7 @@ Augmentation randomness is seeded per rank (and, for the torch backend, per samp
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -320,6 +321,12 @@ class _DaliSource:
         )
 
 
+def _cuda_driver_initialized() -> bool:
+    """Whether cuInit ran in this process: DALI's own test before it forks Python workers."""
+    backend: Any = importlib.import_module("nvidia.dali.backend")  # untyped (no stub for this function)
+    return bool(backend.IsDriverInitialized())
+
+
 class DaliLoader(BatchLoader):
     """DALI pipeline (GPU, or CPU-only mode without CUDA) fed by a parallel per-sample shard reader.
 
@@ -354,7 +361,9 @@ class DaliLoader(BatchLoader):
         from bonehpc.augment.dali import build_dali_pipeline
 
         self.close()
-        start = "spawn" if torch.cuda.is_initialized() else "fork"
+        # DALI refuses to fork once the CUDA driver is initialised in this process, which
+        # torch.cuda.is_available() alone already does (torch.cuda.is_initialized() stays False).
+        start = "spawn" if torch.cuda.is_initialized() or _cuda_driver_initialized() else "fork"
         device_id = None
         if self.gpu:
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()

@@ -140,6 +140,24 @@ def test_dali_epoch_left_unfinished_restarts_cleanly(reader: ShardReader) -> Non
     fresh.close()
 
 
+def test_dali_spawns_workers_once_the_cuda_driver_is_up(reader: ShardReader, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After torch.cuda.is_available() on a GPU machine DALI refuses fork: spawned workers give the same batches."""
+    import bonehpc.data.loaders as loaders
+
+    cfg = make_cfg("dali")
+    forked = build_loader(cfg, reader, reader.image_ids, train=True, device=CPU, seed=4)
+    assert forked._pipe.py_start_method == "fork"
+    want = collect(forked)
+    forked.close()
+    monkeypatch.setattr(loaders, "_cuda_driver_initialized", lambda: True)
+    spawned = build_loader(cfg, reader, reader.image_ids, train=True, device=CPU, seed=4)
+    assert spawned._pipe.py_start_method == "spawn"
+    got = collect(spawned)
+    spawned.close()
+    assert got[2].tolist() == want[2].tolist() and got[1].tolist() == want[1].tolist()
+    torch.testing.assert_close(torch.cat(got[0]), torch.cat(want[0]))
+
+
 def test_max_steps_per_epoch_caps_training_only(reader: ShardReader) -> None:
     cfg = make_cfg("torch", "train.max_steps_per_epoch=2")
     assert len(build_loader(cfg, reader, reader.image_ids, train=True, device=CPU)) == 2
