@@ -698,7 +698,9 @@ def bench_infer(opts: BenchOptions, data: BenchData | None, dev: torch.device, w
     for role, name in (("teacher", opts.teacher), ("student", opts.student)):
         model = create_model(name)
         rates = []
-        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        # no_grad: measure_throughput only calls the model; with grad on, every forward would also record
+        # the autograd graph and keep its activations (not inference).
+        with torch.no_grad(), torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             for _ in range(opts.repeats):
                 rates.append(
                     measure_throughput(
