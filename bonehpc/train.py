@@ -354,6 +354,8 @@ def _train(
         if not teacher_ckpt.is_file():
             raise FileNotFoundError(f"{teacher_ckpt} is missing: train the teacher of {fold_name(fold)} first")
         teacher = load_frozen_teacher(teacher_ckpt, device)
+        if device.type == "cuda" and tcfg.channels_last:  # same layout as the batches it sees
+            teacher.to(memory_format=torch.channels_last)
         kind = cfg.distill.kind
     loss_fn = DistillationLoss(task_loss, teacher, kind, cfg.distill.alpha, cfg.distill.tau).to(device)
 
