@@ -70,13 +70,14 @@ def measure_throughput(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    for _ in range(warmup):
-        net(x)
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        net(x)
-    sync()
+    with torch.no_grad():  # inference: no autograd graph, as a deployed model runs
+        for _ in range(warmup):
+            net(x)
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            net(x)
+        sync()
     return batch_size * steps / (time.perf_counter() - start)
 
 
