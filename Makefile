@@ -17,6 +17,8 @@ export PYTHONUNBUFFERED := 1
 SLURM_CI_ROOT ?= /tmp/bonehpc-slurm
 export SLURM_CI_ROOT
 MODE ?=
+INPUT ?= data/demo/MURA-v1.1/valid_image_paths.csv
+OUT ?=
 BENCH_ARGS ?=
 ARGS ?=
 PROFILE_ARG := $(if $(PROFILE),cluster.profile=$(PROFILE),) $(if $(MODE),cluster.mode=$(MODE),) $(ARGS)
@@ -24,7 +26,7 @@ PARAMS_ARG := $(if $(PARAMS),--params $(PARAMS),)
 
 
 .PHONY: help setup demo test test-unit verify lint format typecheck pack submit-folds submit-tune \
-        resubmit status report tune-status bench dev-cluster-up dev-cluster-down clean
+        resubmit status report tune-status predict bench dev-cluster-up dev-cluster-down clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -50,6 +52,9 @@ test-unit: setup ## unit tests only (no Slurm)
 lint: setup ## ruff + mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+typecheck: setup ## mypy on bonehpc/
 	$(BIN)/mypy
 
 format: setup
@@ -79,6 +84,9 @@ tune-status: setup ## Optuna study of EXP: trials by state, best params (-> runs
 
 report: setup ## aggregated report of EXP: runs/EXP/report/index.html
 	$(BIN)/bonehpc report --exp $(EXP)
+
+predict: setup ## abnormality probabilities for INPUT (folder of PNGs or CSV) with the student fold ensemble of EXP
+	$(BIN)/bonehpc predict --model runs/$(EXP) --input $(INPUT) --out $(or $(OUT),runs/$(EXP)/predict/preds.csv)
 
 bench: setup ## benchmarks, ratios side by side (JSON + table); sizes via BENCH_ARGS="--image-size 224 ..."
 	$(BIN)/bonehpc bench all $(BENCH_ARGS)
