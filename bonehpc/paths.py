@@ -2,13 +2,58 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from bonehpc.config import ExperimentConfig
+if TYPE_CHECKING:
+    from bonehpc.config import ExperimentConfig
 
 ROLES = ("teacher", "student")
 HOLDOUT_MODELS = ("final_teacher", "final_student", "ensemble_teacher", "ensemble_student")
+
+# Files of one training run (ExperimentPaths.role_dir(fold, role)); see docs/architecture.md.
+RUN_CONFIG = "config.yaml"
+RUN_METRICS = "metrics.json"  # written last: its presence with status "completed" means the run is done
+RUN_EPOCHS = "metrics.jsonl"
+RUN_PREDICTIONS = "predictions_val.csv"
+RUN_LOG = "train.log"
+LAST_CKPT = "last.pt"
+BEST_CKPT = "best.pt"
+# Files of one holdout model (ExperimentPaths.holdout_dir(model)).
+HOLDOUT_PREDICTIONS = "predictions.csv"
+HOLDOUT_METRICS = "metrics.json"
+# Files of an experiment folder.
+REPORT_INDEX = "index.html"
+BEST_PARAMS = "best_params.yaml"
+TUNE_JOURNAL = "journal.log"
+
+STATUS_COMPLETED = "completed"
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when it is missing or unreadable (a half-written file cannot
+    exist: bonehpc writes atomically)."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def run_status(run_dir: Path) -> str:
+    """State of one training (or holdout) run folder: "completed", "incomplete" (started, no final
+    metrics) or "missing" (no folder). The one definition of "is this run done?"."""
+    run_dir = Path(run_dir)
+    doc = read_json(run_dir / RUN_METRICS)
+    if doc is not None:
+        return STATUS_COMPLETED if doc.get("status", STATUS_COMPLETED) == STATUS_COMPLETED else "incomplete"
+    return "incomplete" if run_dir.is_dir() else "missing"
+
+
+def run_completed(run_dir: Path) -> bool:
+    return run_status(run_dir) == STATUS_COMPLETED
 
 
 def fold_name(fold: int | str) -> str:
@@ -20,6 +65,11 @@ def fold_name(fold: int | str) -> str:
     raise ValueError(f"fold must be a non-negative int or 'final', got {fold!r}")
 
 
+def fold_keys(num_folds: int) -> list[int | str]:
+    """Array order of the fold graph: 0..K-1, then "final"."""
+    return [*range(num_folds), "final"]
+
+
 @dataclass(frozen=True)
 class ExperimentPaths:
     """Paths of one experiment: runs/<name>/..."""
@@ -28,6 +78,7 @@ class ExperimentPaths:
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> ExperimentPaths:
+        """Paths of the experiment `cfg` describes (run_root/name)."""
         return cls(Path(cfg.run_root) / cfg.name)
 
     @property
@@ -71,3 +122,23 @@ class ExperimentPaths:
         if model not in HOLDOUT_MODELS:
             raise ValueError(f"holdout model must be one of {HOLDOUT_MODELS}, got {model!r}")
         return self.holdout / model
+
+    def role_completed(self, fold: int | str, role: str) -> bool:
+        return run_completed(self.role_dir(fold, role))
+
+    def holdout_completed(self) -> bool:
+        """Every holdout model has its metrics and the report exists."""
+        return all((self.holdout_dir(m) / HOLDOUT_METRICS).is_file() for m in HOLDOUT_MODELS) and (
+            self.report / REPORT_INDEX
+        ).is_file()
+
+    @property
+    def best_params(self) -> Path:
+        return self.tune / BEST_PARAMS
+
+    @property
+    def tune_journal(self) -> Path:
+        return self.tune / TUNE_JOURNAL
+
+    def trial_dir(self, number: int) -> Path:
+        return self.tune / "trials" / str(number)
