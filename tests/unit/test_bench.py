@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bonehpc.bench import BenchError, BenchOptions, format_table, run_benchmarks, train_ratios
+from bonehpc.bench.pack import benchmark_pack, benchmark_reads
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -179,3 +180,11 @@ def test_cli_writes_json_and_table_without_submitit_or_optuna(tmp_path: Path) ->
     assert "| warm random shard reads" in proc.stdout and str(out) in proc.stdout
     data = json.loads(out.read_text())
     assert data["sections"]["reads"]["ratio"] > 0 and data["machine"]["omp_wait_policy"] == "PASSIVE"
+
+
+def test_pack_and_reads_benchmarks_return_measured_numbers(synth_root: Path, shards_dir: Path) -> None:
+    p = benchmark_pack(synth_root, workers=1, limit=24, pack_size=64, repeats=1)
+    assert p["images"] == 24 and p["pack_img_per_s"] > 0 and p["decode_img_per_s"] > 0
+    assert p["ratio"] == pytest.approx(p["pack_img_per_s"] / p["decode_img_per_s"], rel=0.02)
+    r = benchmark_reads(shards_dir, n=64)
+    assert r["images"] == 64 and r["shard_img_per_s"] > 0 and r["png_img_per_s"] > 0

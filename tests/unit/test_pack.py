@@ -19,8 +19,6 @@ from bonehpc.data.mura import build_manifest, write_manifest
 from bonehpc.data.pack import (
     PackError,
     RejectedImageError,
-    benchmark_pack,
-    benchmark_reads,
     finalize_pack,
     fit_square,
     letterbox_geometry,
@@ -285,14 +283,6 @@ def test_cli_pack_from_config(synth_root: Path, tmp_path: Path) -> None:
     reader = ShardReader(out)
     assert reader.pack_size == 32 and len(reader.shard_names) == 2
     assert cli_main(["pack"]) == 2
-
-
-def test_benchmarks_return_measured_numbers(synth_root: Path, shards_dir: Path) -> None:
-    p = benchmark_pack(synth_root, workers=1, limit=24, pack_size=64, repeats=1)
-    assert p["images"] == 24 and p["pack_img_per_s"] > 0 and p["decode_img_per_s"] > 0
-    assert p["ratio"] == pytest.approx(p["pack_img_per_s"] / p["decode_img_per_s"], rel=0.02)
-    r = benchmark_reads(shards_dir, n=64)
-    assert r["images"] == 64 and r["shard_img_per_s"] > 0 and r["png_img_per_s"] > 0
 
 
 def test_missing_file_from_the_csvs_is_rejected_not_fatal(tmp_path: Path) -> None:

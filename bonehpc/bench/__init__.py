@@ -348,7 +348,7 @@ def bench_config(opts: BenchOptions, data: BenchData | None, *, workers: int | N
 
 def bench_pack(opts: BenchOptions, data: BenchData, dev: torch.device, workdir: Path) -> dict[str, Any]:
     """Packing img/s vs decode-only img/s of the same images in the same number of processes."""
-    from bonehpc.data.pack import benchmark_pack
+    from bonehpc.bench.pack import benchmark_pack
 
     res = benchmark_pack(
         data.mura_root, workers=opts.pack_workers or opts.cores, pack_size=opts.resolved_pack_size, workdir=workdir
@@ -359,7 +359,7 @@ def bench_pack(opts: BenchOptions, data: BenchData, dev: torch.device, workdir: 
 
 def bench_reads(opts: BenchOptions, data: BenchData, dev: torch.device, workdir: Path) -> dict[str, Any]:
     """Warm random-access shard reads vs decoding the original PNGs (one process)."""
-    from bonehpc.data.pack import benchmark_reads
+    from bonehpc.bench.pack import benchmark_reads
 
     res = benchmark_reads(data.shards, n=opts.read_images, seed=opts.seed)
     res["meets_target"] = res["ratio"] >= res["target_ratio"]
@@ -1178,9 +1178,3 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [head, "", "| measure | img/s | compared with | img/s | ratio | target |", "|---|---:|---|---:|---:|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "ddp-worker":
-        raise SystemExit(ddp_worker(sys.argv[2:]))
-    raise SystemExit("usage: python -m bonehpc.bench ddp-worker ... (the benchmarks themselves: bonehpc bench)")
