@@ -368,7 +368,7 @@ def bench_reads(opts: BenchOptions, data: BenchData, dev: torch.device, workdir:
 
 def bench_loader(opts: BenchOptions, data: BenchData, dev: torch.device, workdir: Path) -> dict[str, Any]:
     """Training loader img/s of each backend alone (batches on `dev`, augmentation on)."""
-    from bonehpc.data.loaders import benchmark_loader
+    from bonehpc.bench.loader import benchmark_loader
     from bonehpc.data.shards import ShardReader
 
     cfg = bench_config(opts, data)

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from bonehpc.bench import BenchError, BenchOptions, format_table, run_benchmarks, train_ratios
+from bonehpc.bench.loader import benchmark_loader
 from bonehpc.bench.pack import benchmark_pack, benchmark_reads
+from bonehpc.config import load_config
+from bonehpc.data.shards import ShardReader
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -188,3 +191,11 @@ def test_pack_and_reads_benchmarks_return_measured_numbers(synth_root: Path, sha
     assert p["ratio"] == pytest.approx(p["pack_img_per_s"] / p["decode_img_per_s"], rel=0.02)
     r = benchmark_reads(shards_dir, n=64)
     assert r["images"] == 64 and r["shard_img_per_s"] > 0 and r["png_img_per_s"] > 0
+
+
+def test_benchmark_loader_reports_throughput(shards_dir: Path) -> None:
+    cfg = load_config(None, ["data.image_size=64", "data.pack_size=64", "data.num_workers=1", "train.batch_size=8"])
+    res = benchmark_loader(cfg, ShardReader(shards_dir), "torch", steps=2, model_name="resnet18", warmup=1)
+    assert res["backend"] == "torch" and res["device"] == "cpu" and res["batch_size"] == 8
+    assert res["loader_img_s"] > 0 and res["e2e_img_s"] > 0 and res["startup_s"] > 0
+    assert res["e2e_img_s"] < res["loader_img_s"]  # a training step costs more than reading a batch

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bonehpc.config import load_config
-from bonehpc.data.loaders import LoaderError, benchmark_loader, build_eval_loader, build_loader, resolve_backend
+from bonehpc.data.loaders import LoaderError, build_eval_loader, build_loader, resolve_backend
 from bonehpc.data.shards import ShardReader
 
 BATCH = 8
@@ -188,13 +188,6 @@ def test_auto_picks_dali_when_it_imports(caplog: pytest.LogCaptureFixture) -> No
     with caplog.at_level(logging.INFO, logger="bonehpc.data.loaders"):
         resolve_backend("auto", rank=1)
     assert caplog.text == ""  # only rank 0 logs
-
-
-def test_benchmark_loader_reports_throughput(reader: ShardReader) -> None:
-    res = benchmark_loader(make_cfg("torch"), reader, "torch", steps=2, model_name="resnet18", warmup=1)
-    assert res["backend"] == "torch" and res["device"] == "cpu" and res["batch_size"] == BATCH
-    assert res["loader_img_s"] > 0 and res["e2e_img_s"] > 0 and res["startup_s"] > 0
-    assert res["e2e_img_s"] < res["loader_img_s"]  # a training step costs more than reading a batch
 
 
 @pytest.mark.gpu
