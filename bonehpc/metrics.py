@@ -1,17 +1,34 @@
-"""Image- and study-level metrics of binary abnormality predictions, overall and per body part (MURA protocol).
+"""Image- and study-level metrics of binary abnormality predictions, overall and per body part (MURA protocol),
+and their patient-grouped bootstrap confidence intervals.
 
-A study's probability is the mean of its images' probabilities and the study is called abnormal when it is
-> 0.5 (as is an image). Degenerate cases never raise: when the labels hold one class only, AUROC is NaN; Cohen's
-kappa is NaN when both the labels and the predictions are one and the same class (agreement by chance is then
-1 and kappa is 0/0; scikit-learn's ``replace_undefined_by`` is set to NaN), otherwise scikit-learn's value
-(e.g. 0.0 when the predictions are constant but the labels are not). Precision, recall and F1 are 0.0 when
-undefined (no predicted / no actual positives).
+The unit of the official MURA metric is the **study** (one examination of one body part of one patient,
+one or more images/views). `study_table` is the one image -> study aggregation of bonehpc (metrics, report
+and predict all call it): a study's probability is the arithmetic mean of its images' probabilities, it is
+called abnormal when that mean is > THRESHOLD (0.5, `bonehpc.constants`), and its label is the study's
+label, which every one of its images carries (MURA labels studies, not images); images of one study that
+disagree on label or body part are an error, never resolved by max or first. An image is called abnormal
+when its own probability is > 0.5.
+
+Degenerate cases never raise: when the labels hold one class only, AUROC is NaN; Cohen's kappa is NaN when
+both the labels and the predictions are one and the same class (agreement by chance is then 1 and kappa is
+0/0; scikit-learn's ``replace_undefined_by`` is set to NaN), otherwise scikit-learn's value (e.g. 0.0 when
+the predictions are constant but the labels are not). Precision, recall and F1 are 0.0 when undefined (no
+predicted / no actual positives).
+
+Confidence intervals (`bootstrap_weights`, `weighted_metrics`, `ci_table`, `paired_diff_table`): percentile
+95 % intervals of B (default 1,000) bootstrap resamples of **patients** (a patient's studies are drawn
+together: MURA has several studies per patient, and they are not independent). A resample is a row of
+multiplicities (how often each patient was drawn), so every metric of every resample comes out of a few
+matrix products, with no Python loop over resamples. The same seeded resamples serve every model and every
+body part, which makes teacher-vs-student differences a paired bootstrap.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -25,9 +42,21 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-THRESHOLD = 0.5
-REQUIRED_COLUMNS = ("image_id", "study", "body_part", "label", "prob")
+from bonehpc.constants import PRED_COLUMNS, THRESHOLD
+
+REQUIRED_COLUMNS = PRED_COLUMNS
 LEVELS = ("image", "study")
+STUDY_UNIT = (
+    "study: probability = mean of its images' probabilities, abnormal when > 0.5; label = the study's label "
+    "(shared by all its images)"
+)
+# Bootstrap defaults: resamples, seed, interval level, and the metrics that get an interval.
+N_BOOT = 1000
+BOOT_SEED = 0
+CI_LEVEL = 0.95
+CI_METRICS = ("kappa", "auroc", "f1", "accuracy")
+# Largest resamples x studies block held in memory at once (float64: 8 bytes each).
+_BLOCK = 4_000_000
 
 
 def _check(df: pd.DataFrame) -> None:
@@ -39,38 +68,57 @@ def _check(df: pd.DataFrame) -> None:
     labels = set(pd.unique(df["label"]).tolist())
     if not labels <= {0, 1}:
         raise ValueError(f"predictions: label must be 0 or 1, got {sorted(labels, key=str)[:5]}")
-    prob = pd.to_numeric(df["prob"], errors="coerce").to_numpy(dtype=float)
-    bad = ~np.isfinite(prob) | (prob < 0) | (prob > 1)
-    if bad.any():
-        rows = df.loc[bad, "image_id"].tolist()[:5]
-        raise ValueError(f"predictions: prob must be a number in [0, 1]; {int(bad.sum())} bad rows, image_id {rows}")
+    _check_prob(df)
     dup = df["image_id"].duplicated()
     if dup.any():
         raise ValueError(f"predictions: image_id repeated: {df.loc[dup, 'image_id'].tolist()[:5]}")
 
 
+def _check_prob(df: pd.DataFrame) -> None:
+    prob = pd.to_numeric(df["prob"], errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(prob) | (prob < 0) | (prob > 1)
+    if bad.any():
+        where = df.loc[bad, "image_id" if "image_id" in df else "study"].tolist()[:5]
+        raise ValueError(f"predictions: prob must be a number in [0, 1]; {int(bad.sum())} bad rows, e.g. {where}")
+
+
 def study_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per study: study, body_part, label, prob (mean of its images), n_images; sorted by study.
+    """The image -> study aggregation (see the module docstring): one row per study, sorted by study.
+
+    Args:
+        df: one row per image with columns study and prob, optionally label and body_part (carried over
+            when present; predict's new images have neither).
+
+    Returns:
+        study, [body_part], [label], prob (mean of its images' probabilities), n_images, pred (prob > 0.5).
 
     Raises:
-        ValueError: A study's images disagree on label or body part (names the studies).
+        ValueError: no study/prob column, no rows, a probability outside [0, 1], or a study whose images
+            disagree on label or body part (names the studies).
     """
-    _check(df)
+    for col in ("study", "prob"):
+        if col not in df.columns:
+            raise ValueError(f"predictions lack column {col!r}")
+    if len(df) == 0:
+        raise ValueError("predictions are empty")
+    _check_prob(df)
+    carried = [c for c in ("body_part", "label") if c in df.columns]
     g = df.groupby("study", sort=True)
-    table = g.agg(
-        body_part=("body_part", "first"),
-        label=("label", "first"),
-        prob=("prob", "mean"),
-        n_images=("image_id", "size"),
-        n_labels=("label", "nunique"),
-        n_parts=("body_part", "nunique"),
-    ).reset_index()
-    bad = table.loc[(table["n_labels"] > 1) | (table["n_parts"] > 1), "study"].tolist()
-    if bad:
-        raise ValueError(f"studies whose images disagree on label or body part: {bad[:5]}")
-    table["label"] = table["label"].astype(np.int64)
+    aggs: dict[str, tuple[str, str]] = {c: (c, "first") for c in carried}
+    aggs |= {f"_n_{c}": (c, "nunique") for c in carried}
+    table = g.agg(prob=("prob", "mean"), n_images=("prob", "size"), **aggs).reset_index()
+    disagree = np.zeros(len(table), dtype=bool)
+    for c in carried:
+        disagree |= table[f"_n_{c}"].to_numpy() > 1
+    if disagree.any():
+        raise ValueError(
+            f"studies whose images disagree on {' or '.join(carried)}: {table.loc[disagree, 'study'].tolist()[:5]}"
+        )
+    if "label" in carried:
+        table["label"] = table["label"].astype(np.int64)
     table["prob"] = table["prob"].astype(float)
-    return table[["study", "body_part", "label", "prob", "n_images"]]
+    table["pred"] = (table["prob"] > THRESHOLD).astype(np.int64)
+    return table[["study", *carried, "prob", "n_images", "pred"]]
 
 
 def _binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -105,6 +153,7 @@ def evaluate_predictions(df: pd.DataFrame) -> dict[str, float]:
         ValueError: Missing columns, empty table, labels other than 0/1, probabilities outside [0, 1],
             repeated image ids or studies whose images disagree on label or body part.
     """
+    _check(df)
     studies = study_table(df)
     out: dict[str, float] = {}
     for level, table in (("image", df), ("study", studies)):
@@ -123,12 +172,234 @@ def confusion(df: pd.DataFrame, level: str = "study") -> dict[str, int]:
     """Counts tp, fp, tn, fn at image or study level (positive: prob > 0.5)."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    if level == "study":
-        table = study_table(df)
-    else:
-        _check(df)
-        table = df
+    _check(df)
+    table = study_table(df) if level == "study" else df
     y = table["label"].to_numpy().astype(np.int64)
     pred = (table["prob"].to_numpy(dtype=float) > THRESHOLD).astype(np.int64)
     tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
     return {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration.
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
+    """ECE: sum over equal-width probability bins of (bin share) x |fraction positive - mean probability|.
+
+    The bins are those of the reliability diagram (`report_plots.calibration_figure`, uniform, 10); NaN for
+    no rows.
+    """
+    y = np.asarray(y, dtype=float)
+    p = np.asarray(p, dtype=float)
+    if len(y) == 0:
+        return math.nan
+    # bin i holds [i/n, (i+1)/n); p = 1 goes to the last bin
+    idx = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins).astype(float)
+    gap = np.abs(np.bincount(idx, weights=y, minlength=n_bins) - np.bincount(idx, weights=p, minlength=n_bins))
+    return float(gap.sum() / count.sum())
+
+
+def fit_temperature(y: np.ndarray, p: np.ndarray) -> float:
+    """Temperature T > 0 minimising the log loss of sigmoid(logit(p) / T) (a 1-D search on log T).
+
+    Fit it on out-of-fold predictions only (never on the holdout). T > 1 softens over-confident outputs.
+    """
+    y = np.asarray(y, dtype=float)
+    z = _logit(np.asarray(p, dtype=float))
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 401))
+    q = 1.0 / (1.0 + np.exp(-z[None, :] / grid[:, None]))
+    q = np.clip(q, 1e-12, 1 - 1e-12)
+    nll = -(y * np.log(q) + (1 - y) * np.log(1 - q)).mean(axis=1)
+    return float(grid[int(np.argmin(nll))])
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
+    """sigmoid(logit(p) / T): the calibrated probability (T = 1 leaves p unchanged up to clipping at 1e-7)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return 1.0 / (1.0 + np.exp(-_logit(np.asarray(p, dtype=float)) / temperature))
+
+
+# ----------------------------------------------------------------------------------------------
+# Patient-grouped bootstrap.
+
+_PATIENT = re.compile(r"(?:^|/)(?P<split>[^/]+)/XR_[^/]+/(?P<patient>patient\d+)/")
+
+
+def patient_of(study: str) -> str:
+    """The patient of a study path: ``<split>/patientNNNNN`` for MURA's layout (a patient's studies of several
+    body parts share it, as in the manifest), else the study's parent folder."""
+    m = _PATIENT.search(str(study))
+    if m:
+        return f"{m['split']}/{m['patient']}"
+    return str(study).rstrip("/").rsplit("/", 1)[0]
+
+
+def bootstrap_weights(groups: np.ndarray | list[str], n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> np.ndarray:
+    """(n_boot, n_items) multiplicities of a patient-grouped bootstrap: each resample draws as many patients as
+    there are, with replacement, and an item counts as often as its patient was drawn.
+
+    Args:
+        groups: one group (patient) label per item (study).
+    """
+    codes, uniq = pd.factorize(pd.Series(list(groups), dtype=str), sort=True)
+    g = len(uniq)
+    rng = np.random.default_rng(seed)
+    per_patient = rng.multinomial(g, np.full(g, 1.0 / g), size=n_boot)
+    return per_patient[:, codes].astype(np.float64)
+
+
+def weighted_metrics(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    """kappa, auroc, f1, accuracy of every row of multiplicities `w` (shape (B, N)) at once.
+
+    With ``w = np.ones((1, N))`` these are the plain metrics (the same numbers as `evaluate_predictions`);
+    undefined values are NaN (kappa, AUROC) or 0 (F1), as there.
+    """
+    y = np.asarray(y).astype(bool)
+    p = np.asarray(p, dtype=float)
+    w = np.atleast_2d(np.asarray(w, dtype=float))
+    pred = p > THRESHOLD
+    tp, fp = w @ (y & pred), w @ (~y & pred)
+    fn, tn = w @ (y & ~pred), w @ (~y & ~pred)
+    n = tp + fp + fn + tn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = (tp + tn) / n
+        pe = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / n**2
+        kappa = np.where(np.isclose(pe, 1.0), np.nan, (acc - pe) / (1.0 - pe))
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+    return {"kappa": kappa, "auroc": _weighted_auroc(y, p, w), "f1": f1, "accuracy": acc}
+
+
+def _weighted_auroc(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """P(score of a positive > score of a negative) + 0.5 P(tie), items weighted by `w` (rows: resamples)."""
+    order = np.argsort(p, kind="stable")
+    ps, ys = p[order], y[order]
+    ends = np.r_[np.flatnonzero(np.diff(ps)), len(ps) - 1]  # last index of each group of equal scores
+    out = np.empty(w.shape[0])
+    rows = max(1, _BLOCK // max(1, len(p)))
+    for s in range(0, w.shape[0], rows):  # blocks of resamples bound the memory; each block is one array op
+        ws = w[s : s + rows][:, order]
+        cneg = np.cumsum(ws * ~ys, axis=1)[:, ends]  # negative weight at or below each score group
+        cpos = np.cumsum(ws * ys, axis=1)[:, ends]
+        neg_g = np.diff(cneg, axis=1, prepend=0.0)
+        pos_g = np.diff(cpos, axis=1, prepend=0.0)
+        below = cneg - neg_g
+        wpos, wneg = cpos[:, -1], cneg[:, -1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            auc = (pos_g * (below + 0.5 * neg_g)).sum(axis=1) / (wpos * wneg)
+        out[s : s + rows] = np.where((wpos > 0) & (wneg > 0), auc, np.nan)
+    return out
+
+
+def _interval(boot: np.ndarray, level: float = CI_LEVEL) -> tuple[float, float]:
+    vals = boot[np.isfinite(boot)]
+    if len(vals) < 0.5 * len(boot) or len(vals) == 0:  # mostly undefined: no honest interval
+        return math.nan, math.nan
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(vals, [a, 1.0 - a])
+    return float(lo), float(hi)
+
+
+def _aligned(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """The studies every table has (inner join on study): label, body_part, patient, prob_<name> per table."""
+    base: pd.DataFrame | None = None
+    for name, t in tables.items():
+        cols = t[["study", "label", "body_part", "prob"]].rename(columns={"prob": f"prob_{name}"})
+        base = cols if base is None else base.merge(cols[["study", f"prob_{name}"]], on="study", how="inner")
+    if base is None or base.empty:
+        raise ValueError("no study in common to bootstrap")
+    return base.assign(patient=base["study"].map(patient_of)).reset_index(drop=True)
+
+
+def ci_table(
+    tables: Mapping[str, pd.DataFrame],
+    n_boot: int = N_BOOT,
+    seed: int = BOOT_SEED,
+    by_part: bool = True,
+    level: float = CI_LEVEL,
+) -> pd.DataFrame:
+    """Study-level estimate and patient-grouped bootstrap CI per model, metric and body part.
+
+    Args:
+        tables: model name -> `study_table` output (study, body_part, label, prob). Each table is resampled on
+            its own studies; models with the same studies get the same resamples (same seed, same patients).
+        by_part: also one row per body part (the resamples restricted to that part's studies).
+
+    Returns:
+        Rows model, body_part (ALL or the part), metric, estimate, ci_low, ci_high, n_studies, n_patients,
+        n_boot.
+    """
+    rows = []
+    for name, t in tables.items():
+        d = _aligned({name: t})
+        w = bootstrap_weights(d["patient"], n_boot, seed)
+        parts = [("ALL", np.ones(len(d), dtype=bool))]
+        if by_part:
+            parts += [(str(bp), (d["body_part"] == bp).to_numpy()) for bp in sorted(d["body_part"].unique())]
+        for part, mask in parts:
+            y, p = d["label"].to_numpy()[mask], d[f"prob_{name}"].to_numpy()[mask]
+            point = weighted_metrics(y, p, np.ones((1, int(mask.sum()))))
+            boot = weighted_metrics(y, p, w[:, mask])
+            for metric in CI_METRICS:
+                lo, hi = _interval(boot[metric], level)
+                rows.append(
+                    {
+                        "model": name,
+                        "body_part": part,
+                        "metric": metric,
+                        "estimate": float(point[metric][0]),
+                        "ci_low": lo,
+                        "ci_high": hi,
+                        "n_studies": int(mask.sum()),
+                        "n_patients": int(d.loc[mask, "patient"].nunique()),
+                        "n_boot": n_boot,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def paired_diff_table(
+    a_name: str,
+    a: pd.DataFrame,
+    b_name: str,
+    b: pd.DataFrame,
+    n_boot: int = N_BOOT,
+    seed: int = BOOT_SEED,
+    level: float = CI_LEVEL,
+) -> pd.DataFrame:
+    """Paired bootstrap of ``metric(a) - metric(b)`` on the studies both have, same resamples for both.
+
+    Returns:
+        Rows comparison ("a − b"), metric, estimate, ci_low, ci_high, n_studies, n_patients, n_boot; an
+        interval that excludes 0 means the difference is unlikely to be resampling noise at that level.
+    """
+    d = _aligned({"a": a, "b": b})
+    w = bootstrap_weights(d["patient"], n_boot, seed)
+    y = d["label"].to_numpy()
+    ones = np.ones((1, len(d)))
+    pa, pb = d["prob_a"].to_numpy(), d["prob_b"].to_numpy()
+    point_a, point_b = weighted_metrics(y, pa, ones), weighted_metrics(y, pb, ones)
+    boot_a, boot_b = weighted_metrics(y, pa, w), weighted_metrics(y, pb, w)
+    rows = []
+    for metric in CI_METRICS:
+        lo, hi = _interval(boot_a[metric] - boot_b[metric], level)
+        rows.append(
+            {
+                "comparison": f"{a_name} − {b_name}",
+                "metric": metric,
+                "estimate": float(point_a[metric][0] - point_b[metric][0]),
+                "ci_low": lo,
+                "ci_high": hi,
+                "n_studies": len(d),
+                "n_patients": int(d["patient"].nunique()),
+                "n_boot": n_boot,
+            }
+        )
+    return pd.DataFrame(rows)
