@@ -17,11 +17,34 @@ from typing import Any
 
 import pandas as pd
 
+from bonehpc.registry import latest_tasks, read_registry, registry_tasks
+
 log = logging.getLogger(__name__)
 
 SACCT_FIELDS = ("JobID", "JobName", "State", "ExitCode", "Elapsed", "NodeList", "AllocTRES", "Start", "End")
 SACCT_ARGS = ("sacct", "-X", "-D", "-P", "-n", f"--format={','.join(SACCT_FIELDS)}")
 REQUEUE_STATES = frozenset({"REQUEUED", "PREEMPTED"})
+# A task in one of these states may still finish: never submit its fold/role a second time.
+ACTIVE_STATES = frozenset(
+    {
+        "SUBMITTED",
+        "PENDING",
+        "RUNNING",
+        "REQUEUED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+        "RESIZING",
+        "SUSPENDED",
+        "CONFIGURING",
+        "COMPLETING",
+        "SIGNALING",
+        "STAGE_OUT",
+        "RESV_DEL_HOLD",
+        "PREEMPTED",
+    }
+)
+# States `bonehpc submit resubmit` reruns.
+RETRY_STATES = frozenset({"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"})
 STATUS_COLUMNS = (
     "fold",
     "role",
@@ -228,6 +251,26 @@ def squeue_states() -> dict[str, str]:
     return out
 
 
+def task_states(registry: dict[str, Any]) -> dict[str, str]:
+    """Current state of every task id of a registry (bonehpc.registry).
+
+    Slurm tasks: sacct, else squeue (a job not yet in accounting), else UNKNOWN (gone from both; UNKNOWN is
+    not active, so a task lost with its cluster may be submitted again). Local/debug tasks: the state
+    recorded when they ran.
+    """
+    tasks = registry_tasks(registry)
+    states = {t["task_id"]: t.get("state", "UNKNOWN") for t in tasks if t["mode"] != "slurm"}
+    slurm_jobs = sorted({t["job_id"] for t in tasks if t["mode"] == "slurm"})
+    if slurm_jobs:
+        records = query(slurm_jobs)
+        live = squeue_states()
+        for t in tasks:
+            if t["mode"] == "slurm":
+                rec = records.get(t["task_id"])
+                states[t["task_id"]] = rec.state if rec else live.get(t["task_id"], "UNKNOWN")
+    return states
+
+
 def _metrics_status(exp_dir: Path, fold: str, role: str) -> str:
     import json
 
@@ -259,8 +302,6 @@ def experiment_status(
     when neither knows them); local/debug tasks carry the state recorded when they ran. `records` and `live`
     replace the sacct and squeue queries (tests, or a caller that already has them).
     """
-    from bonehpc.slurm import latest_tasks, read_registry, registry_tasks
-
     exp = Path(exp_dir)
     registry = read_registry(exp)
     latest = latest_tasks(registry)

@@ -1,28 +1,16 @@
-"""Cluster profiles, submitit executors, the fold job graph (submit_folds, resubmit) and the run registry.
+"""Cluster profiles, submitit executors and the one submit primitive (`submit`) every job kind goes through.
 
-Job graph of one experiment (Slurm mode), all through one submit helper (`_submit`):
-
-    teacher array   index i -> fold i (0..K-1), index K -> "final" (all training patients)
-    student array   same index -> fold mapping, --dependency=aftercorr:<teacher array>, so student task i
-                    starts when teacher task i succeeded (--kill-on-invalid-dep=yes cancels it otherwise)
-    evaluate        --dependency=afterany:<both arrays>: holdout evaluation + report, also when folds failed
-
-Folds already completed (their metrics.json says so) and tasks still pending or running are skipped, so
-submitting again is safe. Under cluster.mode local/debug the same graph runs with submitit's local/debug
-executor, one job after another in dependency order.
+The job graphs built on `submit` (folds, resubmit, pack, tune) live with the entry points they submit, in
+jobs/submit.py; the registry they write (jobs.json) is bonehpc.registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import hashlib
-import json
 import logging
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,35 +20,12 @@ from typing import Any
 import submitit
 import yaml
 
-from bonehpc.config import ConfigError, ExperimentConfig, _build, load_config, save_config, to_dict
-from bonehpc.paths import HOLDOUT_MODELS, ROLES, ExperimentPaths
+from bonehpc.config import ConfigError, ExperimentConfig, _build
+from bonehpc.paths import ExperimentPaths
 
 log = logging.getLogger(__name__)
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "slurm" / "clusters"
-REGISTRY_VERSION = 1
-# A task in one of these states may still finish: never submit its fold/role a second time.
-ACTIVE_STATES = frozenset(
-    {
-        "SUBMITTED",
-        "PENDING",
-        "RUNNING",
-        "REQUEUED",
-        "REQUEUE_HOLD",
-        "REQUEUE_FED",
-        "RESIZING",
-        "SUSPENDED",
-        "CONFIGURING",
-        "COMPLETING",
-        "SIGNALING",
-        "STAGE_OUT",
-        "RESV_DEL_HOLD",
-        "PREEMPTED",
-    }
-)
-# States `resubmit` reruns.
-RETRY_STATES = frozenset({"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"})
-
 
 @dataclass(kw_only=True)
 class ResourceSpec:
@@ -250,198 +215,6 @@ def render_sbatch(spec: ResourceSpec, folder: str, name: str, dependency: str = 
 
 
 # ----------------------------------------------------------------------------------------------
-# Registry: runs/<exp>/jobs.json
-
-
-def config_hash(cfg: ExperimentConfig) -> str:
-    """SHA-256 (first 12 hex digits) of the resolved config."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def git_sha(cwd: str | Path | None = None) -> str:
-    """HEAD of the source tree ('+dirty' when it has changes), or 'unknown'."""
-    src = Path(cwd) if cwd else Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=src,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return sha + ("+dirty" if dirty else "")
-
-
-def read_registry(exp_dir: str | Path) -> dict[str, Any]:
-    """jobs.json of an experiment ({"submissions": []} when none)."""
-    path = Path(exp_dir) / "jobs.json"
-    if not path.is_file():
-        return {"version": REGISTRY_VERSION, "submissions": []}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err}); fix or move it away") from None
-    if not isinstance(data, dict) or not isinstance(data.get("submissions"), list):
-        raise ConfigError(f"{path}: expected an object with a 'submissions' list")
-    return data
-
-
-def _write_registry(exp_dir: Path, data: dict[str, Any]) -> None:
-    path = exp_dir / "jobs.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
-def registry_tasks(registry: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every task ever submitted, oldest first: {kind, role, fold, job_id, task_id, mode, submission, state?}."""
-    out = []
-    for n, sub in enumerate(registry.get("submissions", [])):
-        for job in sub.get("jobs", []):
-            for task in job.get("tasks", []):
-                out.append(
-                    {
-                        "submission": n,
-                        "time": sub.get("time", ""),
-                        "mode": sub.get("mode", "slurm"),
-                        "kind": job["kind"],
-                        "role": job.get("role", ""),
-                        "job_id": str(job["job_id"]),
-                        **task,
-                    }
-                )
-    return out
-
-
-def latest_tasks(registry: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    """The newest task per (fold name, role); the evaluation job under ("holdout", "evaluate")."""
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
-    for t in registry_tasks(registry):
-        if t["kind"] == "pack":
-            key = ("pack", str(t.get("fold", "")))
-        else:
-            key = (str(t.get("fold", "holdout")), t["role"] or t["kind"])
-        latest[key] = t
-    return latest
-
-
-# ----------------------------------------------------------------------------------------------
-# Planning
-
-
-def fold_keys(cfg: ExperimentConfig) -> list[int | str]:
-    """Array order of the fold graph: 0..K-1, then "final"."""
-    return [*range(cfg.data.num_folds), "final"]
-
-
-def role_completed(paths: ExperimentPaths, fold: int | str, role: str) -> bool:
-    """metrics.json of the run exists and says completed."""
-    path = paths.role_dir(fold, role) / "metrics.json"
-    try:
-        return json.loads(path.read_text()).get("status") == "completed"
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def holdout_done(paths: ExperimentPaths) -> bool:
-    """Every holdout model has metrics.json and the report exists."""
-    return (
-        all((paths.holdout_dir(m) / "metrics.json").is_file() for m in HOLDOUT_MODELS)
-        and (paths.report / "index.html").is_file()
-    )
-
-
-def _task_states(registry: dict[str, Any]) -> dict[str, str]:
-    """Current state of every registered task id.
-
-    Slurm tasks: sacct, else squeue (a job not yet in accounting), else UNKNOWN (gone from both).
-    Local/debug tasks: the state recorded when they ran.
-    """
-    from bonehpc import accounting
-
-    tasks = registry_tasks(registry)
-    states = {t["task_id"]: t.get("state", "UNKNOWN") for t in tasks if t["mode"] != "slurm"}
-    slurm_jobs = sorted({t["job_id"] for t in tasks if t["mode"] == "slurm"})
-    if slurm_jobs:
-        records = accounting.query(slurm_jobs)
-        live = accounting.squeue_states()
-        for t in tasks:
-            if t["mode"] == "slurm":
-                rec = records.get(t["task_id"])
-                states[t["task_id"]] = rec.state if rec else live.get(t["task_id"], "UNKNOWN")
-                # UNKNOWN (in neither) is not active: a task lost with its cluster may be submitted again
-    return states
-
-
-@dataclass
-class Plan:
-    """What one submission will run: fold keys per role, and the dependencies on earlier tasks."""
-
-    teacher: list[int | str]
-    student: list[int | str]
-    evaluate: bool
-    skipped: dict[str, str]
-    """'fold0/teacher' -> why it is not submitted (completed, or the active task id)."""
-    active: dict[tuple[str, str], str]
-    """(fold name, role) -> task id of a still pending/running task from an earlier submission."""
-
-
-def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[str, str]] | None = None) -> Plan:
-    """Which (fold, role) to submit: not completed and not pending/running; `only` restricts further."""
-    registry = read_registry(paths.root)
-    latest = latest_tasks(registry)
-    states = _task_states(registry) if latest else {}
-    todo: dict[str, list[int | str]] = {r: [] for r in ROLES}
-    skipped: dict[str, str] = {}
-    active: dict[tuple[str, str], str] = {}
-    for fold in fold_keys(cfg):
-        fname = paths.role_dir(fold, "teacher").parent.name
-        for role in ROLES:
-            key = f"{fname}/{role}"
-            if role_completed(paths, fold, role):
-                skipped[key] = "completed"
-                continue
-            prev = latest.get((fname, role))
-            if prev and states.get(prev["task_id"], "UNKNOWN") in ACTIVE_STATES:
-                skipped[key] = f"{states[prev['task_id']].lower()} as {prev['task_id']}"
-                active[(fname, role)] = prev["task_id"]
-                continue
-            if only is not None and (fname, role) not in only:
-                skipped[key] = "not selected"
-                continue
-            todo[role].append(fold)
-    # a student whose teacher is rerun reruns too (its teacher changes); an explicit selection is kept as is
-    for fold in todo["teacher"] if only is None else []:
-        if fold not in todo["student"]:
-            fname = paths.role_dir(fold, "teacher").parent.name
-            if (fname, "student") not in active:
-                todo["student"].append(fold)
-                skipped.pop(f"{fname}/student", None)
-    order = {f: i for i, f in enumerate(fold_keys(cfg))}
-    todo["student"].sort(key=lambda f: order[f])
-    prev_eval = latest.get(("holdout", "evaluate"))
-    prev_state = states.get(prev_eval["task_id"], "UNKNOWN") if prev_eval else ""
-    if todo["teacher"] or todo["student"]:
-        need_eval = True
-    elif prev_state in ACTIVE_STATES:
-        need_eval = False
-        skipped["holdout/evaluate"] = f"{prev_state.lower()} as {prev_eval['task_id']}"  # type: ignore[index]
-    elif prev_state == "COMPLETED" or (not prev_eval and holdout_done(paths)):
-        need_eval = False
-        skipped["holdout/evaluate"] = "completed"
-    else:
-        need_eval = True
-    return Plan(todo["teacher"], todo["student"], need_eval, skipped, active)
-
-
-# ----------------------------------------------------------------------------------------------
 # Submission
 
 
@@ -457,7 +230,7 @@ class SubmitContext:
     jobs: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _submit(
+def submit(
     ctx: SubmitContext,
     kind: str,
     task: Callable[..., Any],
@@ -466,11 +239,14 @@ def _submit(
     role: str = "",
     dependency: str = "",
     run_if: Callable[[Any], bool] | None = None,
+    label: Callable[[Any], str] | None = None,
 ) -> dict[str, Any]:
     """THE submit path of every job kind: one job, or an array over `items`; records it in ctx.jobs.
 
     Slurm: returns at once (the scheduler orders jobs by `dependency`). Local/debug: runs the jobs now,
     one after another, skipping an item whose `run_if(item)` is false (its dependency failed).
+    `label(item)` names each task in the registry (its "fold" key: fold0, final, shard3, finalize) and in
+    the log; a single job (items None) gets `label(None)`.
     """
     spec = ctx.profile.for_kind(kind)
     name = f"{ctx.cfg.name}-{role or kind}"
@@ -480,19 +256,18 @@ def _submit(
         if items is None:
             job = executor.submit(task)
             record["job_id"] = job.job_id
-            record["tasks"].append({"task_id": job.job_id})
+            record["tasks"].append({**_label(label, None), "task_id": job.job_id})
         else:
             jobs = executor.map_array(task, list(items))
             record["job_id"] = jobs[0].job_id.split("_")[0]
             for i, (item, job) in enumerate(zip(items, jobs, strict=True)):
-                record["tasks"].append({"index": i, "fold": _fold_str(item), "task_id": job.job_id})
+                record["tasks"].append({"index": i, **_label(label, item), "task_id": job.job_id})
         log.info("submitted %s %s as job %s%s", kind, role, record["job_id"], f" ({dependency})" if dependency else "")
     else:
         record["job_id"] = ""
         for i, item in enumerate(items if items is not None else [None]):
             entry: dict[str, Any] = {"index": i} if items is not None else {}
-            if items is not None:
-                entry["fold"] = _fold_str(item)
+            entry.update(_label(label, item))
             if run_if is not None and not run_if(item):
                 entry.update(task_id=f"skipped-{kind}-{role}-{i}", state="CANCELLED", reason="dependency failed")
                 record["tasks"].append(entry)
@@ -500,7 +275,7 @@ def _submit(
             t0 = time.monotonic()
             job = executor.submit(task) if items is None else executor.submit(task, item)
             entry["task_id"] = str(job.job_id)
-            item_label = entry.get("fold", "") if kind == "train" else (f"task {i}" if items is not None else "")
+            item_label = entry.get("fold", "") or (f"task {i}" if items is not None else "")
             what = " ".join(str(x) for x in dict.fromkeys((kind, role, item_label)) if x)
             log.info("running %s locally (job %s; log %s)", what, job.job_id, job.paths.stdout)
             try:
@@ -517,206 +292,5 @@ def _submit(
     return record
 
 
-def _fold_str(fold: Any) -> str:
-    return "final" if fold == "final" else f"fold{fold}"
-
-
-def prepare_experiment(cfg: ExperimentConfig) -> ExperimentPaths:
-    """runs/<exp>/: config.yaml (always the submitted one), manifest.csv and folds.csv when absent."""
-    paths = ExperimentPaths.of(cfg)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    if paths.config.is_file():
-        old = load_config(paths.config)
-        if config_hash(old) != config_hash(cfg):
-            log.warning(
-                "config of %s changed since the last submission (%s -> %s); completed runs are kept",
-                cfg.name,
-                config_hash(old),
-                config_hash(cfg),
-            )
-    save_config(cfg, paths.config)
-    if not paths.manifest.is_file() or not paths.folds.is_file():
-        from bonehpc.data.folds import make_folds, write_folds
-        from bonehpc.data.mura import build_manifest, read_manifest, write_manifest
-
-        if paths.manifest.is_file():
-            manifest = read_manifest(paths.manifest)
-        else:
-            manifest = build_manifest(cfg.data.mura_root)
-            write_manifest(manifest, paths.manifest)
-        if not paths.folds.is_file():
-            write_folds(make_folds(manifest, cfg.data.num_folds, cfg.data.fold_seed), paths.folds)
-    return paths
-
-
-def submit_folds(
-    cfg: ExperimentConfig,
-    *,
-    only: set[tuple[str, str]] | None = None,
-    kind: str = "folds",
-    workdir: str | Path | None = None,
-    evaluate: bool = True,
-) -> dict[str, Any]:
-    """Submit (or run, in local/debug mode) the fold graph of an experiment; returns the registry entry.
-
-    Args:
-        cfg: the experiment config (saved as runs/<exp>/config.yaml, which the jobs read).
-        only: restrict to these (fold name, role) pairs (resubmit); None: everything not done or active.
-        kind: name of the submission in the registry (folds or resubmit).
-        workdir: the jobs' working directory (relative paths of the config resolve there); default cwd.
-        evaluate: also submit the holdout evaluation + report job when it is due.
-    """
-    from jobs.evaluate import EvaluateTask
-    from jobs.train import TrainTask
-
-    mode = resolve_mode(cfg.cluster.mode)
-    profile = load_profile(cfg.cluster.profile if mode == "slurm" or cfg.cluster.profile != "dev" else "local")
-    paths = prepare_experiment(cfg)
-    plan = plan_folds(cfg, paths, only)
-    ctx = SubmitContext(cfg, paths, profile, mode, str(Path(workdir or os.getcwd()).resolve()))
-    cfg_path = str(paths.config.resolve())
-    nproc = cfg.cluster.nproc_per_node or profile.for_kind("train").nproc_per_node
-    train_ids: list[str] = [tid for tid in plan.active.values()]
-
-    teacher: dict[str, Any] | None = None
-    if plan.teacher:
-        teacher = _submit(
-            ctx, "train", TrainTask(cfg_path, "teacher", ctx.workdir, nproc), plan.teacher, role="teacher"
-        )
-        train_ids.append(teacher["job_id"])
-    if plan.student:
-        by_fold = {t["fold"]: t["task_id"] for t in (teacher or {}).get("tasks", [])}
-        deps = []
-        for fold in plan.student:
-            fname = _fold_str(fold)
-            if fname in by_fold:
-                deps.append(by_fold[fname])
-            elif (fname, "teacher") in plan.active:
-                deps.append(plan.active[(fname, "teacher")])
-        same_order = teacher is not None and [_fold_str(f) for f in plan.student] == [
-            t["fold"] for t in teacher["tasks"]
-        ]
-        if ctx.mode == "slurm" and same_order and teacher is not None:
-            dependency = f"aftercorr:{teacher['job_id']}"
-        else:
-            dependency = "afterok:" + ":".join(deps) if deps else ""
-
-        def teacher_ok(fold: Any) -> bool:
-            return role_completed(paths, fold, "teacher")
-
-        student = _submit(
-            ctx,
-            "train",
-            TrainTask(cfg_path, "student", ctx.workdir, nproc),
-            plan.student,
-            role="student",
-            dependency=dependency if ctx.mode == "slurm" else "",
-            run_if=teacher_ok,
-        )
-        train_ids.append(student["job_id"])
-    if plan.evaluate and evaluate:
-        dependency = "afterany:" + ":".join(train_ids) if train_ids and ctx.mode == "slurm" else ""
-        _submit(ctx, "evaluate", EvaluateTask(cfg_path, ctx.workdir), role="", dependency=dependency)
-
-    entry = {
-        "kind": kind,
-        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "mode": mode,
-        "profile": profile.name,
-        "config_hash": config_hash(cfg),
-        "git_sha": git_sha(),
-        "workdir": ctx.workdir,
-        "skipped": plan.skipped,
-        "jobs": ctx.jobs,
-    }
-    if ctx.jobs:
-        registry = read_registry(paths.root)
-        registry.setdefault("experiment", cfg.name)
-        registry["submissions"].append(entry)
-        _write_registry(paths.root, registry)
-    else:
-        log.info("nothing to submit for %s: %s", cfg.name, ", ".join(f"{k} {v}" for k, v in plan.skipped.items()))
-    entry["run_dir"] = str(paths.root)
-    return entry
-
-
-def submit_pack(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dict[str, Any]:
-    """Pack cfg.data into shards on the cluster: an array with one task per shard, then the finalize job.
-
-    The plan is made here (bonehpc.data.pack.plan_pack saves it next to the shards); shards already packed
-    are skipped by the tasks, so submitting again resumes. Recorded in runs/<exp>/jobs.json as kind pack.
-    """
-    from bonehpc.data.pack import plan_pack
-    from jobs.pack import FinalizePackTask, PackShardTask
-
-    mode = resolve_mode(cfg.cluster.mode)
-    profile = load_profile(cfg.cluster.profile if mode == "slurm" or cfg.cluster.profile != "dev" else "local")
-    paths = ExperimentPaths.of(cfg)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    d = cfg.data
-    plan = plan_pack(
-        d.mura_root,
-        d.shards,
-        pack_size=d.pack_size,
-        fit=d.fit,
-        compression=d.compression,
-        images_per_shard=d.images_per_shard,
-    )
-    out = str(Path(d.shards).resolve())
-    ctx = SubmitContext(cfg, paths, profile, mode, str(Path(workdir or os.getcwd()).resolve()))
-    shards = list(range(len(plan.shards)))
-    arr = _submit(ctx, "pack", PackShardTask(out), shards, role="")
-    for task, index in zip(arr["tasks"], shards, strict=True):
-        task["fold"] = f"shard{index}"
-    dependency = f"afterok:{arr['job_id']}" if mode == "slurm" else ""
-    fin = _submit(ctx, "pack", FinalizePackTask(out, d.max_reject_frac), role="", dependency=dependency)
-    fin["tasks"][0]["fold"] = "finalize"
-    entry = {
-        "kind": "pack",
-        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "mode": mode,
-        "profile": profile.name,
-        "config_hash": config_hash(cfg),
-        "git_sha": git_sha(),
-        "workdir": ctx.workdir,
-        "skipped": {},
-        "jobs": ctx.jobs,
-    }
-    registry = read_registry(paths.root)
-    registry.setdefault("experiment", cfg.name)
-    registry["submissions"].append(entry)
-    _write_registry(paths.root, registry)
-    entry["run_dir"] = str(paths.root)
-    return entry
-
-
-def resubmit(exp_dir: str | Path, workdir: str | Path | None = None) -> dict[str, Any]:
-    """Resubmit only the failed / cancelled / timed-out tasks of an experiment (and their dependents)."""
-    exp = Path(exp_dir)
-    cfg_path = exp / "config.yaml"
-    if not cfg_path.is_file():
-        raise ConfigError(f"{exp}: no config.yaml; is this an experiment folder (runs/<exp>)?")
-    cfg = load_config(cfg_path)
-    registry = read_registry(exp)
-    if not registry["submissions"]:
-        raise ConfigError(f"{exp}/jobs.json: nothing was submitted yet; use `bonehpc submit folds`")
-    states = _task_states(registry)
-    paths = ExperimentPaths(exp)
-    only: set[tuple[str, str]] = set()
-    for (fname, role), task in latest_tasks(registry).items():
-        if task["kind"] != "train":
-            continue
-        fold: int | str = "final" if fname == "final" else int(fname.removeprefix("fold"))
-        if states.get(task["task_id"]) in RETRY_STATES and not role_completed(paths, fold, role):
-            only.add((fname, role))
-            if role == "teacher" and not role_completed(paths, fold, "student"):
-                only.add((fname, "student"))  # the dependent student (cancelled or never run) goes too
-    log.info("resubmitting %s", ", ".join(f"{f}/{r}" for f, r in sorted(only)) or "no training task")
-    if not registry["submissions"][-1].get("workdir") and workdir is None:
-        workdir = os.getcwd()
-    return submit_folds(cfg, only=only, kind="resubmit", workdir=workdir or registry["submissions"][-1]["workdir"])
-
-
-def python_executable(profile: ResourceSpec) -> str:
-    """The interpreter jobs run with."""
-    return profile.python or sys.executable
+def _label(label: Callable[[Any], str] | None, item: Any) -> dict[str, str]:
+    return {"fold": label(item)} if label is not None else {}

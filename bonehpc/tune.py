@@ -1,8 +1,8 @@
 """Optuna search over the student / distillation hyperparameters, one Slurm array task per trial.
 
 The study lives in an Optuna journal file in the experiment dir (`runs/<exp>/tune/journal.log`, safe on
-a shared file system) or in a server RDB (`tune.storage=mysql+pymysql://...`). `submit_tune` creates
-the study and submits ONE array job of `tune.trials` tasks, `tune.parallel` at a time; every task runs
+a shared file system) or in a server RDB (`tune.storage=mysql+pymysql://...`). `jobs.submit.submit_tune`
+creates the study and submits ONE array job of `tune.trials` tasks, `tune.parallel` at a time; every task runs
 `run_task`: it takes the next trial (a retried one first), trains the KD student on `tune.folds`
 against the already-trained teachers and reports `tune.metric` after every epoch so the pruner can stop
 it early.
@@ -764,61 +764,3 @@ def load_tune_config(exp_dir: str | Path, study: str = "") -> ExperimentConfig:
         hint = f" (studies here: {', '.join(others)})" if others else ""
         raise TuneError(f"{path} not found: no study was submitted for {exp_dir}{hint}; run `bonehpc submit tune`")
     return load_config(path)
-
-
-def submit_tune(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dict[str, Any]:
-    """Check, create the study, then submit ONE array of `tune.trials` tasks (`tune.parallel` at a time).
-
-    Uses the submit helper and cluster profiles of `bonehpc.slurm`; cluster.mode local/debug runs the tasks
-    with submitit's local/debug executor, one after another, before returning. The submission is recorded
-    in `runs/<exp>/tune/jobs.json` (the registry format of `runs/<exp>/jobs.json`, kept apart so fold
-    status tables stay about folds).
-
-    Returns:
-        The registry entry, plus `run_dir`, `study` and `storage`.
-    """
-    import dataclasses
-    import datetime as dt
-
-    from bonehpc import slurm
-    from jobs.tune import TuneTask
-
-    study = prepare(cfg)
-    paths = TunePaths.of(cfg)
-    mode = slurm.resolve_mode(cfg.cluster.mode)
-    profile = slurm.load_profile(cfg.cluster.profile if mode == "slurm" or cfg.cluster.profile != "dev" else "local")
-    per_kind = {k: dict(v) for k, v in profile.per_kind.items()}
-    per_kind.get("tune", {}).pop("array_parallelism", None)
-    profile = dataclasses.replace(profile, array_parallelism=cfg.tune.parallel, per_kind=per_kind)
-    exp = ExperimentPaths.of(cfg)
-    ctx = slurm.SubmitContext(cfg, exp, profile, mode, str(Path(workdir or os.getcwd()).resolve()))
-    task = TuneTask(str(paths.config.resolve()), ctx.workdir)
-    log.info(
-        "study %r in %s: %d trial(s) so far; submitting %d task(s), %d at a time (%s)",
-        study.study_name,
-        storage_label(cfg),
-        len(study.trials),
-        cfg.tune.trials,
-        cfg.tune.parallel,
-        mode,
-    )
-    record = slurm._submit(ctx, "tune", task, list(range(cfg.tune.trials)), role="tune")
-    for t in record["tasks"]:
-        t["slot"] = t.pop("fold", None) and t["index"]  # the helper labels array items as folds
-    entry: dict[str, Any] = {
-        "kind": "tune",
-        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "mode": mode,
-        "profile": profile.name,
-        "config_hash": slurm.config_hash(cfg),
-        "git_sha": slurm.git_sha(),
-        "workdir": ctx.workdir,
-        "study": study.study_name,
-        "storage": storage_label(cfg),
-        "jobs": ctx.jobs,
-    }
-    registry = slurm.read_registry(paths.root)
-    registry.setdefault("experiment", cfg.name)
-    registry["submissions"].append(entry)
-    slurm._write_registry(paths.root, registry)
-    return {**entry, "run_dir": str(paths.root)}

@@ -1,5 +1,7 @@
-"""Thin submitit entry points: picklable callables that the job graph of bonehpc.slurm submits.
+"""Entry points (picklable submitit callables: TrainTask, EvaluateTask, PackShardTask, FinalizePackTask,
+TuneTask) and the job graphs that submit them (jobs.submit), plus the end-to-end demo (jobs.demo).
 
-Each one reads the experiment's saved config.yaml in the job, so a requeued or resubmitted job
-picks up exactly what was submitted; training jobs are submitit Checkpointables.
+Each entry point reads the experiment's saved config.yaml in the job, so a requeued or resubmitted job
+picks up exactly what was submitted; training jobs are submitit Checkpointables. Layering:
+bonehpc.cli -> jobs -> bonehpc (bonehpc never imports jobs).
 """

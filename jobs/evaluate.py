@@ -24,22 +24,21 @@ class EvaluateTask:
 
     def __call__(self) -> dict[str, Any]:
         from bonehpc.config import load_config
-        from bonehpc.paths import ROLES, ExperimentPaths
-        from bonehpc.slurm import fold_keys, role_completed
+        from bonehpc.paths import ROLES, ExperimentPaths, fold_keys, fold_name
 
         if self.workdir:
             os.chdir(self.workdir)
         cfg = load_config(self.cfg_path)
         paths = ExperimentPaths.of(cfg)
         outcome: dict[str, Any] = {"status": "completed", "completed": [], "failed": []}
-        for fold in fold_keys(cfg):
+        for fold in fold_keys(cfg.data.num_folds):
             for role in ROLES:
-                name = f"{paths.role_dir(fold, role).parent.name}/{role}"
-                outcome["completed" if role_completed(paths, fold, role) else "failed"].append(name)
+                done = paths.role_completed(fold, role)
+                outcome["completed" if done else "failed"].append(f"{fold_name(fold)}/{role}")
         if outcome["failed"]:
             log.warning("runs without a completed metrics.json (marked failed): %s", ", ".join(outcome["failed"]))
         error: Exception | None = None
-        if all(role_completed(paths, "final", r) for r in ROLES):
+        if all(paths.role_completed("final", r) for r in ROLES):
             from bonehpc.evaluate import evaluate_holdout
 
             try:

@@ -51,6 +51,6 @@ def _demo(args: argparse.Namespace) -> int:
     if not args.config:
         args.config = str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
     cfg = load_cfg(args)
-    from bonehpc.demo import run_demo
+    from jobs.demo import run_demo
 
     return run_demo(cfg, patients=args.patients, seed=args.seed, step=_step)

@@ -78,7 +78,7 @@ def _print_submission(entry: dict) -> None:
 
 
 def _submit_folds(args: argparse.Namespace) -> int:
-    from bonehpc.slurm import submit_folds
+    from jobs.submit import submit_folds
 
     cfg = load_cfg(args)
     entry = submit_folds(cfg)
@@ -88,7 +88,7 @@ def _submit_folds(args: argparse.Namespace) -> int:
 
 
 def _submit_pack(args: argparse.Namespace) -> int:
-    from bonehpc.slurm import submit_pack
+    from jobs.submit import submit_pack
 
     entry = submit_pack(load_cfg(args))
     _print_submission(entry)
@@ -97,7 +97,7 @@ def _submit_pack(args: argparse.Namespace) -> int:
 
 
 def _resubmit(args: argparse.Namespace) -> int:
-    from bonehpc.slurm import resubmit
+    from jobs.submit import resubmit
 
     entry = resubmit(exp_dir(args))
     _print_submission(entry)

@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _submit_tune(args: argparse.Namespace) -> int:
-    from bonehpc.tune import TuneError, submit_tune
+    from bonehpc.tune import TuneError
+    from jobs.submit import submit_tune
 
     cfg = load_cfg(args)
     try:

@@ -17,7 +17,7 @@ from tinyexp import tiny_overrides
 from bonehpc.accounting import experiment_status
 from bonehpc.config import ExperimentConfig, load_config
 from bonehpc.paths import ExperimentPaths
-from bonehpc.slurm import resubmit, submit_folds
+from jobs.submit import resubmit, submit_folds
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -18,7 +18,8 @@ import pytest
 
 from bonehpc.accounting import query
 from bonehpc.config import ExperimentConfig, apply_overrides, load_config
-from bonehpc.tune import TunePaths, build_storage, open_study, prepare, run_task, submit_tune
+from bonehpc.tune import TunePaths, build_storage, open_study, prepare, run_task
+from jobs.submit import submit_tune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_tune import _start_and_kill, _worker, cheap_fold  # noqa: E402

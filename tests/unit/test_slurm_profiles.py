@@ -119,7 +119,7 @@ def _register(paths, tasks: list[tuple[str, str, str]]) -> None:
 
 
 def test_plan_fresh_partial_and_finished(tmp_path: Path) -> None:
-    from bonehpc.slurm import plan_folds
+    from jobs.submit import plan_folds
 
     cfg, paths = _exp(tmp_path)
     plan = plan_folds(cfg, paths)
@@ -141,7 +141,7 @@ def test_plan_fresh_partial_and_finished(tmp_path: Path) -> None:
 
 
 def test_plan_resubmit_selection_and_rerun_teacher_reruns_student(tmp_path: Path) -> None:
-    from bonehpc.slurm import plan_folds
+    from jobs.submit import plan_folds
 
     cfg, paths = _exp(tmp_path)
     for fold in (0, "final"):

@@ -402,7 +402,7 @@ def test_best_params_yaml_round_trips_into_load_config(tmp_path: Path) -> None:
 def test_local_study_with_real_training_prunes(tiny_cfg: ExperimentConfig, tmp_path: Path, capsys) -> None:
     from bonehpc import train
     from bonehpc.config import apply_overrides
-    from bonehpc.tune import submit_tune
+    from jobs.submit import submit_tune
 
     cfg = apply_overrides(
         tiny_cfg,

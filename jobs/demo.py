@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from bonehpc.config import ExperimentConfig
-from bonehpc.paths import ROLES, ExperimentPaths
+from bonehpc.paths import ROLES, ExperimentPaths, fold_keys
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def run_demo(
     )
     print("\n".join(summary.lines()))
 
-    from bonehpc.slurm import fold_keys, submit_folds
+    from jobs.submit import submit_folds
 
     step(f"5/7 teacher + distilled student per fold, final model, holdout (cluster mode {cfg.cluster.mode})")
     entry = submit_folds(cfg)
@@ -117,7 +117,7 @@ def run_demo(
         for task in job.get("tasks", [])
         if task.get("state") not in (None, "COMPLETED")
     ]
-    table = fold_table(paths, fold_keys(cfg))
+    table = fold_table(paths, fold_keys(cfg.data.num_folds))
     with pd.option_context("display.float_format", _fmt, "display.width", 160):
         print(table.to_string(index=False))
     holdout = {}

@@ -1,0 +1,305 @@
+"""The job graphs that `bonehpc submit folds|resubmit|pack|tune` submit, next to the entry points they submit.
+
+Fold graph of one experiment (Slurm mode), every job through the one primitive `bonehpc.slurm.submit`:
+
+    teacher array   index i -> fold i (0..K-1), index K -> "final" (all training patients)
+    student array   same index -> fold mapping, --dependency=aftercorr:<teacher array>, so student task i
+                    starts when teacher task i succeeded (--kill-on-invalid-dep=yes cancels it otherwise)
+    evaluate        --dependency=afterany:<both arrays>: holdout evaluation + report, also when folds failed
+
+Folds already completed (their metrics.json says so) and tasks still pending or running are skipped, so
+submitting again is safe. Under cluster.mode local/debug the same graph runs with submitit's local/debug
+executor, one job after another in dependency order. Every submission is recorded in jobs.json
+(bonehpc.registry).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bonehpc import slurm
+from bonehpc.accounting import ACTIVE_STATES, RETRY_STATES, task_states
+from bonehpc.config import ConfigError, ExperimentConfig, load_config, save_config
+from bonehpc.paths import ROLES, ExperimentPaths, fold_keys, fold_name
+from bonehpc.registry import append_submission, config_hash, latest_tasks, new_entry, read_registry
+from jobs.evaluate import EvaluateTask
+from jobs.pack import FinalizePackTask, PackShardTask
+from jobs.train import TrainTask
+from jobs.tune import TuneTask
+
+log = logging.getLogger(__name__)
+
+
+def _context(cfg: ExperimentConfig, paths: ExperimentPaths, workdir: str | Path | None) -> slurm.SubmitContext:
+    """Mode (auto resolved), cluster profile (`local` for the dev default outside Slurm) and working dir."""
+    mode = slurm.resolve_mode(cfg.cluster.mode)
+    profile = slurm.load_profile(cfg.cluster.profile if mode == "slurm" or cfg.cluster.profile != "dev" else "local")
+    return slurm.SubmitContext(cfg, paths, profile, mode, str(Path(workdir or os.getcwd()).resolve()))
+
+
+def _record(ctx: slurm.SubmitContext, kind: str, folder: Path, **extra: Any) -> dict[str, Any]:
+    """Append the submission to `folder`/jobs.json (when something was submitted); the entry plus run_dir."""
+    entry = new_entry(
+        kind, ctx.cfg, mode=ctx.mode, profile=ctx.profile.name, workdir=ctx.workdir, jobs=ctx.jobs, **extra
+    )
+    if ctx.jobs:
+        append_submission(folder, ctx.cfg.name, entry)
+    return {**entry, "run_dir": str(folder)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The fold graph
+
+
+def prepare_experiment(cfg: ExperimentConfig) -> ExperimentPaths:
+    """runs/<exp>/: config.yaml (always the submitted one), manifest.csv and folds.csv when absent."""
+    paths = ExperimentPaths.of(cfg)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if paths.config.is_file():
+        old = load_config(paths.config)
+        if config_hash(old) != config_hash(cfg):
+            log.warning(
+                "config of %s changed since the last submission (%s -> %s); completed runs are kept",
+                cfg.name,
+                config_hash(old),
+                config_hash(cfg),
+            )
+    save_config(cfg, paths.config)
+    if not paths.manifest.is_file() or not paths.folds.is_file():
+        from bonehpc.data.folds import make_folds, write_folds
+        from bonehpc.data.mura import build_manifest, read_manifest, write_manifest
+
+        if paths.manifest.is_file():
+            manifest = read_manifest(paths.manifest)
+        else:
+            manifest = build_manifest(cfg.data.mura_root)
+            write_manifest(manifest, paths.manifest)
+        if not paths.folds.is_file():
+            write_folds(make_folds(manifest, cfg.data.num_folds, cfg.data.fold_seed), paths.folds)
+    return paths
+
+
+@dataclass
+class Plan:
+    """What one submission will run: fold keys per role, and the dependencies on earlier tasks."""
+
+    teacher: list[int | str]
+    student: list[int | str]
+    evaluate: bool
+    skipped: dict[str, str]
+    """'fold0/teacher' -> why it is not submitted (completed, or the active task id)."""
+    active: dict[tuple[str, str], str]
+    """(fold name, role) -> task id of a still pending/running task from an earlier submission."""
+
+
+def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[str, str]] | None = None) -> Plan:
+    """Which (fold, role) to submit: not completed and not pending/running; `only` restricts further."""
+    registry = read_registry(paths.root)
+    latest = latest_tasks(registry)
+    states = task_states(registry) if latest else {}
+    keys = fold_keys(cfg.data.num_folds)
+    todo: dict[str, list[int | str]] = {r: [] for r in ROLES}
+    skipped: dict[str, str] = {}
+    active: dict[tuple[str, str], str] = {}
+    for fold in keys:
+        fname = fold_name(fold)
+        for role in ROLES:
+            key = f"{fname}/{role}"
+            if paths.role_completed(fold, role):
+                skipped[key] = "completed"
+                continue
+            prev = latest.get((fname, role))
+            if prev and states.get(prev["task_id"], "UNKNOWN") in ACTIVE_STATES:
+                skipped[key] = f"{states[prev['task_id']].lower()} as {prev['task_id']}"
+                active[(fname, role)] = prev["task_id"]
+                continue
+            if only is not None and (fname, role) not in only:
+                skipped[key] = "not selected"
+                continue
+            todo[role].append(fold)
+    # a student whose teacher is rerun reruns too (its teacher changes); an explicit selection is kept as is
+    for fold in todo["teacher"] if only is None else []:
+        if fold not in todo["student"] and (fold_name(fold), "student") not in active:
+            todo["student"].append(fold)
+            skipped.pop(f"{fold_name(fold)}/student", None)
+    todo["student"].sort(key=keys.index)
+    prev_eval = latest.get(("holdout", "evaluate"))
+    prev_state = states.get(prev_eval["task_id"], "UNKNOWN") if prev_eval else ""
+    if todo["teacher"] or todo["student"]:
+        need_eval = True
+    elif prev_state in ACTIVE_STATES:
+        need_eval = False
+        skipped["holdout/evaluate"] = f"{prev_state.lower()} as {prev_eval['task_id']}"  # type: ignore[index]
+    elif prev_state == "COMPLETED" or (not prev_eval and paths.holdout_completed()):
+        need_eval = False
+        skipped["holdout/evaluate"] = "completed"
+    else:
+        need_eval = True
+    return Plan(todo["teacher"], todo["student"], need_eval, skipped, active)
+
+
+def _student_dependency(ctx: slurm.SubmitContext, plan: Plan, teacher: dict[str, Any] | None) -> str:
+    """aftercorr on the teacher array when the student array has the same folds in the same order (Slurm),
+    else afterok on each teacher task it needs (new or still active); '' outside Slurm."""
+    if ctx.mode != "slurm":
+        return ""
+    tasks = (teacher or {}).get("tasks", [])
+    if teacher is not None and [fold_name(f) for f in plan.student] == [t["fold"] for t in tasks]:
+        return f"aftercorr:{teacher['job_id']}"
+    by_fold = {t["fold"]: t["task_id"] for t in tasks}
+    deps = []
+    for fold in plan.student:
+        fname = fold_name(fold)
+        if fname in by_fold:
+            deps.append(by_fold[fname])
+        elif (fname, "teacher") in plan.active:
+            deps.append(plan.active[(fname, "teacher")])
+    return "afterok:" + ":".join(deps) if deps else ""
+
+
+def submit_folds(
+    cfg: ExperimentConfig,
+    *,
+    only: set[tuple[str, str]] | None = None,
+    kind: str = "folds",
+    workdir: str | Path | None = None,
+    evaluate: bool = True,
+) -> dict[str, Any]:
+    """Submit (or run, in local/debug mode) the fold graph of an experiment; returns the registry entry.
+
+    Args:
+        cfg: the experiment config (saved as runs/<exp>/config.yaml, which the jobs read).
+        only: restrict to these (fold name, role) pairs (resubmit); None: everything not done or active.
+        kind: name of the submission in the registry (folds or resubmit).
+        workdir: the jobs' working directory (relative paths of the config resolve there); default cwd.
+        evaluate: also submit the holdout evaluation + report job when it is due.
+    """
+    paths = prepare_experiment(cfg)
+    ctx = _context(cfg, paths, workdir)
+    plan = plan_folds(cfg, paths, only)
+    cfg_path = str(paths.config.resolve())
+    nproc = cfg.cluster.nproc_per_node or ctx.profile.for_kind("train").nproc_per_node
+    train_ids: list[str] = list(plan.active.values())
+
+    teacher: dict[str, Any] | None = None
+    if plan.teacher:
+        task = TrainTask(cfg_path, "teacher", ctx.workdir, nproc)
+        teacher = slurm.submit(ctx, "train", task, plan.teacher, role="teacher", label=fold_name)
+        train_ids.append(teacher["job_id"])
+    if plan.student:
+        student = slurm.submit(
+            ctx,
+            "train",
+            TrainTask(cfg_path, "student", ctx.workdir, nproc),
+            plan.student,
+            role="student",
+            dependency=_student_dependency(ctx, plan, teacher),
+            run_if=lambda fold: paths.role_completed(fold, "teacher"),
+            label=fold_name,
+        )
+        train_ids.append(student["job_id"])
+    if plan.evaluate and evaluate:
+        dependency = "afterany:" + ":".join(train_ids) if train_ids and ctx.mode == "slurm" else ""
+        slurm.submit(ctx, "evaluate", EvaluateTask(cfg_path, ctx.workdir), dependency=dependency)
+    if not ctx.jobs:
+        log.info("nothing to submit for %s: %s", cfg.name, ", ".join(f"{k} {v}" for k, v in plan.skipped.items()))
+    return _record(ctx, kind, paths.root, skipped=plan.skipped)
+
+
+def resubmit(exp_dir: str | Path, workdir: str | Path | None = None) -> dict[str, Any]:
+    """Resubmit only the failed / cancelled / timed-out tasks of an experiment (and their dependents)."""
+    exp = Path(exp_dir)
+    cfg_path = exp / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{exp}: no config.yaml; is this an experiment folder (runs/<exp>)?")
+    cfg = load_config(cfg_path)
+    registry = read_registry(exp)
+    if not registry["submissions"]:
+        raise ConfigError(f"{exp}/jobs.json: nothing was submitted yet; use `bonehpc submit folds`")
+    states = task_states(registry)
+    paths = ExperimentPaths(exp)
+    only: set[tuple[str, str]] = set()
+    for (fname, role), task in latest_tasks(registry).items():
+        if task["kind"] != "train":
+            continue
+        fold: int | str = "final" if fname == "final" else int(fname.removeprefix("fold"))
+        if states.get(task["task_id"]) in RETRY_STATES and not paths.role_completed(fold, role):
+            only.add((fname, role))
+            if role == "teacher" and not paths.role_completed(fold, "student"):
+                only.add((fname, "student"))  # the dependent student (cancelled or never run) goes too
+    log.info("resubmitting %s", ", ".join(f"{f}/{r}" for f, r in sorted(only)) or "no training task")
+    if not registry["submissions"][-1].get("workdir") and workdir is None:
+        workdir = os.getcwd()
+    return submit_folds(cfg, only=only, kind="resubmit", workdir=workdir or registry["submissions"][-1]["workdir"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing and tuning
+
+
+def submit_pack(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dict[str, Any]:
+    """Pack cfg.data into shards on the cluster: an array with one task per shard, then the finalize job.
+
+    The plan is made here (bonehpc.data.pack.plan_pack saves it next to the shards); shards already packed
+    are skipped by the tasks, so submitting again resumes. Recorded in runs/<exp>/jobs.json as kind pack.
+    """
+    from bonehpc.data.pack import plan_pack
+
+    paths = ExperimentPaths.of(cfg)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    ctx = _context(cfg, paths, workdir)
+    d = cfg.data
+    plan = plan_pack(
+        d.mura_root,
+        d.shards,
+        pack_size=d.pack_size,
+        fit=d.fit,
+        compression=d.compression,
+        images_per_shard=d.images_per_shard,
+    )
+    out = str(Path(d.shards).resolve())
+    shards = list(range(len(plan.shards)))
+    arr = slurm.submit(ctx, "pack", PackShardTask(out), shards, label=lambda i: f"shard{i}")
+    dependency = f"afterok:{arr['job_id']}" if ctx.mode == "slurm" else ""
+    finalize = FinalizePackTask(out, d.max_reject_frac)
+    slurm.submit(ctx, "pack", finalize, dependency=dependency, label=lambda _: "finalize")
+    return _record(ctx, "pack", paths.root)
+
+
+def submit_tune(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dict[str, Any]:
+    """Check, create the study, then submit ONE array of `tune.trials` tasks (`tune.parallel` at a time).
+
+    cluster.mode local/debug runs the tasks with submitit's local/debug executor, one after another, before
+    returning. The submission is recorded in `runs/<exp>/tune/jobs.json` (the registry format of
+    `runs/<exp>/jobs.json`, kept apart so fold status tables stay about folds).
+
+    Returns:
+        The registry entry, plus `run_dir`, `study` and `storage`.
+    """
+    from bonehpc import tune
+
+    study = tune.prepare(cfg)
+    tune_paths = tune.TunePaths.of(cfg)
+    ctx = _context(cfg, ExperimentPaths.of(cfg), workdir)
+    per_kind = {k: dict(v) for k, v in ctx.profile.per_kind.items()}
+    per_kind.get("tune", {}).pop("array_parallelism", None)
+    ctx.profile = dataclasses.replace(ctx.profile, array_parallelism=cfg.tune.parallel, per_kind=per_kind)
+    task = TuneTask(str(tune_paths.config.resolve()), ctx.workdir)
+    log.info(
+        "study %r in %s: %d trial(s) so far; submitting %d task(s), %d at a time (%s)",
+        study.study_name,
+        tune.storage_label(cfg),
+        len(study.trials),
+        cfg.tune.trials,
+        cfg.tune.parallel,
+        ctx.mode,
+    )
+    record = slurm.submit(ctx, "tune", task, list(range(cfg.tune.trials)), role="tune")
+    for t in record["tasks"]:
+        t["slot"] = t["index"]
+    return _record(ctx, "tune", tune_paths.root, study=study.study_name, storage=tune.storage_label(cfg))
