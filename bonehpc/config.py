@@ -7,6 +7,7 @@ Precedence is defaults < experiment YAML (< PARAMS YAML, e.g. tuned best params)
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bonehpc.fsio import atomic_write_text
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,6 +28,44 @@ _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as written by people: only true/false are booleans (YAML 1.2), and a repeated key is an error.
+
+    YAML 1.1 turns `off`, `no`, `on`, `yes` into booleans, so `amp: off` would not be the word `off`
+    that the config documents. Bool fields accept those words (see _coerce).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{self.name} line {line}: key {key!r} repeats (first on line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def yaml_load(text: str, name: str = "<string>") -> Any:
+    """Parse YAML with the config's rules (YAML 1.2 booleans, no repeated keys); errors name `name`."""
+    loader = _Loader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -67,18 +108,23 @@ class DataConfig:
     """CPU worker processes of the loader (DataLoader workers or DALI Python workers)."""
     image_size: int = 224
     """Side of the square network input."""
-    verify: str = "quick"
-    """Shard check before training: quick (structure + hashes of the index), full (SHA-256), none."""
+    verify: str = "full"
+    """Shard check before training: full (SHA-256 of every file, cached in .verified until a file changes),
+    quick (structure and sizes) or none (also written off)."""
 
     def __post_init__(self) -> None:
         _choice("data.fit", self.fit, ("letterbox", "stretch"))
         _choice("data.compression", self.compression, ("none", "lzf"))
         _choice("data.backend", self.backend, ("auto", "dali", "torch", "synthetic"))
+        if self.verify == "off":
+            self.verify = "none"
         _choice("data.verify", self.verify, ("quick", "full", "none"))
         if self.num_folds < 2:
             raise ConfigError(f"data.num_folds: need at least 2 folds, got {self.num_folds}")
         for key in ("pack_size", "images_per_shard", "image_size"):
             _positive(f"data.{key}", getattr(self, key))
+        if self.pack_size > 4096:
+            raise ConfigError(f"data.pack_size: must be <= 4096, got {self.pack_size}")
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         _positive("data.min_side", self.min_side, allow_zero=True)
         if not 0 <= self.max_reject_frac <= 1:
@@ -196,8 +242,18 @@ class TrainConfig:
     """torch CPU threads per process (0: leave torch's default)."""
     seed: int = 0
     """Seed of model init, shuffling and augmentation."""
+    final_val_frac: float = 0.1
+    """Final models pick best.pt on this share of train patients (grouped, stratified), never on the valid split."""
+    checkpoint_every_epochs: int = 1
+    """Write last.pt every N epochs (0: only by time, at the end and on preemption, which always writes it)."""
+    checkpoint_every_min: float = 0.0
+    """Also write last.pt when this many minutes passed since the last write (0: no time rule)."""
 
     def __post_init__(self) -> None:
+        if not 0 < self.final_val_frac <= 0.5:
+            raise ConfigError(f"train.final_val_frac: must be in (0, 0.5], got {self.final_val_frac}")
+        _positive("train.checkpoint_every_epochs", self.checkpoint_every_epochs, allow_zero=True)
+        _positive("train.checkpoint_every_min", self.checkpoint_every_min, allow_zero=True)
         _positive("train.batch_size", self.batch_size)
         _choice("train.amp", self.amp, ("auto", "bf16", "fp16", "off"))
         _choice("train.class_weight", self.class_weight, ("auto", "none"))
@@ -358,6 +414,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -365,6 +423,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
         if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             return float(value)  # YAML 1.1 reads 1e-3 (no dot) as text; accept it where a number is due
@@ -372,7 +432,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        hint = " (write the word, e.g. off, or quote it)" if isinstance(value, bool) else ""
+        raise ConfigError(f"{key}: expected a string, got {value!r}{hint}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -443,9 +504,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw, f"override {key}") if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {key}: cannot parse {raw!r}: {err}") from None
+        raise ConfigError(f"override {key}: cannot parse {raw!r}: {_one_line(err)}") from None
     return key.split("."), value
 
 
@@ -460,15 +521,31 @@ def _set_path(tree: dict[str, Any], parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _one_line(err: yaml.YAMLError) -> str:
+    """A YAML error as one line: the problem and where (line, column), without the quoted snippet."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else str(problem)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a clear error for a missing or malformed file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        raw = p.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{p} line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
+    try:
+        data = yaml_load(text, str(p)) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        raise ConfigError(f"{p}: not valid YAML: {_one_line(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -511,12 +588,7 @@ def apply_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> Experim
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(p)
-    return p
+    return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from bonehpc.cli import add_config_args, load_cfg
 
@@ -19,7 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "from --config (data.mura_root, data.shards, data.pack_size, data.fit, data.compression, "
         "data.images_per_shard, data.max_reject_frac, data.min_side, data.num_workers) or from --mura-root/--out; "
         "the flags below override both. A re-run keeps complete shards that match and redoes the rest. Unusable images "
-        "are listed in OUT/rejected.csv; exit code 1 when more than --max-reject-frac of them are rejected.",
+        "are listed in OUT/rejected.csv (studies that lost every image in OUT/lost_studies.csv); exit code 1 when "
+        "more than --max-reject-frac of them are rejected or the disk fills up. Exit code 2 before anything is "
+        "written for bad settings, an --out that is a file or a non-empty folder that is not a bonehpc shard "
+        "folder, a pack already running into --out (lock), or too little free space.",
     )
     add_config_args(p)
     p.add_argument("--mura-root", type=Path, help="folder that contains MURA-v1.1/ (default: data.mura_root)")
@@ -39,51 +43,64 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "verify",
-        help="check a shard folder (quick: structure and sizes; --full: SHA-256 of every file)",
-        description="Quick: manifest.json, index.csv, every shard's size, attributes and dataset shapes. "
-        "--full: also the SHA-256 of every shard (a successful full check is remembered in SHARDS/.verified "
-        "until a file changes). Exit code 1 naming the shard when something is wrong.",
+        help="check a shard folder (default: full, SHA-256 of every file; --quick: structure and sizes)",
+        description="Full (the default): manifest.json (signed with the SHA-256 of every shard and of index.csv), "
+        "index.csv, every shard's size, attributes, dataset shapes and SHA-256 (a successful full check is "
+        "remembered in SHARDS/.verified until a file changes, so it costs once). --quick: the same without "
+        "hashing the shards. Exit code 1 naming the file when something is wrong.",
     )
     p.add_argument("shards", type=Path, help="shard folder written by `bonehpc pack`")
-    p.add_argument("--full", action="store_true", help="also hash every shard file")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--full", action="store_true", help="hash every file (the default)")
+    how.add_argument("--quick", action="store_true", help="structure, sizes and manifest signature only")
     p.set_defaults(func=cmd_verify)
+
+
+def _given(flag: Any, default: Any) -> Any:
+    """The flag's value when it was given (0 is a value, not "unset"), else the config's."""
+    return default if flag is None else flag
+
+
+def _fail(msg: str) -> int:
+    print(f"bonehpc pack: {msg}", file=sys.stderr)
+    return 2
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
     from bonehpc.config import DataConfig
     from bonehpc.data.mura import ManifestError, read_manifest
-    from bonehpc.data.pack import PackError, pack_dataset
+    from bonehpc.data.pack import PackError, PackInputError, check_settings, pack_dataset
 
-    data = load_cfg(args).data if args.config or args.overrides or args.params else DataConfig()
     uses_cfg = bool(args.config or args.overrides or args.params)
+    data = load_cfg(args).data if uses_cfg else DataConfig()
     if not uses_cfg and (args.mura_root is None or args.out is None):
-        print(
-            "bonehpc pack: give --config (with data.mura_root, data.shards) or both --mura-root and --out",
-            file=sys.stderr,
-        )
-        return 2
-    mura_root = args.mura_root if args.mura_root is not None else Path(data.mura_root)
-    out = args.out if args.out is not None else Path(data.shards)
-    workers = args.workers if args.workers is not None else max(1, data.num_workers)
+        return _fail("give --config (with data.mura_root, data.shards) or both --mura-root and --out")
+    settings = {
+        "pack_size": _given(args.pack_size, data.pack_size),
+        "fit": args.fit or data.fit,
+        "compression": args.compression or data.compression,
+        "images_per_shard": _given(args.images_per_shard, data.images_per_shard),
+        "workers": _given(args.workers, max(1, data.num_workers)),
+        "max_reject_frac": _given(args.max_reject_frac, data.max_reject_frac),
+        "min_side": _given(args.min_side, data.min_side),
+    }
     try:
+        check_settings(
+            settings["pack_size"], settings["images_per_shard"], settings["max_reject_frac"], settings["workers"]
+        )
+        if settings["min_side"] < 0:
+            raise PackInputError(f"min_side must be >= 0, got {settings['min_side']}")
         manifest = read_manifest(args.manifest) if args.manifest else None
         summary = pack_dataset(
-            mura_root,
-            out,
+            _given(args.mura_root, Path(data.mura_root)),
+            _given(args.out, Path(data.shards)),
             manifest=manifest,
-            pack_size=args.pack_size or data.pack_size,
-            fit=args.fit or data.fit,
-            compression=args.compression or data.compression,
-            images_per_shard=args.images_per_shard or data.images_per_shard,
-            workers=max(1, workers),
-            max_reject_frac=data.max_reject_frac if args.max_reject_frac is None else args.max_reject_frac,
-            min_side=data.min_side if args.min_side is None else args.min_side,
             progress=not args.quiet,
+            **settings,
         )
-    except ManifestError as err:
-        print(f"bonehpc pack: {err}", file=sys.stderr)
-        return 2
-    except (PackError, ValueError) as err:
+    except (ManifestError, PackInputError) as err:
+        return _fail(str(err))
+    except PackError as err:
         print(f"bonehpc pack: FAILED: {err}", file=sys.stderr)
         return 1
     if args.quiet:  # otherwise pack_dataset has logged the summary already
@@ -96,7 +113,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from bonehpc.data.shards import ShardError, verify_shards
 
     try:
-        report = verify_shards(args.shards, full=args.full)
+        report = verify_shards(args.shards, full=not args.quick)
     except ShardError as err:
         print(f"bonehpc verify: FAILED: {err}", file=sys.stderr)
         return 1

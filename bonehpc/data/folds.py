@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from bonehpc.fsio import atomic_write_csv
+
 log = logging.getLogger(__name__)
 
 HOLDOUT_FOLD = -1
@@ -99,12 +101,7 @@ def apply_folds(manifest: pd.DataFrame, folds: pd.DataFrame) -> pd.DataFrame:
 
 def write_folds(folds: pd.DataFrame, path: str | Path) -> Path:
     """Write folds (patient, fold) as CSV, atomically."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    folds[["patient", "fold"]].to_csv(tmp, index=False)
-    tmp.replace(p)
-    return p
+    return atomic_write_csv(path, folds[["patient", "fold"]])
 
 
 def read_folds(path: str | Path) -> pd.DataFrame:

@@ -12,6 +12,7 @@ per-image manifest, and a deliberately trimmed image list is a valid way to use 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import re
@@ -19,6 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+
+from bonehpc.fsio import atomic_write_csv
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +32,19 @@ INT_COLUMNS = ("image_id", "view", "label")
 STR_COLUMNS = ("path", "split", "body_part", "patient", "study")
 MAX_LISTED = 20
 
+MURA_BODY_PARTS = ("ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST")
+"""The seven body parts of MURA; other XR_<PART> folders are packed too, with a warning naming them."""
+
 _STUDY = (
-    r"MURA-v1\.1/(?P<split>[^/]+)/XR_(?P<part>[^/\s]+)/patient(?P<patient>\d+)/study\d+_(?P<suffix>positive|negative)/"
+    r"MURA-v1\.1/(?P<split>[^/]+)/XR_(?P<part>[A-Za-z0-9][A-Za-z0-9_-]*)/patient(?P<patient>\d+)/"
+    r"study\d+_(?P<suffix>positive|negative)/"
 )
 IMAGE_RE = re.compile(rf"^{_STUDY}image(?P<view>\d+)\.png$")
 STUDY_RE = re.compile(rf"^{_STUDY}$")
-IMAGE_PATTERN = "MURA-v1.1/<split>/XR_<PART>/patient<digits>/study<digits>_(positive|negative)/image<digits>.png"
+IMAGE_PATTERN = (
+    "MURA-v1.1/<split>/XR_<PART>/patient<digits>/study<digits>_(positive|negative)/image<digits>.png "
+    "(ASCII; PART letters, digits, _ or -)"
+)
 STUDY_PATTERN = "MURA-v1.1/<split>/XR_<PART>/patient<digits>/study<digits>_(positive|negative)/"
 
 
@@ -66,15 +76,27 @@ def locate(mura_root: str | Path) -> Path:
     )
 
 
+def decode_utf8(data: bytes, name: str | Path) -> str:
+    """`data` as UTF-8 text (a leading BOM dropped); ManifestError naming the file and line otherwise."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ManifestError(f"{name} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x})") from None
+
+
 def _read_csv(path: Path) -> list[tuple[int, list[str]]]:
     """(line number, fields) of every non-blank row; malformed column counts are left to the caller."""
+    try:
+        text = decode_utf8(path.read_bytes(), path)
+    except OSError as err:
+        raise ManifestError(f"{path}: cannot read ({err.strerror or err})") from None
     rows = []
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        for line_no, fields in enumerate(csv.reader(fh), start=1):
-            fields = [f.strip() for f in fields]
-            if not any(fields):
-                continue
-            rows.append((line_no, fields))
+    for line_no, fields in enumerate(csv.reader(text.splitlines()), start=1):
+        fields = [f.strip() for f in fields]
+        if not any(fields):
+            continue
+        rows.append((line_no, fields))
     return rows
 
 
@@ -102,6 +124,9 @@ def _check_rows(
                 problems.append(f"{where}: label must be 0 or 1, got {fields[1]!r}")
                 continue
             label = int(fields[1])
+        if not path.isascii():
+            problems.append(f"{where}: path {path!r} has non-ASCII characters (MURA paths are ASCII)")
+            continue
         match = regex.match(path)
         if match is None:
             problems.append(f"{where}: path {path!r} does not match {pattern}")
@@ -156,6 +181,8 @@ def build_manifest(mura_root: str | Path, *, strict: bool = False, check_files: 
         studies[split] = _check_rows(_read_csv(folder / name_s), name_s, split, True, problems)
     if problems:
         raise ManifestError(f"{len(problems)} malformed row(s) in {folder}: {_listing(problems, 10)}")
+    if not any(images[split] for split in SPLITS):
+        raise ManifestError(f"no image rows in {folder}/{{train,valid}}_image_paths.csv (the CSVs are empty)")
 
     dups = []
     for split in SPLITS:
@@ -219,7 +246,59 @@ def build_manifest(mura_root: str | Path, *, strict: bool = False, check_files: 
             )
     df = pd.DataFrame.from_records(records, columns=list(MANIFEST_COLUMNS[1:]))
     df.insert(0, "image_id", range(len(df)))
+    warn_unknown_parts(df)
     return _typed(df)
+
+
+def warn_unknown_parts(df: pd.DataFrame) -> list[str]:
+    """Log a warning naming the body parts outside MURA's seven (they are kept); returns them."""
+    extra = sorted(set(df["body_part"].astype(str)) - set(MURA_BODY_PARTS))
+    if extra:
+        log.warning(
+            "body part(s) outside MURA's seven (%s): %s - kept, but models and reports are tuned to the seven",
+            ", ".join(MURA_BODY_PARTS),
+            ", ".join(f"XR_{p}" for p in extra),
+        )
+    return extra
+
+
+def check_manifest(df: pd.DataFrame, source: str | Path) -> None:
+    """Validate a manifest that did not come from build_manifest (e.g. `pack --manifest CSV`) like the CSVs.
+
+    Every path must match the MURA layout (so it stays inside the data root: no '..', no absolute
+    path, ASCII), and split, body_part, patient, study, view and label must agree with the path;
+    image_id values must be unique.
+
+    Raises:
+        ManifestError: naming the source and the data rows that fail.
+    """
+    problems = []
+    for i, r in enumerate(df.loc[:, list(MANIFEST_COLUMNS)].itertuples(index=False), start=1):
+        where = f"data row {i}"
+        path = str(r.path)
+        m = IMAGE_RE.match(path) if path.isascii() else None
+        if m is None:
+            problems.append(f"{where}: path {path!r} does not match {IMAGE_PATTERN}")
+            continue
+        want = {
+            "split": m["split"],
+            "body_part": m["part"],
+            "patient": f"{m['split']}/patient{m['patient']}",
+            "study": path.rsplit("/", 1)[0] + "/",
+            "view": int(m["view"]),
+            "label": int(m["suffix"] == "positive"),
+        }
+        if m["split"] not in SPLITS:
+            problems.append(f"{where}: split {m['split']!r} is not train or valid")
+            continue
+        bad = [f"{k}={getattr(r, k)!r} (path says {v!r})" for k, v in want.items() if getattr(r, k) != v]
+        if bad:
+            problems.append(f"{where}: {', '.join(bad)}")
+    if df["image_id"].duplicated().any():
+        problems.append(f"image_id {int(df.loc[df['image_id'].duplicated(), 'image_id'].iloc[0])} repeats")
+    if problems:
+        raise ManifestError(f"{source}: {len(problems)} bad row(s): {_listing(problems, 5)}")
+    warn_unknown_parts(df)
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
@@ -234,12 +313,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     """Write the manifest as CSV (atomically: a temporary file, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(p)
-    return p
+    return atomic_write_csv(path, df)
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
@@ -255,9 +329,17 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if not p.is_file():
         raise ManifestError(f"manifest file not found: {p}")
     try:
-        df = pd.read_csv(p, dtype={c: str for c in STR_COLUMNS})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{p}: not a readable manifest CSV: {err}") from None
+        text = decode_utf8(p.read_bytes(), p)
+    except OSError as err:
+        raise ManifestError(f"{p}: cannot read ({err.strerror or err})") from None
+    if not text.strip():
+        raise ManifestError(f"{p}: empty file (a manifest CSV has a header and one row per image)")
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype={c: str for c in STR_COLUMNS})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise ManifestError(f"{p}: not a readable manifest CSV: {str(err).strip()}") from None
+    if df.empty:
+        raise ManifestError(f"{p}: has a header but no image rows")
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(f"{p}: missing manifest column(s) {', '.join(missing)}")

@@ -19,10 +19,16 @@ rejected.csv, and without manifest.json, so the shards are not mistaken for a go
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import fnmatch
 import functools
 import json
 import logging
 import multiprocessing
+import os
+import shutil
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -36,24 +42,32 @@ import numpy as np
 import pandas as pd
 
 from bonehpc import __version__
-from bonehpc.data.shards import (
+from bonehpc.data.images import (  # noqa: F401 - REJECT_REASONS, letterbox_geometry, to_gray8: re-exported
     FITS,
+    REJECT_REASONS,
+    RejectedImageError,
+    fit_square,
+    letterbox_geometry,
+    read_gray8,
+    to_gray8,
+)
+from bonehpc.data.shards import (
     FORMAT_VERSION,
     INDEX_CSV,
     LOST_STUDIES_CSV,
     MANIFEST_COLUMNS,
     MANIFEST_JSON,
     REJECTED_CSV,
+    SHARD_GLOB,
     VERIFIED_STAMP,
     ShardWriter,
-    atomic_write_csv,
-    atomic_write_text,
     manifest_sha256,
     now_iso,
     sha256_file,
     shard_name,
     write_manifest_json,
 )
+from bonehpc.fsio import TMP_SUFFIX, atomic_write_csv, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +75,14 @@ PLAN_DIR = ".pack"
 PLAN_JSON = "plan.json"
 PLAN_MANIFEST = "manifest.csv"
 DEFAULT_MIN_SIDE = 32
-REJECT_REASONS = (
-    "missing",
-    "unreadable",
-    "empty",
-    "truncated",
-    "corrupt",
-    "not_an_image",
-    "unsupported",
-    "too_small",
-)
 REJECTED_COLUMNS = ("image_id", "path", "split", "patient", "study", "body_part", "label", "reason", "detail")
 LOST_COLUMNS = ("study", "split", "patient", "body_part", "label", "n_images", "reasons")
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+MAX_PACK_SIZE = 4096
+"""Largest stored side (MURA's images are at most 512 px; 20000 px would be 400 MB per image)."""
+LOCK_FILE = "lock"
+_OWN_NAMES = (MANIFEST_JSON, INDEX_CSV, REJECTED_CSV, LOST_STUDIES_CSV, VERIFIED_STAMP, PLAN_DIR)
+_BYTES_PER_IMAGE_EXTRA = 1024  # metadata strings and HDF5 chunk index per image (measured: ~600 B)
 
 
 class PackError(RuntimeError):
@@ -86,108 +93,98 @@ class PackError(RuntimeError):
         self.counts = dict(counts or {})
 
 
-class RejectedImageError(Exception):
-    """One image cannot be packed; `reason` is one of REJECT_REASONS."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class PackInputError(PackError, ValueError):
+    """The pack cannot start: bad settings, an output folder it must not touch, a lock held, no space."""
 
 
-# ----------------------------------------------------------------------------------------------
-# One image: bytes -> 8-bit gray -> square
+def check_settings(pack_size: int, images_per_shard: int, max_reject_frac: float, workers: int = 1) -> None:
+    """Raise PackInputError naming the first out-of-range setting."""
+    if not 0 < pack_size <= MAX_PACK_SIZE:
+        raise PackInputError(f"pack_size must be in 1..{MAX_PACK_SIZE}, got {pack_size}")
+    if images_per_shard <= 0:
+        raise PackInputError(f"images_per_shard must be > 0, got {images_per_shard}")
+    if not 0 <= max_reject_frac <= 1:
+        raise PackInputError(f"max_reject_frac must be in [0, 1], got {max_reject_frac}")
+    if workers < 1:
+        raise PackInputError(f"workers must be >= 1, got {workers}")
 
 
-def to_gray8(img: np.ndarray) -> np.ndarray:
-    """An image as cv2.imread(IMREAD_UNCHANGED) returns it, as uint8 gray [H, W].
+def _is_tmp(name: str) -> bool:
+    """A temporary file of the packer: fsio's ``.<own name>.<hex>.tmp`` or an older ``.<shard>.tmp-<pid>``."""
+    if not name.startswith(".") or not (name.endswith(TMP_SUFFIX) or ".tmp-" in name):
+        return False
+    base = name[1:]
+    return any(base.startswith(f"{own}.") for own in _OWN_NAMES) or fnmatch.fnmatch(base, f"{SHARD_GLOB}.*")
 
-    BGR / BGRA (palette PNGs arrive as BGR) use the luma weights of cv2.cvtColor (alpha is dropped);
-    gray+alpha keeps the gray plane; 16-bit values are scaled to 0..255 (x / 257, rounded), not
-    truncated.
 
-    Raises:
-        RejectedImageError: ('unsupported') for other depths or channel counts.
+def _is_own(name: str) -> bool:
+    """True for the names the packer writes in its output folder (and their temporary files)."""
+    return name in _OWN_NAMES or fnmatch.fnmatch(name, SHARD_GLOB) or _is_tmp(name)
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an output that is a file, or a non-empty folder that is not a bonehpc shard folder.
+
+    A shard folder is one with ``.pack/plan.json`` (a pack started there) or whose every entry is a
+    name the packer writes; the packer only ever deletes its own names, so other files there are safe.
     """
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if img.ndim == 3:
-        channels = img.shape[2]
-        if channels == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-        elif channels == 4:
-            img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
-        elif channels == 2:
-            img = np.ascontiguousarray(img[:, :, 0])
-        else:
-            raise RejectedImageError("unsupported", f"{channels} channels")
-    if img.ndim != 2:
-        raise RejectedImageError("unsupported", f"shape {img.shape}")
-    if img.dtype == np.uint8:
-        return img
-    if img.dtype == np.uint16:
-        # 65535 / 257 == 255 exactly, so the full 16-bit range maps onto the full 8-bit range.
-        return cv2.convertScaleAbs(img, alpha=1.0 / 257.0)
-    raise RejectedImageError("unsupported", f"pixel type {img.dtype}")
+    if out.exists() and not out.is_dir():
+        raise PackInputError(f"--out {out} is a file, not a folder")
+    if not out.is_dir() or (out / PLAN_DIR / PLAN_JSON).is_file():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not _is_own(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise PackInputError(
+            f"--out {out} is a non-empty folder that is not a bonehpc shard folder (it holds {shown}); "
+            "give an empty or new folder"
+        )
 
 
-def read_gray8(path: str | Path, min_side: int = 0) -> np.ndarray:
-    """Read an image file as uint8 gray [H, W] with OpenCV; every failure is an RejectedImageError with a reason.
-
-    Args:
-        path: image file.
-        min_side: reject images whose shorter side is below this (0: no limit).
-    """
-    p = Path(path)
+@contextlib.contextmanager
+def pack_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out` for one pack (fcntl lock on <out>/.pack/lock, naming host and pid)."""
+    lock_dir = out / PLAN_DIR
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    path = lock_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        with open(p, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise RejectedImageError("missing", "file does not exist") from None
-    except OSError as err:  # a directory, no permission, I/O error
-        raise RejectedImageError("unreadable", f"{type(err).__name__}: {err.strerror or err}") from None
-    if not data:
-        raise RejectedImageError("empty", "file has 0 bytes")
-    is_png = data.startswith(_PNG_SIGNATURE)
-    if is_png and not data.endswith(_PNG_IEND):
-        raise RejectedImageError("truncated", f"PNG without its end chunk ({len(data)} bytes)")
-    try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error as err:
-        raise RejectedImageError("corrupt", f"OpenCV: {str(err).strip().splitlines()[-1]}") from None
-    if img is None:
-        if is_png:
-            raise RejectedImageError("corrupt", "PNG data cannot be decoded")
-        raise RejectedImageError("not_an_image", f"not a PNG or other image OpenCV reads (starts with {data[:8]!r})")
-    gray = to_gray8(img)
-    h, w = gray.shape
-    if min(h, w) < min_side:
-        raise RejectedImageError("too_small", f"{h}x{w} px, shorter side below min_side={min_side}")
-    return gray
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise PackInputError(
+                f"{out} is being packed by {holder} (lock {path}); wait for it or give another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {now_iso()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
-def letterbox_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
-    """(new_h, new_w, top, left) of an h x w image scaled to fit a size x size square, centred."""
-    scale = size / max(h, w)
-    nh = min(size, max(1, round(h * scale)))
-    nw = min(size, max(1, round(w * scale)))
-    return nh, nw, (size - nh) // 2, (size - nw) // 2
+def check_free_space(plan: PackPlan) -> None:
+    """Fail early when the folder cannot hold the pack (estimate: images x pack_size^2, uncompressed)."""
+    per_image = plan.settings.pack_size**2 + _BYTES_PER_IMAGE_EXTRA
+    need = len(plan.manifest) * per_image * (0.6 if plan.settings.compression == "lzf" else 1.0)
+    reusable = sum(p.stat().st_size for p in plan.out.glob(SHARD_GLOB) if p.is_file())
+    free = _free_bytes(plan.out) + reusable
+    if need > free:
+        raise PackInputError(
+            f"not enough free space in {plan.out}: the pack needs about {need / 1e9:.2f} GB "
+            f"({len(plan.manifest)} images at {plan.settings.pack_size} px), {free / 1e9:.2f} GB are free"
+        )
 
 
-def fit_square(img: np.ndarray, size: int, fit: str = "letterbox") -> np.ndarray:
-    """A uint8 gray image made size x size with cv2.INTER_AREA: letterbox (aspect kept, 0 padding) or stretch."""
-    if fit not in FITS:
-        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-    if img.ndim != 2 or img.dtype != np.uint8:
-        raise ValueError(f"fit_square needs uint8 gray [H, W], got {img.dtype} {img.shape}")
-    h, w = img.shape
-    if fit == "stretch":
-        return img if (h, w) == (size, size) else cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-    nh, nw, top, left = letterbox_geometry(h, w, size)
-    small = img if (nh, nw) == (h, w) else cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
-    out = np.zeros((size, size), np.uint8)
-    out[top : top + nh, left : left + nw] = small
-    return out
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _disk_full(err: BaseException) -> bool:
+    text = str(err)
+    return (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        "No space left" in text or "errno = 28" in text or "Disk quota exceeded" in text
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,35 +293,37 @@ def plan_pack(
     stamp), temporary files of killed runs and shards beyond the new shard count. Complete shards
     stay; `pack_shard` decides whether they still match.
     """
-    from bonehpc.data.mura import locate
+    from bonehpc.data.mura import check_manifest, locate
 
+    check_settings(pack_size, images_per_shard, 0.0)
     settings = PackSettings(pack_size=pack_size, fit=fit, compression=compression, min_side=min_side)
-    if images_per_shard <= 0:
-        raise ValueError(f"images_per_shard must be > 0, got {images_per_shard}")
+    out_dir = Path(out).resolve()
+    check_out_folder(out_dir)
     root = locate(mura_root).resolve()
     df = _manifest_of(root) if manifest is None else manifest
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
-        raise PackError(f"manifest lacks columns {missing}")
+        raise PackInputError(f"manifest lacks columns {missing}")
     if df.empty:
-        raise PackError(f"the manifest of {root} lists no images")
-    if df["image_id"].duplicated().any():
-        raise PackError("manifest image_id values repeat")
+        raise PackInputError(f"the manifest of {root} lists no images")
+    if manifest is not None:
+        check_manifest(df, "the given manifest")  # paths inside the root, split, labels: as from the CSVs
     df = df.loc[:, list(MANIFEST_COLUMNS)].reset_index(drop=True)
     n_shards = -(-len(df) // images_per_shard)
     shards = []
     for k in range(n_shards):
         start, stop = k * images_per_shard, min(len(df), (k + 1) * images_per_shard)
         shards.append(ShardPlan(k, shard_name(k), start, stop, _shard_key(settings, df.iloc[start:stop])))
-    plan = PackPlan(Path(out).resolve(), root, settings, images_per_shard, df, manifest_sha256(df), shards)
+    plan = PackPlan(out_dir, root, settings, images_per_shard, df, manifest_sha256(df), shards)
 
     plan.out.mkdir(parents=True, exist_ok=True)
     for name in (MANIFEST_JSON, INDEX_CSV, VERIFIED_STAMP):
         (plan.out / name).unlink(missing_ok=True)
-    for tmp in plan.out.glob(".shard-*.h5.tmp-*"):
-        tmp.unlink(missing_ok=True)
+    for tmp in plan.out.iterdir():  # temporary files of killed runs (only the packer's own names)
+        if _is_tmp(tmp.name) and tmp.is_file():
+            tmp.unlink(missing_ok=True)
     wanted = {s.name for s in shards}
-    for old in plan.out.glob("shard-*.h5"):
+    for old in plan.out.glob(SHARD_GLOB):
         if old.name not in wanted:
             log.info("removing %s (not part of the new plan)", old.name)
             old.unlink()
@@ -430,7 +429,7 @@ def pack_shard(plan: PackPlan, shard_index: int, *, check_hash: bool = True) -> 
     ) as writer:
         for r in rows.itertuples(index=False):
             try:
-                gray = read_gray8(plan.root / str(r.path), st.min_side)
+                gray = read_gray8(plan.root / str(r.path), st.min_side, root=plan.root)
             except RejectedImageError as rej:
                 rejected.append({"image_id": int(r.image_id), "reason": rej.reason, "detail": rej.detail})
                 continue
@@ -705,6 +704,51 @@ def _run_shards(
     return results
 
 
+def _progress(plan: PackPlan, level: int) -> Callable[[ShardResult], None]:
+    """A callback that logs one line per finished shard (img/s of the shards written, ETA)."""
+    state = {"done": 0, "work_images": 0, "todo": len(plan.manifest)}
+    t_work = time.perf_counter()
+
+    def on_done(res: ShardResult) -> None:
+        state["done"] += 1
+        if res.skipped:
+            state["todo"] -= res.planned
+        else:
+            state["work_images"] += res.planned
+        elapsed = time.perf_counter() - t_work
+        rate = state["work_images"] / elapsed if elapsed > 0 else 0.0
+        left = state["todo"] - state["work_images"]
+        eta = _fmt_eta(left / rate) if rate > 0 else "?"
+        what = "kept (complete and unchanged)" if res.skipped else f"written in {res.elapsed_s:.1f} s"
+        log.log(
+            level,
+            "shard %s %s: %d/%d images, %d rejected | %d/%d shards | %.0f img/s | ETA %s",
+            res.name,
+            what,
+            res.packed,
+            res.planned,
+            len(res.rejected),
+            state["done"],
+            len(plan.shards),
+            rate,
+            eta,
+        )
+
+    return on_done
+
+
+def _open_out(out: str | Path) -> Path:
+    """The resolved output folder, created; PackInputError when it is a file, foreign or not writable."""
+    out_dir = Path(out).resolve()
+    check_out_folder(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / PLAN_DIR).mkdir(exist_ok=True)
+    except OSError as err:
+        raise PackInputError(f"cannot write in --out {out_dir}: {err.strerror or err}") from None
+    return out_dir
+
+
 def pack_dataset(
     mura_root: str | Path,
     out: str | Path,
@@ -723,9 +767,9 @@ def pack_dataset(
 
     Args:
         mura_root: folder that contains MURA-v1.1/ (or MURA-v1.1 itself).
-        out: shard folder (created).
-        manifest: manifest DataFrame; default: build_manifest(mura_root).
-        pack_size: side of the stored square images.
+        out: shard folder (created; an existing one must be empty or a bonehpc shard folder).
+        manifest: manifest DataFrame (checked like the CSVs); default: build_manifest(mura_root).
+        pack_size: side of the stored square images (1..MAX_PACK_SIZE).
         fit: letterbox (keep aspect, pad with 0) or stretch.
         compression: none or lzf.
         images_per_shard: images per shard file.
@@ -739,67 +783,75 @@ def pack_dataset(
         PackSummary.
 
     Raises:
-        PackError: too many rejected images (rejected.csv is written), or a shard failed to write.
+        PackInputError: bad settings, a foreign or unwritable --out, a lock held by another pack, or
+            too little free space (checked before any shard is written).
+        PackError: too many rejected images (rejected.csv is written), the disk filled up, or a shard
+            failed to write. Complete shards stay, so a re-run continues.
     """
     t0 = time.perf_counter()
-    if not 0 <= max_reject_frac <= 1:
-        raise ValueError(f"max_reject_frac must be in [0, 1], got {max_reject_frac}")
-    plan = plan_pack(
-        mura_root,
-        out,
-        manifest=manifest,
-        pack_size=pack_size,
-        fit=fit,
-        compression=compression,
-        images_per_shard=images_per_shard,
-        min_side=min_side,
-    )
+    check_settings(pack_size, images_per_shard, max_reject_frac, workers)
+    settings = {
+        "pack_size": pack_size,
+        "fit": fit,
+        "compression": compression,
+        "images_per_shard": images_per_shard,
+        "min_side": min_side,
+    }
+    out_dir = _open_out(out)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(pack_lock(out_dir))
+        except OSError as err:
+            raise PackInputError(f"cannot write in --out {out_dir}: {err.strerror or err}") from None
+        return _pack_locked(mura_root, out_dir, manifest, workers, max_reject_frac, progress, t0, **settings)
+    raise AssertionError("unreachable")  # pragma: no cover - the with block returns or raises
+
+
+def _pack_locked(
+    mura_root: str | Path,
+    out_dir: Path,
+    manifest: pd.DataFrame | None,
+    workers: int,
+    max_reject_frac: float,
+    progress: bool,
+    t0: float,
+    **settings: Any,
+) -> PackSummary:
+    try:
+        plan = plan_pack(
+            mura_root,
+            out_dir,
+            manifest=manifest,
+            **settings,
+        )
+        check_free_space(plan)
+        return _pack_planned(plan, workers, max_reject_frac, progress, t0)
+    except (OSError, PackError) as err:
+        if not _disk_full(err):
+            raise
+        raise PackError(
+            f"disk full while packing into {out_dir}; complete shards are kept: free space and re-run"
+        ) from err
+
+
+def _pack_planned(plan: PackPlan, workers: int, max_reject_frac: float, progress: bool, t0: float) -> PackSummary:
     level = logging.INFO if progress else logging.DEBUG
-    n_total = len(plan.manifest)
+    st = plan.settings
     log.log(
         level,
         "packing %d images from %s into %d shards of <= %d at %dpx (%s, %s) with %d worker(s) -> %s",
-        n_total,
+        len(plan.manifest),
         plan.root,
         len(plan.shards),
-        images_per_shard,
-        pack_size,
-        fit,
-        compression,
+        plan.images_per_shard,
+        st.pack_size,
+        st.fit,
+        st.compression,
         workers,
         plan.out,
     )
-    state = {"done": 0, "images": 0, "work_images": 0}
-    todo_images = n_total
     t_work = time.perf_counter()
-
-    def on_done(res: ShardResult) -> None:
-        nonlocal todo_images
-        state["done"] += 1
-        if res.skipped:
-            todo_images -= res.planned
-        else:
-            state["work_images"] += res.planned
-        elapsed = time.perf_counter() - t_work
-        rate = state["work_images"] / elapsed if elapsed > 0 else 0.0
-        left = todo_images - state["work_images"]
-        eta = _fmt_eta(left / rate) if rate > 0 else "?"
-        what = "kept (complete and unchanged)" if res.skipped else f"written in {res.elapsed_s:.1f} s"
-        log.log(
-            level,
-            "shard %s %s: %d/%d images, %d rejected | %d/%d shards | %.0f img/s | ETA %s",
-            res.name,
-            what,
-            res.packed,
-            res.planned,
-            len(res.rejected),
-            state["done"],
-            len(plan.shards),
-            rate,
-            eta,
-        )
-
-    results = _run_shards(plan, range(len(plan.shards)), workers, on_done)
+    results = _run_shards(plan, range(len(plan.shards)), workers, _progress(plan, level))
     work_s = time.perf_counter() - t_work
     summary = finalize_pack(plan, max_reject_frac=max_reject_frac, elapsed_s=time.perf_counter() - t0)
     summary.shards_written = sum(not r.skipped for r in results)

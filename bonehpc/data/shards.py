@@ -6,10 +6,13 @@ A packed data set is a folder::
     index.csv            one row per packed image: manifest columns + shard, row, orig_h, orig_w
     manifest.json        format version, pack settings, shards (count, bytes, SHA-256), source manifest hash
     rejected.csv         images the packer could not use (path, study, reason) - written by bonehpc.data.pack
+    lost_studies.csv     studies none of whose images could be packed - written by bonehpc.data.pack
     .verified            stamp of the last successful full verification (sizes + mtimes), makes re-checks cheap
 
-Every file is written under a temporary name and moved into place with ``os.replace`` after an fsync,
-so a file with a final name is always complete.
+Every file is written under a temporary name and moved into place with ``os.replace`` after an fsync
+(bonehpc.fsio), so a file with a final name is always complete. manifest.json carries
+``content_sha256``, the SHA-256 of its own other keys (which hold every shard's SHA-256 and the
+index's), so a full check covers every file of the folder.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from bonehpc.data.images import FITS
+from bonehpc.fsio import atomic_write_text, fsync_dir, tmp_name_for
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -40,7 +46,7 @@ REJECTED_CSV = "rejected.csv"
 LOST_STUDIES_CSV = "lost_studies.csv"
 VERIFIED_STAMP = ".verified"
 SHARD_GLOB = "shard-*.h5"
-FITS = ("letterbox", "stretch")
+CONTENT_SHA256 = "content_sha256"
 COMPRESSIONS = ("none", "lzf")
 
 # Per-image metadata stored next to the images in every shard: name -> numpy dtype (str: UTF-8 strings).
@@ -100,37 +106,6 @@ def manifest_sha256(manifest: pd.DataFrame) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on directories; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file under a temporary name, fsync it and move it into place."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
-    _fsync_dir(p.parent)
-    return p
-
-
-def atomic_write_csv(path: str | Path, df: pd.DataFrame) -> Path:
-    """Write a DataFrame as CSV atomically (no index column)."""
-    return atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
-
-
 # ----------------------------------------------------------------------------------------------
 # Writing
 
@@ -182,7 +157,7 @@ class ShardWriter:
         if pack_size <= 0 or capacity <= 0:
             raise ValueError(f"pack_size and capacity must be > 0, got {pack_size}, {capacity}")
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp_path = tmp_name_for(self.path)
         self.pack_size = pack_size
         self.capacity = capacity
         self.fit = fit
@@ -271,7 +246,7 @@ class ShardWriter:
             digest = sha256_file(self.tmp_path)
             size = self.tmp_path.stat().st_size
             os.replace(self.tmp_path, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except BaseException:
             self.abort()
             raise
@@ -286,9 +261,16 @@ class ShardWriter:
         self.tmp_path.unlink(missing_ok=True)
 
 
+def manifest_content_sha256(info: Mapping[str, Any]) -> str:
+    """SHA-256 of manifest.json's keys other than content_sha256 (canonical JSON: sorted keys, no spaces)."""
+    body = {k: v for k, v in info.items() if k != CONTENT_SHA256}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_manifest_json(shards_dir: str | Path, info: Mapping[str, Any]) -> Path:
-    """Write manifest.json atomically (keys sorted, human-readable)."""
-    return atomic_write_text(Path(shards_dir) / MANIFEST_JSON, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    """Write manifest.json atomically (keys sorted, human-readable), signed with its content_sha256."""
+    doc = {**info, CONTENT_SHA256: manifest_content_sha256(info)}
+    return atomic_write_text(Path(shards_dir) / MANIFEST_JSON, json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def now_iso() -> str:
@@ -461,6 +443,9 @@ class VerifyReport:
     pack_size: int = 0
     problems: list[str] = field(default_factory=list)
 
+    def __str__(self) -> str:
+        return self.summary()
+
     def summary(self) -> str:
         """One line for logs and the CLI."""
         how = "full (SHA-256" + (", cached stamp)" if self.cached else ")") if self.full else "quick"
@@ -525,9 +510,10 @@ def _check_shard(path: Path, entry: Mapping[str, Any], info: Mapping[str, Any], 
 def verify_shards(shards_dir: str | Path, full: bool = False) -> VerifyReport:
     """Check a shard folder; raises ShardError naming the shard and what is wrong.
 
-    Quick: manifest.json present and parseable, index.csv matches its recorded hash, every listed
-    shard exists with the listed size, its attributes and dataset shapes match, and the index rows
-    are consistent with the shard. Full: also the SHA-256 of every shard. A successful full check
+    Quick: manifest.json present, parseable and matching its content_sha256, index.csv matches its
+    recorded hash, every listed shard exists with the listed size, its attributes and dataset shapes
+    match, and the index rows are consistent with the shard. Full: also the SHA-256 of every shard
+    (and manifest.json must be signed, so every byte of the folder is covered). A successful full check
     leaves a `.verified` stamp (sizes, mtimes, ctimes, inodes); the next full check with an
     unchanged stamp skips the hashing.
 
@@ -544,6 +530,14 @@ def verify_shards(shards_dir: str | Path, full: bool = False) -> VerifyReport:
     entries = info["shards"]
     if not isinstance(entries, list):
         raise ShardError(f"{d / MANIFEST_JSON}: 'shards' is not a list")
+    signed = info.get(CONTENT_SHA256)
+    if signed is not None and signed != manifest_content_sha256(info):
+        raise ShardError(f"{d / MANIFEST_JSON}: content differs from its {CONTENT_SHA256} (edited after packing)")
+    if signed is None and full:
+        raise ShardError(
+            f"{d / MANIFEST_JSON}: no {CONTENT_SHA256} (packed by an older bonehpc); re-run `bonehpc pack` "
+            "(complete shards are kept) so the full check covers it"
+        )
     index_path = d / INDEX_CSV
     if not index_path.is_file():
         raise ShardError(f"{index_path}: missing")

@@ -221,7 +221,7 @@ def test_resume_after_a_killed_pack(synth_root: Path, tmp_path: Path) -> None:
     names = sorted(p.name for p in out.iterdir())
     assert "shard-00000.h5" in names and "shard-00001.h5" in names
     assert "shard-00002.h5" not in names and "manifest.json" not in names
-    assert any(n.startswith(".shard-00002.h5.tmp-") for n in names)  # the half-written shard, under a tmp name
+    assert any(n.startswith(".shard-00002.h5.") and n.endswith(".tmp") for n in names)  # the half-written shard, under a tmp name
     with pytest.raises(ShardError):
         verify_shards(out)
     before = {n: (out / n).stat() for n in ("shard-00000.h5", "shard-00001.h5")}
