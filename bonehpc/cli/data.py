@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write a synthetic data set in the exact MURA-v1.1 layout",
         description="Write DIR/MURA-v1.1/{train,valid}/XR_<PART>/patientNNNNN/studyK_{positive,negative}/imageM.png "
         "and the four official headerless CSVs. Procedural radiographs of the seven MURA body parts; abnormal "
-        "studies (about 40 %%) show a fracture (healing, plated or in a cast). Same arguments, same bytes.",
+        "studies (about 40 %%) show a fracture (healing, plated or in a cast). A few files are unusable on purpose "
+        "(--bad-frac), so the pipeline meets bad data like real collections; DIR/MURA-v1.1/bonehpc_synthetic.json "
+        "marks the set as synthetic and lists them. Same arguments, same bytes.",
     )
     p.add_argument("--out", required=True, type=Path, help="folder that will contain MURA-v1.1/")
     p.add_argument("--patients", type=int, default=100, help="patients over both splits (default 100)")
@@ -22,7 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-side", type=int, default=512, help="longest image side in pixels (default 512, as MURA)")
     p.add_argument("--valid-frac", type=float, default=0.2, help="fraction of patients in the valid split (0.2)")
     p.add_argument("--rgb-frac", type=float, default=0.1, help="fraction of images saved as RGB PNGs (0.1)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/MURA-v1.1")
+    p.add_argument(
+        "--bad-frac",
+        type=float,
+        default=0.01,
+        help="fraction of image files written unusable on purpose: truncated, 0 bytes, not an image; at least one "
+        "of each, and one train study loses all its images (default 0.01; 0: none)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing synthetic DIR/MURA-v1.1")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser(
@@ -67,10 +76,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
             max_side=args.max_side,
             valid_frac=args.valid_frac,
             rgb_frac=args.rgb_frac,
+            bad_frac=args.bad_frac,
             overwrite=args.overwrite,
         )
     except (ValueError, FileExistsError) as err:
         return _fail("synth", err)
+    except OSError as err:
+        return _fail("synth", f"cannot write in {args.out}: {err.strerror or err}")
     print(root)
     return 0
 
@@ -84,7 +96,10 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         return _fail("manifest error", err)
     print(summarize(df).to_string(index=False))
     if args.out:
-        print(f"wrote {write_manifest(df, args.out)} ({len(df)} images)")
+        try:
+            print(f"wrote {write_manifest(df, args.out)} ({len(df)} images)")
+        except OSError as err:
+            return _fail("manifest", f"cannot write {args.out}: {err.strerror or err}")
     return 0
 
 
@@ -101,5 +116,8 @@ def cmd_folds(args: argparse.Namespace) -> int:
         return _fail("folds error", err)
     print(fold_summary(apply_folds(manifest, folds)).to_string(index=False))
     if args.out:
-        print(f"wrote {write_folds(folds, args.out)} ({len(folds)} patients, k={args.k}, seed={args.seed})")
+        try:
+            print(f"wrote {write_folds(folds, args.out)} ({len(folds)} patients, k={args.k}, seed={args.seed})")
+        except OSError as err:
+            return _fail("folds", f"cannot write {args.out}: {err.strerror or err}")
     return 0

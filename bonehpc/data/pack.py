@@ -661,10 +661,26 @@ def finalize_pack(plan: PackPlan, *, max_reject_frac: float = 0.01, elapsed_s: f
             "n_rejected": len(rej_df),
             "rejected_by_reason": counts,
             "n_lost_studies": len(lost_df),
+            "synthetic": _synthetic_summary(plan.root),
             "shards": shard_entries,
         },
     )
     return summary
+
+
+def _synthetic_summary(root: Path) -> dict[str, Any] | None:
+    """What manifest.json records of a synthetic data set's marker (None for real data)."""
+    from bonehpc.data.synthetic import SYNTHETIC_MARKER, read_marker
+
+    marker = read_marker(root)
+    if marker is None:
+        return None
+    keep = ("generator", "bonehpc_version", "patients", "seed", "bad_frac", "n_images")
+    return {
+        **{k: marker[k] for k in keep if k in marker},
+        "n_bad_files": len(marker.get("bad_files", [])),
+        "marker": f"MURA-v1.1/{SYNTHETIC_MARKER}",
+    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ seed and its place in the tree, so the output is byte-identical for the same arg
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +24,20 @@ from typing import Any
 import cv2
 import numpy as np
 
+from bonehpc import __version__
+
 log = logging.getLogger(__name__)
 
 MURA_DIR = "MURA-v1.1"
 SPLITS = ("train", "valid")
 FIRST_VALID_PATIENT = 11185
 """Real MURA-v1.1 numbers its 11,184 train patients from 1 and its valid patients from 11185 on."""
+
+SYNTHETIC_MARKER = "bonehpc_synthetic.json"
+"""Written into MURA-v1.1/ of every synthetic set: {"synthetic": true, settings, bad_files, lost_studies}."""
+DEFAULT_BAD_FRAC = 0.01
+"""`bonehpc synth` writes this fraction of unusable image files unless told otherwise (--bad-frac)."""
+BAD_KINDS = ("truncated", "empty", "not_an_image")
 
 ABNORMAL_RATE = 0.4
 # Relative study frequency of the body parts, from the MURA-v1.1 train image counts per part.
@@ -523,6 +533,59 @@ def random_fracture(part: str, finding: str, rng: np.random.Generator) -> Fractu
     )
 
 
+def plan_bad_files(plans: list[StudyPlan], bad_frac: float, seed: int) -> dict[str, str]:
+    """Image path -> kind of damage (BAD_KINDS) for `bad_frac` of the images, at least one of each kind.
+
+    One train study whose patient has no other study loses every image (so packing drops a whole
+    patient, the case that breaks pipelines reading the CSVs instead of the shard index); the rest are
+    spread over both splits. Empty when bad_frac is 0.
+    """
+    if bad_frac <= 0:
+        return {}
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+    paths = {id(p): [f"{p.folder}image{v}.png" for v in range(1, p.views + 1)] for p in plans}
+    train = [p for p in plans if p.split == "train"]
+    per_patient = Counter(p.patient for p in train)
+    bad: list[str] = []
+    lost = None
+    if len(per_patient) >= 2:
+        alone = [p for p in train if per_patient[p.patient] == 1] or train
+        fewest = min(p.views for p in alone)
+        candidates = [p for p in alone if p.views == fewest]
+        lost = candidates[int(rng.integers(len(candidates)))]
+        bad += paths[id(lost)]
+    others = [path for p in plans if p is not lost for path in paths[id(p)]]
+    n_bad = max(len(BAD_KINDS), int(bad_frac * sum(p.views for p in plans)))
+    extra = min(len(others), max(0, n_bad - len(bad)))
+    bad += [others[i] for i in sorted(rng.choice(len(others), size=extra, replace=False))]
+    return {path: BAD_KINDS[i % len(BAD_KINDS)] for i, path in enumerate(bad)}
+
+
+def damage(png: bytes, kind: str) -> bytes:
+    """The bytes of an unusable image file of `kind` made from a good PNG."""
+    if kind == "truncated":
+        return png[: len(png) // 2]
+    if kind == "empty":
+        return b""
+    if kind == "not_an_image":
+        return b"Radiology report (text saved under an image name by mistake).\n"
+    raise ValueError(f"unknown kind of damage {kind!r}; expected one of {BAD_KINDS}")
+
+
+def read_marker(mura_root: Path | str) -> dict[str, Any] | None:
+    """The synthetic marker of a data set (MURA-v1.1/bonehpc_synthetic.json), or None for real data."""
+    root = Path(mura_root)
+    for folder in (root / MURA_DIR, root):
+        path = folder / SYNTHETIC_MARKER
+        if path.is_file():
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            return doc if isinstance(doc, dict) and doc.get("synthetic") is True else None
+    return None
+
+
 def generate(
     out: Path | str,
     patients: int,
@@ -531,6 +594,7 @@ def generate(
     valid_frac: float = 0.2,
     rgb_frac: float = 0.1,
     *,
+    bad_frac: float = 0.0,
     overwrite: bool = False,
 ) -> Path:
     """Write a synthetic MURA-v1.1 tree with its four official CSVs under `out`.
@@ -542,7 +606,11 @@ def generate(
         max_side: Longest image side in pixels (images vary below it; at least 16).
         valid_frac: Fraction of patients in the valid split (disjoint from train, numbered from 11185).
         rgb_frac: Fraction of images saved as 3-channel RGB PNGs (the rest are 8-bit grayscale).
-        overwrite: Replace an existing `out/MURA-v1.1`; otherwise an existing one is an error.
+        bad_frac: Fraction of image files written unusable (truncated, empty, not an image; at least
+            one of each, and one train study loses every image): see plan_bad_files. `bonehpc synth`
+            uses DEFAULT_BAD_FRAC; 0 writes none.
+        overwrite: Replace an existing synthetic `out/MURA-v1.1` (one with the synthetic marker; any
+            other folder there is never deleted); otherwise an existing one is an error.
 
     Returns:
         The `out/MURA-v1.1` folder.
@@ -559,10 +627,16 @@ def generate(
         raise ValueError(f"valid_frac: must be in (0, 1), got {valid_frac}")
     if not 0 <= rgb_frac <= 1:
         raise ValueError(f"rgb_frac: must be in [0, 1], got {rgb_frac}")
+    if not 0 <= bad_frac <= 0.5:
+        raise ValueError(f"bad_frac: must be in [0, 0.5], got {bad_frac}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder")
     final = out / MURA_DIR
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; choose another folder or pass overwrite=True (--overwrite)")
+    if final.exists() and read_marker(out) is None:
+        raise FileExistsError(f"{final} is not a synthetic data set (no {SYNTHETIC_MARKER}); it is never overwritten")
     out.mkdir(parents=True, exist_ok=True)
     # Build next to the target and rename at the end, so an interrupted run never leaves a partial tree.
     staging = out / f".{MURA_DIR}.partial"
@@ -571,6 +645,7 @@ def generate(
 
     start = time.perf_counter()
     plans = plan_studies(patients, seed, valid_frac)
+    bad = plan_bad_files(plans, bad_frac, seed)
     image_rows: dict[str, list[str]] = {s: [] for s in SPLITS}
     study_rows: dict[str, list[str]] = {s: [] for s in SPLITS}
     n_images = 0
@@ -588,22 +663,52 @@ def generate(
             ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
             if not ok:  # pragma: no cover - cv2 only fails here on out-of-memory
                 raise RuntimeError(f"PNG encoding failed for {plan.folder}image{view}.png")
-            (study_dir / f"image{view}.png").write_bytes(buf.tobytes())
-            image_rows[plan.split].append(f"{plan.folder}image{view}.png")
+            path = f"{plan.folder}image{view}.png"
+            data = buf.tobytes()
+            (study_dir / f"image{view}.png").write_bytes(damage(data, bad[path]) if path in bad else data)
+            image_rows[plan.split].append(path)
             n_images += 1
         study_rows[plan.split].append(f"{plan.folder},{plan.label}")
     for split in SPLITS:
         (staging / f"{split}_image_paths.csv").write_text("".join(r + "\n" for r in image_rows[split]))
         (staging / f"{split}_labeled_studies.csv").write_text("".join(r + "\n" for r in study_rows[split]))
+    _write_marker(
+        staging,
+        plans,
+        bad,
+        patients=patients,
+        seed=seed,
+        max_side=max_side,
+        valid_frac=valid_frac,
+        rgb_frac=rgb_frac,
+        bad_frac=bad_frac,
+        n_images=n_images,
+    )
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)
     log.info(
-        "synthetic MURA: %d patients, %d studies, %d images in %s (%.1f s)",
+        "synthetic MURA: %d patients, %d studies, %d images (%d unusable on purpose) in %s (%.1f s)",
         patients,
         len(plans),
         n_images,
+        len(bad),
         final,
         time.perf_counter() - start,
     )
     return final
+
+
+def _write_marker(folder: Path, plans: list[StudyPlan], bad: dict[str, str], **settings: Any) -> None:
+    """MURA-v1.1/bonehpc_synthetic.json: says the data are synthetic, with the settings and the bad files."""
+    studies = Counter(path.rsplit("/", 1)[0] + "/" for path in bad)
+    views = {p.folder: p.views for p in plans}
+    doc = {
+        "synthetic": True,
+        "generator": "bonehpc synth",
+        "bonehpc_version": __version__,
+        **settings,
+        "bad_files": [{"path": path, "kind": kind} for path, kind in bad.items()],
+        "lost_studies": sorted(s for s, n in studies.items() if n == views[s]),
+    }
+    (folder / SYNTHETIC_MARKER).write_text(json.dumps(doc, indent=1) + "\n")

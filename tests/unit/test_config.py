@@ -126,3 +126,35 @@ def test_yaml11_exponent_text_is_a_number() -> None:
     assert cfg.tune.space["student.lr"]["low"] == pytest.approx(1e-5)
     with pytest.raises(ConfigError, match=r"tune.space.student.lr.low: expected a number"):
         load_config(None, ["tune.space={student.lr: {type: float, low: tiny, high: 1}}"])
+
+
+def test_yaml_words_where_strings_are_due(tmp_path: Path) -> None:
+    """YAML 1.1 reads off/no/on/yes as booleans; the config reads them as the words it documents."""
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("train: {amp: off, channels_last: no}\ndata: {verify: off}\nteacher: {pretrained: yes}\n")
+    cfg = load_config(exp)
+    assert (cfg.train.amp, cfg.train.channels_last, cfg.data.verify, cfg.teacher.pretrained) == (
+        "off", False, "none", True
+    )  # fmt: skip
+    assert load_config(None, ["train.amp=off", "data.verify=quick"]).train.amp == "off"
+    assert load_config(save_config(cfg, tmp_path / "again.yaml")) == cfg  # safe_dump quotes 'off'
+    assert ExperimentConfig().data.verify == "full"
+    with pytest.raises(ConfigError, match="train.amp: expected a string, got False"):
+        load_config(None, ["train.amp=false"])
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN"])
+def test_non_finite_numbers_are_rejected(value: str) -> None:
+    with pytest.raises(ConfigError, match="teacher.lr: expected a finite number"):
+        load_config(None, [f"teacher.lr={value}"])
+
+
+def test_repeated_keys_and_non_utf8(tmp_path: Path) -> None:
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("name: a\ntrain:\n  batch_size: 8\n  batch_size: 16\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml line 4: key 'batch_size' repeats \(first on line 3\)"):
+        load_config(dup)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"name: a\n# r\xe9sum\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin.yaml line 2: not UTF-8 text \(byte 0xe9\)"):
+        load_config(latin)

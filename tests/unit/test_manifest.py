@@ -14,6 +14,7 @@ from bonehpc.data.mura import (
     MANIFEST_COLUMNS,
     ManifestError,
     build_manifest,
+    check_manifest,
     read_manifest,
     summarize,
     write_manifest,
@@ -238,3 +239,61 @@ def test_cli_manifest_error_is_one_line(tree: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("bonehpc: manifest error: 1 image file(s)")
+
+
+def test_body_parts_outside_the_seven_warn_by_name(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("train_image_paths.csv", "train_labeled_studies.csv"):
+        _write(tree, name, [line.replace("/XR_WRIST/", "/XR_LEG/") for line in _lines(tree, name)])
+    (tree / "MURA-v1.1/train/XR_WRIST").rename(tree / "MURA-v1.1/train/XR_LEG")
+    with caplog.at_level(logging.WARNING, logger="bonehpc.data.mura"):
+        df = build_manifest(tree)
+    assert "LEG" in set(df["body_part"])
+    assert "XR_LEG" in caplog.text and "outside MURA's seven" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "match"),
+    [
+        ("/XR_WRIST/", "/XR_../", "does not match"),
+        ("/XR_WRIST/", "/XR_WRÏST/", "non-ASCII"),
+        ("/patient0", "/patiënt0", "non-ASCII"),
+    ],
+)
+def test_dotdot_and_non_ascii_folders_are_rejected(tree: Path, old: str, new: str, match: str) -> None:
+    lines = _lines(tree, "train_image_paths.csv")
+    i = next(k for k, line in enumerate(lines) if old in line)
+    lines[i] = lines[i].replace(old, new)
+    _write(tree, "train_image_paths.csv", lines)
+    with pytest.raises(ManifestError, match=rf"train_image_paths.csv line {i + 1}: .*{match}"):
+        build_manifest(tree)
+
+
+def test_non_utf8_and_empty_csvs(tree: Path, manifest: pd.DataFrame, tmp_path: Path) -> None:
+    path = _csv(tree, "valid_labeled_studies.csv")
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"study", b"st\xfcdy", 1)
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(ManifestError, match=r"valid_labeled_studies.csv line 3: not UTF-8 text \(byte 0xfc\)"):
+        build_manifest(tree)
+    for name in ("train_image_paths.csv", "train_labeled_studies.csv", "valid_image_paths.csv",
+                 "valid_labeled_studies.csv"):  # fmt: skip
+        _csv(tree, name).write_text("")
+    with pytest.raises(ManifestError, match="no image rows"):
+        build_manifest(tree)
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ManifestError, match="empty file"):
+        read_manifest(tmp_path / "empty.csv")
+    (tmp_path / "header.csv").write_text(",".join(manifest.columns) + "\n")
+    with pytest.raises(ManifestError, match="no image rows"):
+        read_manifest(tmp_path / "header.csv")
+    (tmp_path / "latin1.csv").write_bytes(manifest.head(3).to_csv(index=False).encode() + b"x\xe9\n")
+    with pytest.raises(ManifestError, match=r"latin1.csv line 5: not UTF-8"):
+        read_manifest(tmp_path / "latin1.csv")
+
+
+def test_check_manifest_accepts_a_built_one(manifest: pd.DataFrame) -> None:
+    check_manifest(manifest, "built")
+    bad = manifest.copy()
+    bad.loc[3, "study"] = "MURA-v1.1/train/XR_HAND/patient99999/study1_negative/"
+    with pytest.raises(ManifestError, match="built: 1 bad row.*data row 4: study="):
+        check_manifest(bad, "built")

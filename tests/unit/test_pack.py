@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -15,20 +16,24 @@ import pytest
 from PIL import Image
 
 from bonehpc.cli import main as cli_main
-from bonehpc.data.mura import build_manifest, write_manifest
+from bonehpc.data import pack as pack_module
+from bonehpc.data.mura import ManifestError, build_manifest, write_manifest
 from bonehpc.data.pack import (
     PackError,
+    PackInputError,
     RejectedImageError,
+    _open_out,
     finalize_pack,
     fit_square,
     letterbox_geometry,
     load_plan,
     pack_dataset,
+    pack_lock,
     pack_shard,
     plan_pack,
     read_gray8,
 )
-from bonehpc.data.shards import ShardError, ShardReader, verify_shards
+from bonehpc.data.shards import ShardError, ShardReader, ShardWriter, verify_shards
 from bonehpc.data.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -221,7 +226,8 @@ def test_resume_after_a_killed_pack(synth_root: Path, tmp_path: Path) -> None:
     names = sorted(p.name for p in out.iterdir())
     assert "shard-00000.h5" in names and "shard-00001.h5" in names
     assert "shard-00002.h5" not in names and "manifest.json" not in names
-    assert any(n.startswith(".shard-00002.h5.") and n.endswith(".tmp") for n in names)  # the half-written shard, under a tmp name
+    # the half-written shard, under a temporary name
+    assert any(n.startswith(".shard-00002.h5.") and n.endswith(".tmp") for n in names)
     with pytest.raises(ShardError):
         verify_shards(out)
     before = {n: (out / n).stat() for n in ("shard-00000.h5", "shard-00001.h5")}
@@ -296,3 +302,141 @@ def test_missing_file_from_the_csvs_is_rejected_not_fatal(tmp_path: Path) -> Non
     rejected = pd.read_csv(tmp_path / "shards" / "rejected.csv")
     assert rejected["path"].tolist() == [gone] and rejected["reason"].tolist() == ["missing"]
     assert summary.n_packed == summary.n_planned - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Integrity: only its own files, one pack at a time, hostile files, full disks (issue 13, section 2)
+
+
+@pytest.fixture
+def small_root(tmp_path: Path) -> Path:
+    root = tmp_path / "mura"
+    generate(root, patients=6, seed=5, max_side=64)
+    return root
+
+
+def _pack(root: Path, out: Path, **kw) -> object:
+    return pack_dataset(root, out, pack_size=32, images_per_shard=8, min_side=MIN_SIDE, **kw)
+
+
+def test_out_folder_of_other_files_is_refused_and_untouched(small_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    (out / "shard-notes.txt").write_text("also precious")
+    with pytest.raises(PackInputError, match="not a bonehpc shard folder.*thesis.tex"):
+        _pack(small_root, out)
+    assert sorted(p.name for p in out.iterdir()) == ["shard-notes.txt", "thesis.tex"]
+    # A real shard folder with a stray file of the user: re-packing keeps the user's file.
+    shards = tmp_path / "shards"
+    _pack(small_root, shards)
+    (shards / "NOTES.md").write_text("mine")
+    (shards / "shard-00099.h5").write_bytes(b"stale shard of an older, larger pack")
+    _pack(small_root, shards, max_reject_frac=1.0)
+    assert (shards / "NOTES.md").read_text() == "mine" and not (shards / "shard-00099.h5").exists()
+    with pytest.raises(PackInputError, match="is a file"):
+        _pack(small_root, shards / "NOTES.md")
+
+
+def test_second_pack_into_the_same_folder_is_refused_naming_the_holder(small_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    holder = rf"being packed by host \S+ pid {os.getpid()}"
+    with pack_lock(_open_out(out)), pytest.raises(PackInputError, match=holder):
+        _pack(small_root, out)
+    _pack(small_root, out)  # released: the next pack runs
+    verify_shards(out, full=True)
+
+
+def test_fifo_device_and_symlinks_out_of_the_root_are_rejected_without_reading(tmp_path: Path) -> None:
+    root = tmp_path / "mura"
+    generate(root, patients=6, seed=5, max_side=64)
+    paths = build_manifest(root)["path"].tolist()
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"TOP-SECRET-BYTES " * 10)
+    os.unlink(root / paths[0])
+    os.mkfifo(root / paths[0])  # a FIFO nobody writes to: reading it would hang
+    os.unlink(root / paths[1])
+    os.symlink(secret, root / paths[1])  # leaves the root
+    os.unlink(root / paths[2])
+    os.symlink("/dev/zero", root / paths[2])  # a device: an unbounded read
+    inside = root / "MURA-v1.1" / "copy.png"
+    inside.write_bytes((root / paths[4]).read_bytes())
+    os.unlink(root / paths[3])
+    os.symlink(inside, root / paths[3])  # a symlink that stays inside the root is fine
+    summary = pack_dataset(root, tmp_path / "out", pack_size=32, max_reject_frac=1.0, min_side=MIN_SIDE)
+    text = (tmp_path / "out" / "rejected.csv").read_text()
+    rejected = pd.read_csv(tmp_path / "out" / "rejected.csv").set_index("path")["reason"].to_dict()
+    assert rejected == {paths[0]: "not_regular", paths[1]: "outside_root", paths[2]: "outside_root"}
+    assert "TOP-SECRET" not in text and summary.n_packed == summary.n_planned - 3
+
+
+def test_decompression_bomb_and_trailing_bytes(tmp_path: Path) -> None:
+    ok, buf = cv2.imencode(".png", np.full((40, 40), 99, np.uint8))
+    png = buf.tobytes()
+    (tmp_path / "tail.png").write_bytes(png + b"\x00trailing bytes after IEND, as some scanners write")
+    assert read_gray8(tmp_path / "tail.png").shape == (40, 40)
+    bomb = bytearray(png)
+    bomb[16:24] = (100_000).to_bytes(4, "big") * 2  # IHDR claims 100000 x 100000 px
+    (tmp_path / "bomb.png").write_bytes(bytes(bomb))
+    with pytest.raises(RejectedImageError) as err:
+        read_gray8(tmp_path / "bomb.png")
+    assert err.value.reason == "too_large"
+    (tmp_path / "text.png").write_bytes(b"SECRET-CONTENT not an image")
+    with pytest.raises(RejectedImageError) as err:
+        read_gray8(tmp_path / "text.png")
+    assert err.value.reason == "not_an_image" and "SECRET" not in err.value.detail
+
+
+def test_disk_full_is_one_error_and_a_rerun_recovers(small_root: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "shards"
+    real_close = ShardWriter.close
+    calls = {"n": 0}
+
+    def close_then_fill(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            self.abort()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_close(self)
+
+    monkeypatch.setattr(ShardWriter, "close", close_then_fill)
+    with pytest.raises(PackError, match="disk full .* re-run"):
+        _pack(small_root, out)
+    assert not (out / "manifest.json").exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(ShardWriter, "close", real_close)
+    summary = _pack(small_root, out)
+    assert summary.shards_skipped == 1  # the shard finished before the disk filled is kept
+    verify_shards(out, full=True)
+
+
+def test_free_space_is_checked_before_any_shard(small_root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(pack_module, "_free_bytes", lambda path: 1000)
+    out = tmp_path / "shards"
+    with pytest.raises(PackInputError, match=r"not enough free space .* GB"):
+        _pack(small_root, out)
+    assert not list(out.glob("shard-*.h5"))
+
+
+def test_outputs_follow_the_umask(small_root: Path, tmp_path: Path) -> None:
+    old = os.umask(0o027)
+    try:
+        _pack(small_root, tmp_path / "shards")
+    finally:
+        os.umask(old)
+    for name in ("shard-00000.h5", "index.csv", "manifest.json", "rejected.csv"):
+        assert (tmp_path / "shards" / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_given_manifest_is_checked_like_the_csvs(small_root: Path, tmp_path: Path) -> None:
+    manifest = build_manifest(small_root)
+    for change, match in (
+        ({"path": "MURA-v1.1/train/XR_HAND/patient00001/study1_negative/../../../../../../etc/passwd"}, "does not"),
+        ({"label": 2}, "label=2"),
+        ({"split": "valid"}, "split='valid'"),
+    ):
+        bad = manifest.copy()
+        for col, value in change.items():
+            bad.loc[0, col] = value
+        with pytest.raises(ManifestError, match=match):
+            _pack(small_root, tmp_path / "x", manifest=bad)
+        assert not (tmp_path / "x" / "manifest.json").exists()

@@ -23,6 +23,7 @@ from bonehpc.data.shards import (
     ShardError,
     ShardReader,
     ShardWriter,
+    manifest_content_sha256,
     verify_shards,
 )
 
@@ -198,8 +199,25 @@ def test_flipped_byte_caught_by_full_verify_and_cli(shards_copy: Path, capsys: p
         verify_shards(shards_copy, full=True)
     assert cli_main(["verify", str(shards_copy), "--full"]) == 1
     assert shard.name in capsys.readouterr().err
-    assert cli_main(["verify", str(shards_copy)]) == 0
-    assert "OK" in capsys.readouterr().out
+    assert cli_main(["verify", str(shards_copy)]) == 1  # full is the default
+    assert shard.name in capsys.readouterr().err
+    assert cli_main(["verify", str(shards_copy), "--quick"]) == 0
+    assert "quick check" in capsys.readouterr().out
+
+
+def test_manifest_json_is_signed(shards_copy: Path) -> None:
+    path = shards_copy / MANIFEST_JSON
+    info = json.loads(path.read_text())
+    assert info["content_sha256"] == manifest_content_sha256(info)
+    info["n_rejected"] = 0 if info["n_rejected"] else 1  # a plausible edit that no shard hash covers
+    path.write_text(json.dumps(info))
+    with pytest.raises(ShardError, match="manifest.json: content differs from its content_sha256"):
+        verify_shards(shards_copy)
+    del info["content_sha256"]
+    path.write_text(json.dumps(info))
+    verify_shards(shards_copy)  # quick accepts a pack of an older bonehpc ...
+    with pytest.raises(ShardError, match="no content_sha256"):
+        verify_shards(shards_copy, full=True)  # ... the full check does not
 
 
 def test_truncated_shard_caught_by_quick_verify(shards_copy: Path) -> None:

@@ -11,7 +11,17 @@ import cv2
 import numpy as np
 import pytest
 
-from bonehpc.data.synthetic import ANATOMY, BODY_PARTS, FINDINGS, generate, random_fracture, render_image
+from bonehpc.data.mura import build_manifest
+from bonehpc.data.synthetic import (
+    ANATOMY,
+    BAD_KINDS,
+    BODY_PARTS,
+    FINDINGS,
+    generate,
+    random_fracture,
+    read_marker,
+    render_image,
+)
 
 MAX_SIDE = 160  # tests/conftest.py SYNTH_MAX_SIDE
 IMAGE_RE = re.compile(
@@ -171,3 +181,32 @@ def test_findings_visible_at_64px(part: str) -> None:
             diff = np.abs(_letterbox(normal).astype(int) - _letterbox(abnormal).astype(int))
             changed = int((diff > 40).sum())
             assert changed >= 30, f"{part} {finding}: only {changed} of 4096 px change by > 40 at 64 px"
+
+
+def test_bad_files_and_the_synthetic_marker(tmp_path: Path) -> None:
+    root = generate(tmp_path / "s", patients=20, seed=2, max_side=64, bad_frac=0.01)
+    marker = read_marker(tmp_path / "s")
+    assert marker is not None and marker["synthetic"] is True and marker["bad_frac"] == 0.01
+    kinds = {b["path"]: b["kind"] for b in marker["bad_files"]}
+    assert set(kinds.values()) == set(BAD_KINDS)  # at least one of each, even below 1 % of a small set
+    for path, kind in kinds.items():
+        data = (root.parent / path).read_bytes()
+        assert {"empty": data == b"", "truncated": data.startswith(b"\x89PNG") and b"IEND" not in data,
+                "not_an_image": data.startswith(b"Radiology")}[kind], (path, kind)  # fmt: skip
+    manifest = build_manifest(tmp_path / "s")  # the CSVs still list every file
+    (lost,) = marker["lost_studies"]
+    study = manifest[manifest["study"] == lost]
+    assert set(study["path"]) <= set(kinds) and study["split"].iloc[0] == "train"
+    assert manifest.loc[manifest["patient"] == study["patient"].iloc[0], "study"].nunique() == 1  # a patient lost
+    clean = generate(tmp_path / "c", patients=20, seed=2, max_side=64)
+    assert read_marker(tmp_path / "c")["bad_files"] == [] and clean.is_dir()
+
+
+def test_overwrite_never_deletes_a_real_data_set(tmp_path: Path) -> None:
+    real = tmp_path / "MURA-v1.1"
+    real.mkdir()
+    (real / "train_image_paths.csv").write_text("precious\n")
+    with pytest.raises(FileExistsError, match="not a synthetic data set"):
+        generate(tmp_path, patients=4, seed=0, max_side=32, overwrite=True)
+    assert (real / "train_image_paths.csv").read_text() == "precious\n"
+    assert read_marker(tmp_path) is None
