@@ -272,6 +272,11 @@ def check_manifest(df: pd.DataFrame, source: str | Path) -> None:
     Raises:
         ManifestError: naming the source and the data rows that fail.
     """
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{source}: missing manifest column(s) {', '.join(missing)}")
+    if df.empty:
+        raise ManifestError(f"{source}: no image rows")
     problems = []
     for i, r in enumerate(df.loc[:, list(MANIFEST_COLUMNS)].itertuples(index=False), start=1):
         where = f"data row {i}"

@@ -163,16 +163,22 @@ def pack_lock(out: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def check_free_space(plan: PackPlan) -> None:
-    """Fail early when the folder cannot hold the pack (estimate: images x pack_size^2, uncompressed)."""
-    per_image = plan.settings.pack_size**2 + _BYTES_PER_IMAGE_EXTRA
-    need = len(plan.manifest) * per_image * (0.6 if plan.settings.compression == "lzf" else 1.0)
-    reusable = sum(p.stat().st_size for p in plan.out.glob(SHARD_GLOB) if p.is_file())
-    free = _free_bytes(plan.out) + reusable
+def check_free_space(out: Path, n_images: int, pack_size: int, compression: str = "none") -> None:
+    """Fail early when `out` cannot hold the pack (estimate: images x pack_size^2, uncompressed).
+
+    Shards already in `out` count as free (a re-run keeps or replaces them).
+    """
+    per_image = pack_size**2 + _BYTES_PER_IMAGE_EXTRA
+    need = n_images * per_image * (0.6 if compression == "lzf" else 1.0)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    reusable = sum(p.stat().st_size for p in out.glob(SHARD_GLOB) if p.is_file()) if out.is_dir() else 0
+    free = _free_bytes(existing) + reusable
     if need > free:
         raise PackInputError(
-            f"not enough free space in {plan.out}: the pack needs about {need / 1e9:.2f} GB "
-            f"({len(plan.manifest)} images at {plan.settings.pack_size} px), {free / 1e9:.2f} GB are free"
+            f"not enough free space for --out {out}: the pack needs about {need / 1e9:.2f} GB "
+            f"({n_images} images at {pack_size} px), {free / 1e9:.2f} GB are free"
         )
 
 
@@ -286,12 +292,14 @@ def plan_pack(
     compression: str = "none",
     images_per_shard: int = 2048,
     min_side: int = DEFAULT_MIN_SIDE,
+    check: bool = True,
 ) -> PackPlan:
     """Assign manifest rows to shards (in manifest order), prepare `out` and save the plan there.
 
     Removes what could make an unfinished pack look finished (manifest.json, index.csv, the verify
     stamp), temporary files of killed runs and shards beyond the new shard count. Complete shards
-    stay; `pack_shard` decides whether they still match.
+    stay; `pack_shard` decides whether they still match. A given `manifest` is checked like the CSVs
+    (check_manifest) unless `check` is false (the caller did it).
     """
     from bonehpc.data.mura import check_manifest, locate
 
@@ -306,7 +314,7 @@ def plan_pack(
         raise PackInputError(f"manifest lacks columns {missing}")
     if df.empty:
         raise PackInputError(f"the manifest of {root} lists no images")
-    if manifest is not None:
+    if manifest is not None and check:
         check_manifest(df, "the given manifest")  # paths inside the root, split, labels: as from the CSVs
     df = df.loc[:, list(MANIFEST_COLUMNS)].reset_index(drop=True)
     n_shards = -(-len(df) // images_per_shard)
@@ -813,20 +821,30 @@ def pack_dataset(
         "images_per_shard": images_per_shard,
         "min_side": min_side,
     }
+    # Everything that can be refused is checked before the first byte is written or removed.
+    from bonehpc.data.mura import check_manifest, locate
+
+    root = locate(mura_root).resolve()
+    if manifest is None:
+        manifest = _manifest_of(root)
+    else:
+        check_manifest(manifest, "the given manifest")
+    check_out_folder(Path(out).resolve())
+    check_free_space(Path(out).resolve(), len(manifest), pack_size, compression)
     out_dir = _open_out(out)
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(pack_lock(out_dir))
         except OSError as err:
             raise PackInputError(f"cannot write in --out {out_dir}: {err.strerror or err}") from None
-        return _pack_locked(mura_root, out_dir, manifest, workers, max_reject_frac, progress, t0, **settings)
+        return _pack_locked(root, out_dir, manifest, workers, max_reject_frac, progress, t0, **settings)
     raise AssertionError("unreachable")  # pragma: no cover - the with block returns or raises
 
 
 def _pack_locked(
-    mura_root: str | Path,
+    root: Path,
     out_dir: Path,
-    manifest: pd.DataFrame | None,
+    manifest: pd.DataFrame,
     workers: int,
     max_reject_frac: float,
     progress: bool,
@@ -834,13 +852,7 @@ def _pack_locked(
     **settings: Any,
 ) -> PackSummary:
     try:
-        plan = plan_pack(
-            mura_root,
-            out_dir,
-            manifest=manifest,
-            **settings,
-        )
-        check_free_space(plan)
+        plan = plan_pack(root, out_dir, manifest=manifest, check=False, **settings)
         return _pack_planned(plan, workers, max_reject_frac, progress, t0)
     except (OSError, PackError) as err:
         if not _disk_full(err):
