@@ -22,10 +22,12 @@ import yaml
 
 from bonehpc.config import ConfigError, ExperimentConfig, _build
 from bonehpc.paths import ExperimentPaths
+from bonehpc.resources import DEFAULT_SAVE_WAIT_S, check_signal_delay
 
 log = logging.getLogger(__name__)
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "slurm" / "clusters"
+
 
 @dataclass(kw_only=True)
 class ResourceSpec:
@@ -51,6 +53,8 @@ class ResourceSpec:
     """Node feature constraint (--constraint)."""
     signal_delay_s: int = 120
     """USR2 this many seconds before the time limit (the job checkpoints and requeues)."""
+    save_wait_s: int = DEFAULT_SAVE_WAIT_S
+    """Longest a stopping job waits for last.pt to be written; signal_delay_s must exceed it by a margin."""
     array_parallelism: int = 32
     """Array tasks running at once."""
     max_num_timeout: int = 3
@@ -68,7 +72,7 @@ class ResourceSpec:
         for key in ("nodes", "cpus_per_task", "time_min", "array_parallelism"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)!r}")
-        for key in ("gpus_per_node", "signal_delay_s", "max_num_timeout", "nproc_per_node"):
+        for key in ("gpus_per_node", "signal_delay_s", "max_num_timeout", "nproc_per_node", "save_wait_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)!r}")
         for key, value in self.additional.items():
@@ -82,9 +86,13 @@ class ResourceSpec:
             raise ConfigError(
                 f"signal_delay_s: {self.signal_delay_s} s is not shorter than time_min ({self.time_min} min)"
             )
+        try:
+            check_signal_delay(self.signal_delay_s, self.save_wait_s)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
-JOB_KINDS = ("train", "evaluate", "report", "pack")
+JOB_KINDS = ("train", "evaluate", "tune", "pack")
 
 
 @dataclass(kw_only=True)
@@ -94,7 +102,7 @@ class ClusterProfile(ResourceSpec):
     name: str = "dev"
     """Profile name (the file name without .yaml)."""
     per_kind: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Overrides of the resource keys for one job kind (train, evaluate, report, pack)."""
+    """Overrides of the resource keys for one job kind (train, evaluate, tune, pack)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -105,8 +113,24 @@ class ClusterProfile(ResourceSpec):
             del over
 
     def for_kind(self, kind: str) -> ResourceSpec:
-        """The resources of one job kind: the profile with its per_kind overrides applied."""
+        """The resources of one job kind: the profile, the kind's defaults, then its per_kind overrides.
+
+        Defaults: a tune trial (one training process) gets 1 GPU and its per-GPU share of the train
+        resources' CPUs and memory (all of them on a CPU-only profile), on one node; pack gets no GPU.
+        """
         base = {f.name: getattr(self, f.name) for f in dataclasses.fields(ResourceSpec)}
+        if kind == "tune":
+            train = self.for_kind("train")
+            share = max(1, train.gpus_per_node)
+            base.update(
+                gpus_per_node=min(1, train.gpus_per_node),
+                cpus_per_task=max(1, train.cpus_per_task // share),
+                mem_gb=round(train.mem_gb / share, 3),
+                nodes=1,
+                nproc_per_node=1,
+            )
+        elif kind == "pack":
+            base.update(gpus_per_node=0, nodes=1)
         over = self.per_kind.get(kind, {})
         try:
             return _build(ResourceSpec, {**base, **over})
@@ -179,10 +203,15 @@ def executor_parameters(spec: ResourceSpec, name: str, mode: str) -> dict[str, A
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(spec, key):
             params[f"slurm_{key}"] = getattr(spec, key)
-    if spec.setup:
-        params["slurm_setup"] = list(spec.setup)
-    if spec.additional:
-        params["slurm_additional_parameters"] = dict(spec.additional)
+    params["slurm_setup"] = [
+        # Slurm >= 22.05: srun does not inherit --cpus-per-task; derived inside the job so that it can
+        # never conflict with the allocation
+        "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK",
+        f"export BONEHPC_SAVE_WAIT_S={spec.save_wait_s}",
+        *spec.setup,
+    ]
+    # requeue explicitly (sites may default to JobRequeue=0): a timed-out or preempted job comes back
+    params["slurm_additional_parameters"] = {"requeue": True, **spec.additional}
     return params
 
 
@@ -207,11 +236,19 @@ def make_executor(
     return executor
 
 
-def render_sbatch(spec: ResourceSpec, folder: str, name: str, dependency: str = "", command: str = "CMD") -> str:
-    """The sbatch script submitit would write for a job of this spec (for review and golden tests)."""
+def render_sbatch(
+    spec: ResourceSpec, folder: str, name: str, dependency: str = "", command: str = "CMD", array: int = 0
+) -> str:
+    """The sbatch script submitit writes for a job of this spec (`array`: tasks of an array job; 0: one job).
+
+    submitit has no public API for the script text; this calls its private `_make_submission_file_text`
+    (pinned by the golden test tests/golden/sbatch_profiles.txt, which fails when submitit changes it).
+    """
     executor = make_executor(spec, folder, "slurm", name, dependency)
     inner = executor._executor
-    return inner._make_submission_file_text(command, "UID")  # type: ignore[attr-defined]
+    if array:
+        inner.parameters["map_count"] = array  # what submitit's map_array sets: #SBATCH --array=0-N%P
+    return inner._make_submission_file_text(command, "UID")  # type: ignore[attr-defined,no-any-return]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,13 @@
-"""TrainTask: one fold x role of an experiment, as torchrun DDP on the node(s) of a Slurm task."""
+"""TrainTask: one fold x role of an experiment, as torchrun DDP on the node(s) of a Slurm task.
+
+Signals (see slurm/README.md): Slurm sends USR2 `signal_delay_s` before the time limit, and on preemption
+USR2 too where the site sets `PreemptParameters=send_user_signal` (the dev cluster: preempt_send_user_signal),
+otherwise SIGTERM (then SIGKILL after KillWait/GraceTime). Both reach every process of the step:
+- USR2: submitit calls `checkpoint()`, which asks the trainers to save, waits, and requeues the task.
+- TERM: the trainers save last.pt and exit (bonehpc.dist.StopFlag); this task exits with
+  PREEMPTED_EXIT_CODE instead of reporting a failure, and Slurm requeues the job itself (preemption) or
+  ends it (scancel). The next run resumes from last.pt either way.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +24,24 @@ from typing import Any
 
 import submitit
 
+from bonehpc.constants import PREEMPTED_EXIT_CODE
+from bonehpc.resources import (
+    DEFAULT_SAVE_WAIT_S,
+    asked_cpus,
+    asked_gpus,
+    check_task,
+    cpu_affinity,
+    last_error_line,
+    omp_threads,
+    rendezvous_port,
+)
+
 log = logging.getLogger(__name__)
 
-PREEMPTED_EXIT = 3  # bonehpc.train exits 3 after saving last.pt on SIGUSR2/SIGTERM
-SAVE_WAIT_S = 90.0  # upper bound on how long checkpoint() waits for the trainers to save
+
+def save_wait_s() -> float:
+    """Upper bound on how long checkpoint() waits for the trainers to save (the profile's save_wait_s)."""
+    return float(os.environ.get("BONEHPC_SAVE_WAIT_S", "") or DEFAULT_SAVE_WAIT_S)
 
 
 def _ignore_usr2() -> None:
@@ -70,7 +93,8 @@ def torchrun_command(
     if nnodes > 1:
         job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "0"))
         task = os.environ.get("SLURM_ARRAY_TASK_ID", "0")
-        port = 20000 + (int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+        # every array task has its own SLURM_JOB_ID: tasks running side by side get different ports
+        port = rendezvous_port(os.environ.get("SLURM_JOB_ID", "0"))
         cmd += [
             f"--nnodes={nnodes}",
             f"--node_rank={os.environ.get('SLURM_NODEID', '0')}",
@@ -81,6 +105,18 @@ def torchrun_command(
     else:
         cmd.append("--standalone")
     return [*cmd, "-m", module, "--config", cfg_path, "--fold", str(fold), "--role", role]
+
+
+def _own_log_error() -> str:
+    """The last exception line in this task's own stderr log (torchrun and the trainers write there)."""
+    sys.stderr.flush()
+    try:
+        path = submitit.JobEnvironment().paths.stderr
+        with path.open("rb") as fh:
+            fh.seek(max(0, path.stat().st_size - 2_000_000))
+            return last_error_line(fh.read().decode(errors="replace"))
+    except (OSError, RuntimeError, KeyError):
+        return ""
 
 
 class TrainTask(submitit.helpers.Checkpointable):
@@ -110,6 +146,15 @@ class TrainTask(submitit.helpers.Checkpointable):
 
         return ExperimentPaths.of(load_config(self.cfg_path)).role_dir(fold, self.role) / "metrics.json"
 
+    def _launch_env(self, nproc: int) -> dict[str, str]:
+        """The trainers' environment: OpenMP threads = this task's CPUs / processes (unless set by the user)."""
+        from bonehpc.config import load_config
+
+        env = dict(os.environ)
+        threads = load_config(self.cfg_path).train.num_threads
+        env["OMP_NUM_THREADS"] = omp_threads(len(cpu_affinity()), nproc, os.environ, threads)
+        return env
+
     def __call__(self, fold: int | str) -> dict[str, Any]:
         if self.workdir:
             os.chdir(self.workdir)
@@ -117,39 +162,74 @@ class TrainTask(submitit.helpers.Checkpointable):
         if metrics_path.is_file() and json.loads(metrics_path.read_text()).get("status") == "completed":
             log.info("%s of %s already completed; nothing to do", self.role, fold)
             return json.loads(metrics_path.read_text())
-        nproc = nproc_for_node(self.nproc_per_node)
+        gpus = asked_gpus()
+        nproc = self.nproc_per_node or gpus or nproc_for_node(0)
+        # fails in one line when the step got fewer CPUs or usable GPUs than the profile asked for
+        log.info(
+            check_task(
+                cpus=asked_cpus(), gpus=gpus, nproc=nproc, nnodes=int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
+            )
+        )
         cmd = torchrun_command(self.cfg_path, fold, self.role, nproc, sys.executable, self.module)
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", "1")
-        log.info("starting: %s", " ".join(cmd))
+        env = self._launch_env(nproc)
+        log.info("starting (OMP_NUM_THREADS=%s): %s", env["OMP_NUM_THREADS"], " ".join(cmd))
         self._proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_ignore_usr2)
-        # poll, not wait(): wait() holds Popen's lock while blocked, and checkpoint() (run by submitit's
-        # signal handler in this thread) must be able to wait for the same process
-        while (rc := self._proc.poll()) is None:
-            time.sleep(0.5)
+        previous_term = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            # poll, not wait(): wait() holds Popen's lock while blocked, and checkpoint() (run by submitit's
+            # signal handler in this thread) must be able to wait for the same process
+            while (rc := self._proc.poll()) is None:
+                time.sleep(0.5)
+        finally:
+            signal.signal(signal.SIGTERM, previous_term)
+        if rc != 0 and self._stopping:
+            log.warning("torchrun exited with %d after a stop signal; exiting as preempted (resume from last.pt)", rc)
+            raise SystemExit(PREEMPTED_EXIT_CODE)
         if rc != 0:
-            raise RuntimeError(f"training {self.role} of {fold} failed: torchrun exited with {rc} (log above)")
+            cause = _own_log_error()
+            raise RuntimeError(
+                f"training {self.role} of {fold} failed (torchrun exited with {rc})" + (f": {cause}" if cause else "")
+            )
         return json.loads(metrics_path.read_text())
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        """SIGTERM (preemption without a user signal, scontrol requeue, scancel): stop like on USR2.
+
+        Under submitit the USR2 handler checkpoints and requeues (a cancelled job cannot be requeued and
+        just ends); elsewhere the trainers are asked to save and this task exits as preempted.
+        """
+        if self._stopping:
+            return
+        log.warning("SIGTERM: asking the trainers to save last.pt and stop")
+        usr2 = signal.getsignal(signal.SIGUSR2)
+        if callable(usr2) and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            usr2(signal.SIGUSR2, frame)  # submitit: checkpoint() + scontrol requeue + exit
+            return
+        self._stop_trainers()
+
+    def _stop_trainers(self) -> None:
+        """Forward SIGUSR2 to the trainers and wait (save_wait_s at most) for torchrun to exit."""
+        self._stopping = True
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        trainers = child_pids(proc.pid)
+        log.info("forwarding SIGUSR2 to trainers %s of torchrun %d", trainers, proc.pid)
+        for pid in trainers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR2)
+        wait = save_wait_s()
+        try:
+            rc = proc.wait(timeout=wait)
+            log.info("torchrun exited with %d after the stop request", rc)
+        except subprocess.TimeoutExpired:
+            log.warning("trainers did not exit within %.0f s; killing them (resume from the last save)", wait)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
     def checkpoint(self, fold: int | str) -> submitit.helpers.DelayedSubmission:
         """Ask the trainers to save (SIGUSR2), wait for them, and requeue a fresh task that resumes."""
-        self._stopping = True
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            trainers = child_pids(proc.pid)
-            log.info("forwarding SIGUSR2 to trainers %s of torchrun %d", trainers, proc.pid)
-            for pid in trainers:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGUSR2)
-            try:
-                rc = proc.wait(timeout=SAVE_WAIT_S)
-                log.info("torchrun exited with %d after the stop request", rc)
-            except subprocess.TimeoutExpired:
-                log.warning(
-                    "trainers did not exit within %.0f s; killing them (resume from the last save)", SAVE_WAIT_S
-                )
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        self._stop_trainers()
         return submitit.helpers.DelayedSubmission(
             type(self)(self.cfg_path, self.role, self.workdir, self.nproc_per_node), fold
         )

@@ -4,7 +4,8 @@
 # Root, no systemd: every daemon is started by hand and recorded in a PID file under the root dir, so
 # down.sh can stop exactly these processes. Installs the Debian packages when they are missing.
 # Env: SLURM_CI_ROOT (default /tmp/bonehpc-slurm), SLURM_CI_CPUS (declared CPUs, default 8),
-#      SLURM_CI_MEM_MB (default 16000), SLURM_CI_FAKE_GPUS (default 2), SLURM_CI_FRESH=1 (wipe the root first).
+#      SLURM_CI_MEM_MB (default 16000), SLURM_CI_FAKE_GPUS (default 2), SLURM_CI_FRESH=1 (wipe the root first),
+#      SLURM_CI_CGROUP=1 (proctrack/task cgroup plugins instead of linuxproc + task/affinity; see slurm/README.md).
 # Ports: 3306 (MariaDB), 6817 (slurmctld), 6818 (slurmd), 6819 (slurmdbd), all on 127.0.0.1.
 set -euo pipefail
 R=${SLURM_CI_ROOT:-/tmp/bonehpc-slurm}
@@ -12,6 +13,7 @@ H=$(hostname -s)
 NCPU=${SLURM_CI_CPUS:-8}
 MEM_MB=${SLURM_CI_MEM_MB:-16000}
 NGPU=${SLURM_CI_FAKE_GPUS:-2}
+CGROUP=${SLURM_CI_CGROUP:-0}
 T0=$(date +%s%N)
 say() { local d=$((($(date +%s%N) - T0) / 1000000)); printf '[up %d.%03ds] %s\n' $((d / 1000)) $((d % 1000)) "$*"; }
 
@@ -72,9 +74,14 @@ SlurmdLogFile=$R/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/linux
+# task/affinity binds every step to the CPUs it was given, like production sites (an srun step without
+# SRUN_CPUS_PER_TASK gets one core; the start-of-task check of jobs/train.py catches that)
+$(if [ "$CGROUP" = 1 ]; then
+  echo "ProctrackType=proctrack/cgroup"; echo "TaskPlugin=task/cgroup,task/affinity"; echo "JobAcctGatherType=jobacct_gather/cgroup"; echo "TaskPluginParam=Cores"
+else
+  echo "ProctrackType=proctrack/linuxproc"; echo "TaskPlugin=task/affinity"; echo "JobAcctGatherType=jobacct_gather/linux"
+  echo "TaskPluginParam=Cores"
+fi)
 JobAcctGatherFrequency=30
 MpiDefault=none
 ReturnToService=2
@@ -121,6 +128,17 @@ StorageUser=slurm
 StoragePass=slurmpw
 CONF
 chmod 600 "$R/etc/slurmdbd.conf"
+if [ "$CGROUP" = 1 ]; then
+  cat >"$R/etc/cgroup.conf" <<CONF
+CgroupPlugin=cgroup/v1
+CgroupMountpoint=/sys/fs/cgroup
+ConstrainCores=yes
+ConstrainRAMSpace=yes
+ConstrainDevices=no
+CONF
+else
+  rm -f "$R/etc/cgroup.conf"
+fi
 
 # --- munge (its own PID file under $R, so down.sh stops only the munged we started) --------------------
 if [ ! -s /etc/munge/munge.key ]; then

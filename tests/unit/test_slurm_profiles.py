@@ -12,13 +12,17 @@ from bonehpc.slurm import PROFILE_DIR, executor_parameters, load_profile, render
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "sbatch_profiles.txt"
 
 
+KINDS = (("train", "aftercorr:100", 3), ("evaluate", "afterany:100:101", 0), ("tune", "", 4), ("pack", "", 5))
+
+
 def _render_all() -> str:
-    # the same rendering that produced tests/golden/sbatch_profiles.txt (regenerate it when a profile changes)
+    # the same rendering that produced tests/golden/sbatch_profiles.txt; regenerate it when a profile changes:
+    # .venv/bin/python -c "import tests.unit.test_slurm_profiles as t; t.GOLDEN.write_text(t._render_all())"
     out = []
     for name in ("dev", "example-gpu"):
         prof = load_profile(name)
-        for kind, dep in (("train", "aftercorr:100"), ("evaluate", "afterany:100:101")):
-            out.append(f"##### profile={name} kind={kind}")
+        for kind, dep, array in KINDS:
+            out.append(f"##### profile={name} kind={kind} array={array}")
             out.append(
                 render_sbatch(
                     prof.for_kind(kind),
@@ -26,6 +30,7 @@ def _render_all() -> str:
                     f"exp-{kind}",
                     dep,
                     command="PYTHON -u -m submitit.core._submit /RUNS/exp/submitit/%j",
+                    array=array,
                 )
             )
     return "\n".join(out) + "\n"
@@ -62,6 +67,10 @@ def test_per_kind_override_and_defaults() -> None:
         ("per_kind:\n  evaluat: {time_min: 5}\n", "per_kind.evaluat"),
         ("per_kind:\n  evaluate: {cpus: 5}\n", "cpus"),
         ("additional:\n  exclusive: false\n", "additional.exclusive"),
+        ("per_kind:\n  report: {time_min: 5}\n", "per_kind.report"),  # no report job kind (the evaluate job reports)
+        ("signal_delay_s: 60\n", "signal_delay_s: 60 s is shorter than save_wait_s"),
+        ("signal_delay_s: 60\nsave_wait_s: 55\n", "use >= 65"),
+        ("per_kind:\n  tune: {signal_delay_s: 30}\n", "per_kind.tune.signal_delay_s"),
         ("- a\n- b\n", "mapping"),
     ],
 )
@@ -70,6 +79,38 @@ def test_bad_profiles_name_the_key(tmp_path: Path, text: str, needle: str) -> No
     path.write_text(text)
     with pytest.raises(ConfigError, match=needle):
         load_profile(str(path))
+
+
+def test_kind_defaults_tune_share_and_pack_without_gpus(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text("gpus_per_node: 4\ncpus_per_task: 32\nmem_gb: 240\nnodes: 2\nnproc_per_node: 4\n")
+    prof = load_profile(str(path))
+    tune = prof.for_kind("tune")  # one trial = one process on one GPU, with that GPU's share of the node
+    assert (tune.gpus_per_node, tune.cpus_per_task, tune.mem_gb, tune.nodes, tune.nproc_per_node) == (1, 8, 60, 1, 1)
+    pack = prof.for_kind("pack")
+    assert (pack.gpus_per_node, pack.cpus_per_task, pack.nodes) == (0, 32, 1)
+    # per_kind entries win over the defaults; the tune share follows per_kind.train
+    path.write_text(
+        "gpus_per_node: 4\ncpus_per_task: 32\nmem_gb: 240\n"
+        "per_kind:\n  train: {gpus_per_node: 2}\n  tune: {mem_gb: 10}\n  pack: {cpus_per_task: 4}\n"
+    )
+    prof = load_profile(str(path))
+    assert (prof.for_kind("tune").cpus_per_task, prof.for_kind("tune").mem_gb) == (16, 10)
+    assert prof.for_kind("pack").cpus_per_task == 4
+    # a CPU-only profile: a trial gets the whole task's CPUs and no GPU
+    assert load_profile("dev").for_kind("tune").gpus_per_node == 0
+    assert load_profile("dev").for_kind("tune").cpus_per_task == 2
+
+
+def test_every_job_requeues_and_gets_its_cpus_in_the_step() -> None:
+    params = executor_parameters(load_profile("dev").for_kind("train"), "x", "slurm")
+    assert params["slurm_additional_parameters"]["requeue"] is True
+    setup = params["slurm_setup"]
+    # derived inside the job (never a hard-coded number that could conflict with the allocation)
+    assert setup[0] == "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK"
+    assert "export BONEHPC_SAVE_WAIT_S=15" in setup and setup[-1].startswith("export OMP_NUM_THREADS=1")
+    text = render_sbatch(load_profile("example-gpu").for_kind("tune"), "/R/%j", "t", array=6)
+    assert "#SBATCH --array=0-5%6" in text and "#SBATCH --gpus-per-node=1" in text and "#SBATCH --requeue" in text
 
 
 def test_missing_profile_lists_known_ones() -> None:
