@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from bonehpc.paths import RUN_METRICS, read_json
 from bonehpc.registry import latest_tasks, read_registry, registry_tasks
 
 log = logging.getLogger(__name__)
@@ -272,15 +273,10 @@ def task_states(registry: dict[str, Any]) -> dict[str, str]:
 
 
 def _metrics_status(exp_dir: Path, fold: str, role: str) -> str:
-    import json
-
-    path = exp_dir / fold / role / "metrics.json"
-    if role == "evaluate":
-        path = exp_dir / "holdout" / "outcome.json"
-    try:
-        return str(json.loads(path.read_text()).get("status", "written"))
-    except (OSError, ValueError):
-        return ""
+    """status of the run's metrics.json (holdout/outcome.json for the evaluation job); '' when unreadable."""
+    path = exp_dir / "holdout" / "outcome.json" if role == "evaluate" else exp_dir / fold / role / RUN_METRICS
+    doc = read_json(path)
+    return "" if doc is None else str(doc.get("status", "written"))
 
 
 def _recent(iso: str, seconds: float = 300.0) -> bool:

@@ -328,23 +328,57 @@ class TuneConfig:
         _choice("tune.pruner", self.pruner, ("median", "halving", "none"))
         if not self.folds:
             raise ConfigError("tune.folds: need at least one fold")
-        for key, spec in self.space.items():
-            kind = spec.get("type") if isinstance(spec, dict) else None
-            if kind not in ("float", "int", "categorical"):
-                raise ConfigError(f"tune.space.{key}: type must be float, int or categorical")
-            if kind == "categorical" and not spec.get("choices"):
-                raise ConfigError(f"tune.space.{key}: categorical needs choices")
-            if kind in ("float", "int"):
-                for name in ("low", "high"):
-                    v = spec.get(name)
-                    if isinstance(v, str) and _FLOAT_TEXT.fullmatch(v.strip()):
-                        spec[name] = v = float(v)
-                    if isinstance(v, bool) or not isinstance(v, (int, float)):
-                        raise ConfigError(
-                            f"tune.space.{key}.{name}: expected a number, got {v!r} (bounds of a float or int range)"
-                        )
-                if not spec["low"] < spec["high"]:
-                    raise ConfigError(f"tune.space.{key}: needs low < high")
+        check_tune_space(self.space)
+
+
+SPACE_FIELDS = {
+    "float": {"type", "low", "high", "log", "step"},
+    "int": {"type", "low", "high", "log", "step"},
+    "categorical": {"type", "choices"},
+}
+
+
+def check_tune_space(space: dict[str, Any]) -> None:
+    """THE validation of tune.space (TuneConfig and bonehpc.tune.space_distributions call it); numbers
+    written as text ("1e-4", YAML 1.1) become floats. Raises ConfigError naming the key."""
+    for key, spec in space.items():
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in SPACE_FIELDS:
+            raise ConfigError(f"tune.space.{key}: type must be float, int or categorical, got {kind!r}")
+        unknown = set(spec) - SPACE_FIELDS[kind]
+        if unknown:
+            raise ConfigError(
+                f"tune.space.{key}: unknown field(s) {', '.join(sorted(unknown))} for type {kind} "
+                f"(allowed: {', '.join(sorted(SPACE_FIELDS[kind]))})"
+            )
+        if kind == "categorical":
+            if not isinstance(spec.get("choices"), (list, tuple)) or not spec["choices"]:
+                raise ConfigError(f"tune.space.{key}: categorical needs choices (a non-empty list)")
+            continue
+        for name in ("low", "high"):
+            v = spec.get(name)
+            if isinstance(v, str) and _FLOAT_TEXT.fullmatch(v.strip()):
+                spec[name] = v = float(v)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(
+                    f"tune.space.{key}.{name}: expected a number, got {v!r} (bounds of a float or int range)"
+                )
+            if kind == "int" and not isinstance(v, int):
+                raise ConfigError(f"tune.space.{key}: {name} must be an integer, got {v!r}")
+        if not spec["low"] < spec["high"]:
+            raise ConfigError(f"tune.space.{key}: needs low < high")
+        log, step = spec.get("log", False), spec.get("step")
+        if not isinstance(log, bool):
+            raise ConfigError(f"tune.space.{key}: log must be true or false, got {log!r}")
+        if log and spec["low"] <= 0:
+            raise ConfigError(f"tune.space.{key}: a log range needs low > 0, got {spec['low']!r}")
+        if step is not None:
+            integral = isinstance(step, int) or kind == "float"
+            if log or isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 or not integral:
+                raise ConfigError(
+                    f"tune.space.{key}: step must be a positive number (an integer for int), without log; "
+                    f"got step={step!r}, log={log}"
+                )
 
 
 @dataclass(kw_only=True)

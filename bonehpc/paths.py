@@ -65,6 +65,18 @@ def fold_name(fold: int | str) -> str:
     raise ValueError(f"fold must be a non-negative int or 'final', got {fold!r}")
 
 
+def parse_fold(text: str) -> int | str:
+    """'final' or a non-negative int, from a command line (ValueError otherwise)."""
+    if text == "final":
+        return "final"
+    try:
+        k = int(text)
+    except ValueError:
+        raise ValueError(f"--fold must be a fold number or 'final', got {text!r}") from None
+    fold_name(k)
+    return k
+
+
 def fold_keys(num_folds: int) -> list[int | str]:
     """Array order of the fold graph: 0..K-1, then "final"."""
     return [*range(num_folds), "final"]
@@ -140,5 +152,10 @@ class ExperimentPaths:
     def tune_journal(self) -> Path:
         return self.tune / TUNE_JOURNAL
 
-    def trial_dir(self, number: int) -> Path:
-        return self.tune / "trials" / str(number)
+    def study_dir(self, study: str = "") -> Path:
+        """Files of one Optuna study (config.yaml, best_params.yaml, tasks/, trials/): tune/ for the
+        experiment's own study (study ""), tune/studies/<study>/ for another; the journal file is shared."""
+        return self.tune / "studies" / study if study else self.tune
+
+    def trial_dir(self, number: int, study: str = "") -> Path:
+        return self.study_dir(study) / "trials" / str(number)

@@ -29,10 +29,8 @@ import logging
 import math
 import os
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +43,9 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
-from bonehpc.config import ConfigError, ExperimentConfig, apply_overrides, save_config
-from bonehpc.paths import ExperimentPaths, fold_name
+from bonehpc.config import ConfigError, ExperimentConfig, apply_overrides, check_tune_space, save_config
+from bonehpc.fsio import atomic_write_json, atomic_write_text
+from bonehpc.paths import BEST_CKPT, BEST_PARAMS, RUN_CONFIG, ExperimentPaths, fold_name, read_json
 
 log = logging.getLogger(__name__)
 
@@ -61,51 +60,31 @@ DEFAULT_HEARTBEAT_S = 60
 DEFAULT_GRACE_S = 180
 LOCK_GRACE_S = 10
 """A journal lock file older than this is forcibly released (an append holds it for milliseconds)."""
-SPACE_KEYS = {
-    "float": {"type", "low", "high", "log", "step"},
-    "int": {"type", "low", "high", "log", "step"},
-    "categorical": {"type", "choices"},
-}
 
 
 class TuneError(RuntimeError):
     """The study cannot be set up or run; the message says what is missing or wrong."""
 
 
-@dataclass(frozen=True)
-class TunePaths:
-    """Files of one study: `runs/<exp>/tune/...` for the experiment's own study (tune.study_name empty
-    or the experiment name), `runs/<exp>/tune/studies/<name>/...` for other study names, so studies of
-    one experiment never share trial dirs. The journal file is shared: it holds every study."""
+def study_key(cfg: ExperimentConfig) -> str:
+    """'' for the experiment's own study (tune.study_name empty or the experiment name), else the study name
+    (its files then live in runs/<exp>/tune/studies/<name>/, so studies never share trial dirs)."""
+    name = cfg.tune.study_name
+    return "" if not name or name == cfg.name else _safe_name(name)
 
-    root: Path
-    journal: Path
 
-    @classmethod
-    def of(cls, cfg: ExperimentConfig) -> TunePaths:
-        base = ExperimentPaths.of(cfg).tune
-        name = cfg.tune.study_name
-        root = base if not name or name == cfg.name else base / "studies" / _safe_name(name)
-        return cls(root, base / "journal.log")
+def study_dir(cfg: ExperimentConfig) -> Path:
+    """config.yaml, best_params.yaml, tasks/ and trials/ of the study of `cfg` (ExperimentPaths.study_dir)."""
+    return ExperimentPaths.of(cfg).study_dir(study_key(cfg))
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
 
-    @property
-    def best_params(self) -> Path:
-        return self.root / "best_params.yaml"
+def trial_dir(cfg: ExperimentConfig, number: int) -> Path:
+    return ExperimentPaths.of(cfg).trial_dir(number, study_key(cfg))
 
-    @property
-    def tasks(self) -> Path:
-        """One small JSON per array task: the trial it runs (finds its own trial after a requeue)."""
-        return self.root / "tasks"
 
-    def trial_dir(self, number: int) -> Path:
-        return self.root / "trials" / str(number)
-
-    def run_dir(self, number: int, fold: int) -> Path:
-        return self.trial_dir(number) / fold_name(fold) / "student"
+def trial_run_dir(cfg: ExperimentConfig, number: int, fold: int) -> Path:
+    """The student run of one fold of one trial: trials/<number>/fold<k>/student."""
+    return trial_dir(cfg, number) / fold_name(fold) / "student"
 
 
 def _safe_name(name: str) -> str:
@@ -122,43 +101,23 @@ def space_distributions(space: Mapping[str, Mapping[str, Any]]) -> dict[str, Bas
     """Optuna distributions of `tune.space` (dotted key -> {type, low, high, log, step, choices}).
 
     Raises:
-        ConfigError: naming the key, for unknown spec fields or values Optuna rejects (log with a
-            step, log with low <= 0, a step that does not fit, empty choices).
+        ConfigError: naming the key, from `config.check_tune_space` (the one validation of the space).
     """
+    check_tune_space(dict(space))  # type: ignore[arg-type]
     dists: dict[str, BaseDistribution] = {}
     for key, spec in space.items():
-        kind = spec.get("type")
-        if kind not in SPACE_KEYS:
-            raise ConfigError(f"tune.space.{key}: type must be float, int or categorical, got {kind!r}")
-        unknown = set(spec) - SPACE_KEYS[kind]
-        if unknown:
-            raise ConfigError(
-                f"tune.space.{key}: unknown field(s) {', '.join(sorted(unknown))} for type {kind} "
-                f"(allowed: {', '.join(sorted(SPACE_KEYS[kind]))})"
+        if spec["type"] == "categorical":
+            dists[key] = CategoricalDistribution(list(spec["choices"]))
+        elif spec["type"] == "float":
+            step = spec.get("step")
+            log = bool(spec.get("log", False))
+            dists[key] = FloatDistribution(
+                float(spec["low"]), float(spec["high"]), log=log, step=None if step is None else float(step)
             )
-        try:
-            if kind == "categorical":
-                choices = spec.get("choices")
-                if not isinstance(choices, (list, tuple)) or not choices:
-                    raise ValueError("choices must be a non-empty list")
-                dists[key] = CategoricalDistribution(list(choices))
-            elif kind == "float":
-                step = spec.get("step")
-                dists[key] = FloatDistribution(
-                    float(spec["low"]),
-                    float(spec["high"]),
-                    log=bool(spec.get("log", False)),
-                    step=None if step is None else float(step),
-                )
-            else:
-                for bound in ("low", "high"):
-                    if not isinstance(spec[bound], int) or isinstance(spec[bound], bool):
-                        raise ValueError(f"{bound} must be an integer, got {spec[bound]!r}")
-                dists[key] = IntDistribution(
-                    spec["low"], spec["high"], log=bool(spec.get("log", False)), step=int(spec.get("step", 1))
-                )
-        except (KeyError, ValueError, TypeError) as err:
-            raise ConfigError(f"tune.space.{key}: {err}") from None
+        else:
+            dists[key] = IntDistribution(
+                spec["low"], spec["high"], log=bool(spec.get("log", False)), step=int(spec.get("step", 1))
+            )
     return dists
 
 
@@ -204,7 +163,7 @@ def check_space(cfg: ExperimentConfig) -> None:
 def missing_teachers(cfg: ExperimentConfig) -> list[Path]:
     """`best.pt` files of the teachers of `tune.folds` that do not exist (the search reuses them)."""
     paths = ExperimentPaths.of(cfg)
-    return [p for p in (paths.role_dir(f, "teacher") / "best.pt" for f in cfg.tune.folds) if not p.is_file()]
+    return [p for p in (paths.role_dir(f, "teacher") / BEST_CKPT for f in cfg.tune.folds) if not p.is_file()]
 
 
 def check_folds(cfg: ExperimentConfig) -> None:
@@ -306,7 +265,7 @@ def build_storage(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if not url:
-            journal = TunePaths.of(cfg).journal
+            journal = ExperimentPaths.of(cfg).tune_journal
             journal.parent.mkdir(parents=True, exist_ok=True)
             lock = JournalFileOpenLock(str(journal), grace_period=LOCK_GRACE_S)
             backend = JournalFileBackend(str(journal), lock_obj=lock)
@@ -403,7 +362,7 @@ def open_study(
 
 
 def storage_label(cfg: ExperimentConfig) -> str:
-    return _hide_password(cfg.tune.storage) if cfg.tune.storage else str(TunePaths.of(cfg).journal)
+    return _hide_password(cfg.tune.storage) if cfg.tune.storage else str(ExperimentPaths.of(cfg).tune_journal)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,7 +389,6 @@ class Objective:
         train_fold: Callable[..., Mapping[str, Any]] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.paths = TunePaths.of(cfg)
         self.on_start = on_start
         self.train_fold = train_fold or _train_student
         self.trial_number: int | None = None
@@ -442,18 +400,16 @@ class Objective:
         frozen = _trial_by_number(trial.study, trial.number)  # optuna.Trial does not expose system attrs
         number = original_number(frozen) if frozen is not None else trial.number
         if number != trial.number:
-            log.info("trial %d retries trial %d: resuming in %s", trial.number, number, self.paths.trial_dir(number))
+            log.info("trial %d retries trial %d: resuming in %s", trial.number, number, trial_dir(self.cfg, number))
         try:
             params = suggest_params(trial, self.cfg.tune.space)
             cfg = trial_config(self.cfg, params)
-            trial_dir = self.paths.trial_dir(number)
-            trial_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, trial_dir / "config.yaml")
+            save_config(cfg, trial_dir(self.cfg, number) / RUN_CONFIG)
             epochs = cfg.student.epochs
             metric = self.cfg.tune.metric
             values: list[float] = []
             for pos, fold in enumerate(self.cfg.tune.folds):
-                run_dir = self.paths.run_dir(number, fold)
+                run_dir = trial_run_dir(self.cfg, number, fold)
                 # a fold finished before a preemption returns its metrics at once (train.run reads metrics.json)
                 done = self.train_fold(cfg, fold, run_dir, _PruneHook(trial, metric, pos * epochs))
                 value = _metric(done, metric, run_dir)
@@ -522,21 +478,6 @@ def _is_preempted(err: BaseException) -> bool:
 # One array task
 
 
-def _write_json(path: Path, data: Any) -> None:
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    import json
-
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _trial_by_number(study: optuna.Study, number: int) -> FrozenTrial | None:
     for t in study.get_trials(deepcopy=False):
         if t.number == number:
@@ -584,16 +525,15 @@ def run_task(
     requeue itself. Retries enqueued while this task ran (a dead trial of another task) are run here too,
     so a retry is not lost when every other task has already finished.
     """
-    paths = TunePaths.of(cfg)
     study = open_study(cfg, worker=task_index, storage=storage)
-    state_file = paths.tasks / f"{task_index}.json"
-    previous = _read_json(state_file)
+    state_file = study_dir(cfg) / "tasks" / f"{task_index}.json"
+    previous = read_json(state_file)
     if previous is not None and previous.get("state") is None:
         # The same array task ran before (Slurm requeue) and did not finish its trial: that process is gone.
         fail_and_retry(cfg, study, int(previous["trial"]), f"task {task_index} restarted while the trial was running")
 
     def on_start(trial: optuna.Trial) -> None:
-        _write_json(state_file, {"trial": trial.number, "job": os.environ.get("SLURM_JOB_ID"), "state": None})
+        atomic_write_json(state_file, {"trial": trial.number, "job": os.environ.get("SLURM_JOB_ID"), "state": None})
         trial.set_user_attr("task", task_index)
         job = os.environ.get("SLURM_ARRAY_JOB_ID")
         if job:
@@ -619,9 +559,9 @@ def run_task(
         final = _trial_by_number(study, objective.trial_number)
         assert final is not None
         results.append({"task": task_index, "trial": final.number, "state": final.state.name, "value": final.value})
-        _write_json(state_file, {"trial": final.number, "state": final.state.name})
+        atomic_write_json(state_file, {"trial": final.number, "state": final.state.name})
         if final.state == TrialState.COMPLETE:
-            write_best_params(study, paths.best_params)
+            write_best_params(study, study_dir(cfg) / BEST_PARAMS)
     return results
 
 
@@ -650,13 +590,7 @@ def write_best_params(study: optuna.Study, path: str | Path) -> Path:
     Raises:
         ValueError: no trial is COMPLETE yet.
     """
-    p = Path(path)
-    text = best_params_yaml(study)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, p)
-    return p
+    return atomic_write_text(path, best_params_yaml(study))
 
 
 def study_status(study: optuna.Study) -> dict[str, Any]:
@@ -744,10 +678,9 @@ def prepare(cfg: ExperimentConfig) -> optuna.Study:
             f"the search reuses the trained teachers of tune.folds={list(cfg.tune.folds)}, missing:\n  {listing}\n"
             "train them first (make submit-folds) or change tune.folds"
         )
-    paths = TunePaths.of(cfg)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    study_dir(cfg).mkdir(parents=True, exist_ok=True)
     study = open_study(cfg, create=True)
-    save_config(cfg, paths.config)
+    save_config(cfg, study_dir(cfg) / RUN_CONFIG)
     return study
 
 

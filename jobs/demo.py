@@ -6,7 +6,6 @@ synthetic data, the shards and the completed runs and only redoes what is missin
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -16,7 +15,16 @@ from pathlib import Path
 import pandas as pd
 
 from bonehpc.config import ExperimentConfig
-from bonehpc.paths import ROLES, ExperimentPaths, fold_keys
+from bonehpc.paths import (
+    HOLDOUT_METRICS,
+    HOLDOUT_MODELS,
+    REPORT_INDEX,
+    ROLES,
+    RUN_METRICS,
+    ExperimentPaths,
+    fold_keys,
+    read_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +38,8 @@ def _fmt(x: float) -> str:
     return "  n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
-DEMO_METRICS = ("image_auroc", "image_accuracy", "study_auroc", "study_accuracy", "study_f1", "study_kappa")
+FOLD_METRICS = ("image_auroc", "image_accuracy", "study_auroc", "study_accuracy", "study_f1", "study_kappa")
+"""Columns of the demo's fold table (val/<name> of each run's metrics.json)."""
 
 
 def fold_table(paths: ExperimentPaths, folds: list[int | str]) -> pd.DataFrame:
@@ -38,22 +47,12 @@ def fold_table(paths: ExperimentPaths, folds: list[int | str]) -> pd.DataFrame:
     rows = []
     for fold in folds:
         for role in ROLES:
-            f = paths.role_dir(fold, role) / "metrics.json"
             row: dict[str, object] = {"fold": str(fold), "role": role}
-            if f.is_file():
-                m = json.loads(f.read_text()).get("metrics", {})
-                for key in (
-                    "image_auroc",
-                    "image_accuracy",
-                    "study_auroc",
-                    "study_accuracy",
-                    "study_f1",
-                    "study_kappa",
-                ):
-                    row[key] = m.get(f"val/{key}", float("nan"))
-                row["status"] = "completed"
-            else:
-                row["status"] = "missing"
+            doc = read_json(paths.role_dir(fold, role) / RUN_METRICS)
+            if doc is not None:
+                m = doc.get("metrics", {})
+                row.update({key: m.get(f"val/{key}", float("nan")) for key in FOLD_METRICS})
+            row["status"] = "completed" if paths.role_completed(fold, role) else "missing"
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -121,10 +120,9 @@ def run_demo(
     with pd.option_context("display.float_format", _fmt, "display.width", 160):
         print(table.to_string(index=False))
     holdout = {}
-    for model in ("final_teacher", "final_student", "ensemble_teacher", "ensemble_student"):
-        f = paths.holdout_dir(model) / "metrics.json"
-        if f.is_file():
-            m = json.loads(f.read_text())
+    for model in HOLDOUT_MODELS:
+        m = read_json(paths.holdout_dir(model) / HOLDOUT_METRICS)
+        if m is not None:
             m = m.get("metrics", m)
             holdout[model] = {k: m.get(k, m.get(f"val/{k}")) for k in ("study_auroc", "study_kappa", "image_auroc")}
     if holdout:
@@ -132,7 +130,7 @@ def run_demo(
         print(pd.DataFrame(holdout).T.to_string(float_format=_fmt))
 
     step("6/7 report")
-    report = paths.report / "index.html"
+    report = paths.report / REPORT_INDEX
     evaluated = any(
         job["kind"] == "evaluate" and all(t.get("state") == "COMPLETED" for t in job["tasks"])
         for job in entry.get("jobs", [])

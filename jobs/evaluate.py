@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -24,6 +23,7 @@ class EvaluateTask:
 
     def __call__(self) -> dict[str, Any]:
         from bonehpc.config import load_config
+        from bonehpc.fsio import atomic_write_json
         from bonehpc.paths import ROLES, ExperimentPaths, fold_keys, fold_name
 
         if self.workdir:
@@ -50,18 +50,11 @@ class EvaluateTask:
         else:
             outcome["holdout"] = "skipped: the final teacher or student did not complete"
         paths.holdout.mkdir(parents=True, exist_ok=True)
-        _write_json(paths.holdout / "outcome.json", outcome)
+        atomic_write_json(paths.holdout / "outcome.json", outcome, indent=1)
         from jobs.report import ReportTask
 
         outcome["report"] = ReportTask(self.cfg_path, self.workdir)()
-        _write_json(paths.holdout / "outcome.json", outcome)
+        atomic_write_json(paths.holdout / "outcome.json", outcome, indent=1)
         if error is not None:
             raise RuntimeError(f"holdout evaluation failed: {error}") from error
         return outcome
-
-
-def _write_json(path: os.PathLike[str] | str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, default=str)
-    os.replace(tmp, path)

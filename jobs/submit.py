@@ -25,7 +25,7 @@ from typing import Any
 from bonehpc import slurm
 from bonehpc.accounting import ACTIVE_STATES, RETRY_STATES, task_states
 from bonehpc.config import ConfigError, ExperimentConfig, load_config, save_config
-from bonehpc.paths import ROLES, ExperimentPaths, fold_keys, fold_name
+from bonehpc.paths import ROLES, RUN_CONFIG, ExperimentPaths, fold_keys, fold_name
 from bonehpc.registry import append_submission, config_hash, latest_tasks, new_entry, read_registry
 from jobs.evaluate import EvaluateTask
 from jobs.pack import FinalizePackTask, PackShardTask
@@ -284,12 +284,12 @@ def submit_tune(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dic
     from bonehpc import tune
 
     study = tune.prepare(cfg)
-    tune_paths = tune.TunePaths.of(cfg)
+    folder = tune.study_dir(cfg)
     ctx = _context(cfg, ExperimentPaths.of(cfg), workdir)
     per_kind = {k: dict(v) for k, v in ctx.profile.per_kind.items()}
     per_kind.get("tune", {}).pop("array_parallelism", None)
     ctx.profile = dataclasses.replace(ctx.profile, array_parallelism=cfg.tune.parallel, per_kind=per_kind)
-    task = TuneTask(str(tune_paths.config.resolve()), ctx.workdir)
+    task = TuneTask(str((folder / RUN_CONFIG).resolve()), ctx.workdir)
     log.info(
         "study %r in %s: %d trial(s) so far; submitting %d task(s), %d at a time (%s)",
         study.study_name,
@@ -302,4 +302,4 @@ def submit_tune(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dic
     record = slurm.submit(ctx, "tune", task, list(range(cfg.tune.trials)), role="tune")
     for t in record["tasks"]:
         t["slot"] = t["index"]
-    return _record(ctx, "tune", tune_paths.root, study=study.study_name, storage=tune.storage_label(cfg))
+    return _record(ctx, "tune", folder, study=study.study_name, storage=tune.storage_label(cfg))

@@ -71,12 +71,13 @@ def _exp_dir(args: argparse.Namespace) -> Path:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from bonehpc.paths import BEST_PARAMS
     from bonehpc.tune import (
         TuneError,
-        TunePaths,
         format_status,
         load_tune_config,
         open_study,
+        study_dir,
         study_status,
         write_best_params,
     )
@@ -90,7 +91,7 @@ def _status(args: argparse.Namespace) -> int:
     status = study_status(study)
     written = []
     if status["best"] is not None:
-        written.append(str(write_best_params(study, TunePaths.of(cfg).best_params)))
+        written.append(str(write_best_params(study, study_dir(cfg) / BEST_PARAMS)))
         if args.export:
             written.append(str(write_best_params(study, args.export)))
     if args.json:

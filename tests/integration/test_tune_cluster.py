@@ -18,7 +18,7 @@ import pytest
 
 from bonehpc.accounting import query
 from bonehpc.config import ExperimentConfig, apply_overrides, load_config
-from bonehpc.tune import TunePaths, build_storage, open_study, prepare, run_task
+from bonehpc.tune import build_storage, open_study, prepare, run_task, study_dir, trial_dir, trial_run_dir
 from jobs.submit import submit_tune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
@@ -104,8 +104,8 @@ def test_study_as_one_array_job(slurm_cluster: str, exp_cfg: ExperimentConfig, c
     assert all(t.user_attrs["slurm_job"].startswith(f"{job['job_id']}_") for t in trials)
     records = _wait_tasks(job["job_id"], 6)
     assert set(records) == {f"{job['job_id']}_{i}" for i in range(6)}
-    assert TunePaths.of(cfg).best_params.is_file()
-    assert (TunePaths.of(cfg).root / "jobs.json").is_file()
+    assert (study_dir(cfg) / "best_params.yaml").is_file()
+    assert (study_dir(cfg) / "jobs.json").is_file()
     with capsys.disabled():
         print(f"\n6-trial study, parallelism 2, on the dev cluster: {wall:.0f} s; states {states}")
 
@@ -132,7 +132,7 @@ def test_trial_killed_by_usr2_is_retried_from_its_checkpoint(
     t0 = time.monotonic()
     entry = submit_tune(cfg, workdir=ROOT)
     task_id = entry["jobs"][0]["tasks"][0]["task_id"]
-    jsonl = TunePaths.of(cfg).run_dir(0, 0) / "metrics.jsonl"
+    jsonl = trial_run_dir(cfg, 0, 0) / "metrics.jsonl"
     while not (jsonl.is_file() and jsonl.read_text().strip()):  # one epoch done: last.pt exists
         assert time.monotonic() - t0 < 300, "trial 0 did not finish an epoch"
         time.sleep(0.1)
@@ -143,11 +143,11 @@ def test_trial_killed_by_usr2_is_retried_from_its_checkpoint(
     first, retry = trials
     assert first.state.name == "FAIL" and retry.state.name == "COMPLETE"
     assert retry.system_attrs["retry_history"] == [0] and retry.params == first.params
-    run_dir = TunePaths.of(cfg).run_dir(0, 0)
+    run_dir = trial_run_dir(cfg, 0, 0)
     log = (run_dir / "train.log").read_text()
     assert "resumed from" in log
     assert len(jsonl.read_text().splitlines()) == EPOCHS  # every epoch once: nothing redone, nothing lost
-    assert not TunePaths.of(cfg).trial_dir(1).exists()
+    assert not trial_dir(cfg, 1).exists()
     records = query([task_id.split("_")[0]])
     assert records[task_id].requeues >= 1
     with capsys.disabled():
@@ -186,10 +186,11 @@ def test_study_in_mariadb(slurm_cluster: str, exp_cfg: ExperimentConfig, tmp_pat
     teacher.mkdir(parents=True)
     (teacher / "best.pt").write_bytes(b"")  # the cheap objective below does not read it
     prepare(cfg)
-    assert not TunePaths.of(cfg).journal.exists()  # the RDB holds the study
+    assert not ExperimentPaths.of(cfg).tune_journal.exists()  # the RDB holds the study
     # two concurrent worker processes (cheap objective), as in the journal unit test
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(str(TunePaths.of(cfg).config), list(range(w, 12, 2)))) for w in (0, 1)]
+    cfg_file = str(study_dir(cfg) / "config.yaml")
+    procs = [ctx.Process(target=_worker, args=(cfg_file, list(range(w, 12, 2)))) for w in (0, 1)]
     for p in procs:
         p.start()
     for p in procs:

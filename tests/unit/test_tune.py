@@ -17,20 +17,23 @@ import optuna
 import pytest
 
 from bonehpc.config import ConfigError, ExperimentConfig, load_config
+from bonehpc.paths import ExperimentPaths
 from bonehpc.tune import (
     LOCK_GRACE_S,
     HeartbeatJournalStorage,
     TuneError,
-    TunePaths,
     build_storage,
     check_space,
     open_study,
     prepare,
     run_task,
     space_distributions,
+    study_dir,
     study_status,
     suggest_params,
     trial_config,
+    trial_dir,
+    trial_run_dir,
     write_best_params,
 )
 
@@ -140,7 +143,7 @@ def test_prepare_lists_missing_teachers_before_anything_is_created(tmp_path: Pat
         prepare(cfg)
     text = str(err.value)
     assert "fold0/teacher/best.pt" in text and "fold1/teacher/best.pt" in text
-    assert not TunePaths.of(cfg).journal.exists()
+    assert not ExperimentPaths.of(cfg).tune_journal.exists()
     with pytest.raises(ConfigError, match="SQLite"):
         build_storage(_cfg(tmp_path, f"tune.storage=sqlite:///{tmp_path}/x.db"))
     with pytest.raises(ConfigError, match="tune.folds"):
@@ -181,7 +184,7 @@ def test_two_concurrent_workers_on_the_journal(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "tune.trials=24", "tune.folds=[0]", "tune.pruner=median")
     _fake_teachers(cfg)
     prepare(cfg)
-    cfg_path = str(TunePaths.of(cfg).config)
+    cfg_path = str(study_dir(cfg) / "config.yaml")
     ctx = mp.get_context("spawn")
     t0 = time.perf_counter()
     procs = [ctx.Process(target=_worker, args=(cfg_path, list(range(w, 24, 2)))) for w in range(2)]
@@ -199,11 +202,11 @@ def test_two_concurrent_workers_on_the_journal(tmp_path: Path) -> None:
     assert any(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
     workers = {t.user_attrs["task"] % 2 for t in study.trials}
     assert workers == {0, 1}
-    for line in TunePaths.of(cfg).journal.read_text().splitlines():
+    for line in ExperimentPaths.of(cfg).tune_journal.read_text().splitlines():
         json.loads(line)
     # every trial's run dir holds exactly the epochs it reported
     for t in study.trials:
-        epochs = (TunePaths.of(cfg).run_dir(t.number, 0) / "epochs.txt").read_text().split()
+        epochs = (trial_run_dir(cfg, t.number, 0) / "epochs.txt").read_text().split()
         assert len(epochs) == len(t.intermediate_values)
     print(f"24 trials by 2 processes in {wall:.1f} s")
 
@@ -212,7 +215,7 @@ def test_stale_lock_file_does_not_hang(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "tune.folds=[0]")
     _fake_teachers(cfg)
     prepare(cfg)
-    lock = Path(str(TunePaths.of(cfg).journal) + ".lock")
+    lock = Path(str(ExperimentPaths.of(cfg).tune_journal) + ".lock")
     lock.write_text("")  # what a process killed while appending leaves behind
     t0 = time.perf_counter()
     results = run_task(cfg, 0, train_fold=cheap_fold)
@@ -257,8 +260,8 @@ def test_preempted_trial_is_retried_in_its_own_run_dir(tmp_path: Path) -> None:
     done = open_study(cfg).trials[1]
     assert done.value == pytest.approx(0.8)
     assert sorted(done.intermediate_values) == [0, 1, 2, 3]
-    assert (TunePaths.of(cfg).run_dir(0, 0) / "last.txt").read_text() == "4"  # resumed in trials/0
-    assert not TunePaths.of(cfg).trial_dir(1).exists()
+    assert (trial_run_dir(cfg, 0, 0) / "last.txt").read_text() == "4"  # resumed in trials/0
+    assert not trial_dir(cfg, 1).exists()
 
 
 def test_crashing_trial_is_recorded_and_the_study_goes_on(tmp_path: Path) -> None:
@@ -295,10 +298,10 @@ def _start_and_kill(cfg: ExperimentConfig, index: int, tmp_path: Path) -> None:
     """Run task `index` in a process and SIGKILL it while its trial trains (nothing can clean up)."""
     script = tmp_path / "sleeper.py"
     script.write_text(SLEEPER)
-    proc = subprocess.Popen([sys.executable, str(script), str(TunePaths.of(cfg).config), str(index)], cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, str(script), str(study_dir(cfg) / "config.yaml"), str(index)], cwd=ROOT)
     try:
         deadline = time.time() + 120
-        while not list(TunePaths.of(cfg).root.glob("trials/*/fold0/student/started")):
+        while not list(study_dir(cfg).glob("trials/*/fold0/student/started")):
             assert proc.poll() is None and time.time() < deadline
             time.sleep(0.2)
     finally:
@@ -316,7 +319,7 @@ def test_killed_task_restarting_fails_and_resumes_its_trial(tmp_path: Path) -> N
     trials = open_study(cfg).trials
     assert trials[0].state.name == "FAIL"
     assert [r["trial"] for r in results] == [1] and trials[1].system_attrs["retry_history"] == [0]
-    assert (TunePaths.of(cfg).run_dir(0, 0) / "metrics.json").is_file()  # trained in trial 0's dir
+    assert (trial_run_dir(cfg, 0, 0) / "metrics.json").is_file()  # trained in trial 0's dir
 
 
 def test_heartbeat_fails_a_dead_trial_of_another_task(tmp_path: Path) -> None:
@@ -333,8 +336,8 @@ def test_heartbeat_fails_a_dead_trial_of_another_task(tmp_path: Path) -> None:
     assert trials[0].state.name == "FAIL"
     assert results == [{"task": 1, "trial": 1, "state": "COMPLETE", "value": trials[1].value}]
     assert trials[1].system_attrs["failed_trial"] == 0
-    assert (TunePaths.of(cfg).run_dir(0, 0) / "metrics.json").is_file()
-    assert not TunePaths.of(cfg).trial_dir(1).exists()
+    assert (trial_run_dir(cfg, 0, 0) / "metrics.json").is_file()
+    assert not trial_dir(cfg, 1).exists()
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
@@ -374,7 +377,7 @@ def test_best_params_yaml_round_trips_into_load_config(tmp_path: Path) -> None:
     for i in range(3):
         run_task(cfg, i, train_fold=cheap_fold)
     study = open_study(cfg)
-    auto = TunePaths.of(cfg).best_params
+    auto = study_dir(cfg) / "best_params.yaml"
     assert auto.is_file()  # written by the tasks
     out = write_best_params(study, tmp_path / "best.yaml")
     experiment = tmp_path / "exp.yaml"
@@ -436,14 +439,14 @@ def test_local_study_with_real_training_prunes(tiny_cfg: ExperimentConfig, tmp_p
     assert set(names) <= {"COMPLETE", "PRUNED"} and "PRUNED" in names and "COMPLETE" in names
     for t in study.trials:
         assert sorted(t.intermediate_values) == ([0] if t.state.name == "PRUNED" else [0, 1])
-        saved = load_config(TunePaths.of(cfg).trial_dir(t.number) / "config.yaml")
+        saved = load_config(trial_dir(cfg, t.number) / "config.yaml")
         assert saved.student.lr == pytest.approx(t.params["student.lr"]) and saved.student.epochs == 2
-    assert TunePaths.of(cfg).best_params.is_file()
+    assert (study_dir(cfg) / "best_params.yaml").is_file()
     with capsys.disabled():
         print(f"\nteacher {t_teacher:.1f} s, 3-trial local study {t_study:.1f} s: {names}")
     # a trial pruned at its first epoch never trained the second one
     for t in study.trials:
-        lines = (TunePaths.of(cfg).run_dir(t.number, 0) / "metrics.jsonl").read_text().splitlines()
+        lines = (trial_run_dir(cfg, t.number, 0) / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == (1 if t.state.name == "PRUNED" else 2)
 
 
@@ -457,10 +460,10 @@ def test_named_studies_keep_their_trials_apart(tmp_path: Path) -> None:
     for cfg in (main_cfg, other):
         prepare(cfg)
         run_task(cfg, 0, train_fold=cheap_fold)
-    assert TunePaths.of(main_cfg).journal == TunePaths.of(other).journal
-    assert TunePaths.of(other).run_dir(0, 0) == TunePaths.of(main_cfg).root / "studies/wide/trials/0/fold0/student"
-    assert (TunePaths.of(main_cfg).run_dir(0, 0) / "metrics.json").is_file()
-    assert (TunePaths.of(other).run_dir(0, 0) / "metrics.json").is_file()
+    assert ExperimentPaths.of(main_cfg).tune_journal == ExperimentPaths.of(other).tune_journal
+    assert trial_run_dir(other, 0, 0) == study_dir(main_cfg) / "studies/wide/trials/0/fold0/student"
+    assert (trial_run_dir(main_cfg, 0, 0) / "metrics.json").is_file()
+    assert (trial_run_dir(other, 0, 0) / "metrics.json").is_file()
     exp = Path(main_cfg.run_root) / main_cfg.name
     assert load_tune_config(exp).tune.study_name == ""
     assert load_tune_config(exp, "wide").tune.study_name == "wide"
