@@ -1,33 +1,23 @@
-"""Loader section helper: img/s of a training loader alone, and end to end with a model's training step."""
+"""Section loader: img/s of each training loader backend alone (batches on the device, augmentation on)."""
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from bonehpc.bench.common import Endless, sync
+from bonehpc.bench.data import BenchData, bench_config
+from bonehpc.bench.options import BenchOptions
+from bonehpc.bench.probe import backend_missing, device_label
 from bonehpc.config import ExperimentConfig, apply_overrides
-from bonehpc.data.loaders import Batch, BatchLoader, build_loader
+from bonehpc.data.loaders import build_loader
 from bonehpc.data.shards import ShardReader
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _batches(loader: BatchLoader, n: int) -> Iterator[Batch]:
-    """n batches, running over epoch boundaries (set_epoch advances)."""
-    done = 0
-    while done < n:
-        for batch in loader:
-            yield batch
-            done += 1
-            if done == n:
-                return
-        loader.set_epoch(loader.epoch + 1)
+log = logging.getLogger(__name__)
 
 
 def benchmark_loader(
@@ -35,26 +25,22 @@ def benchmark_loader(
     reader: ShardReader,
     backend: str,
     steps: int,
-    model_name: str | None = None,
     *,
     warmup: int = 3,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Images per second of a training loader alone, and end to end with a model's training step.
+    """Images per second of a training loader alone (no model: end to end is the train section's figure).
 
     Args:
         cfg: config (image size, batch size, workers, augmentation).
         reader: shards to read (all their images are used).
         backend: dali, torch, synthetic or auto.
-        steps: timed batches (after ``warmup`` batches).
-        model_name: timm model for the end-to-end figure (num_classes=2, SGD, bf16 autocast on GPU);
-            None measures the loader only.
+        steps: timed batches (after ``warmup`` batches, running over epoch boundaries).
         warmup: untimed batches first (worker start, first allocations).
         device: default: cuda when available, else cpu.
 
     Returns:
-        dict with backend, device, image_size, batch_size, steps, startup_s, loader_img_s and, with a
-        model, model and e2e_img_s.
+        dict with backend, device, image_size, batch_size, num_workers, steps, startup_s, loader_img_s.
     """
     if steps <= 0:
         raise ValueError(f"steps must be > 0, got {steps}")
@@ -62,9 +48,9 @@ def benchmark_loader(
     cfg = apply_overrides(cfg, {"data.backend": backend, "train.max_steps_per_epoch": 0})
     bs = cfg.train.batch_size
     t0 = time.perf_counter()
-    loader = build_loader(cfg, reader, reader.image_ids, train=True, device=dev, seed=cfg.train.seed)
+    stream = Endless(build_loader(cfg, reader, reader.image_ids, train=True, device=dev, seed=cfg.train.seed))
     result: dict[str, Any] = {
-        "backend": loader.backend,
+        "backend": stream.loader.backend,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "image_size": cfg.data.image_size,
         "batch_size": bs,
@@ -72,51 +58,40 @@ def benchmark_loader(
         "steps": steps,
     }
     try:
-        it = _batches(loader, warmup + steps)
+        it = iter(stream)
         next(it)
-        _sync(dev)
+        sync(dev)
         result["startup_s"] = time.perf_counter() - t0
         for _ in range(warmup - 1):
             next(it)
-        _sync(dev)
+        sync(dev)
         t = time.perf_counter()
         for _ in range(steps):
             next(it)
-        _sync(dev)
+        sync(dev)
         result["loader_img_s"] = bs * steps / (time.perf_counter() - t)
-        if model_name:
-            result.update(_bench_e2e(loader, model_name, steps, warmup, dev))
     finally:
-        loader.close()
+        stream.close()
     return result
 
 
-def _bench_e2e(loader: BatchLoader, model_name: str, steps: int, warmup: int, dev: torch.device) -> dict[str, Any]:
-    import timm
-
-    model = timm.create_model(model_name, num_classes=2, pretrained=False).to(dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    amp = dev.type == "cuda"
-
-    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            loss = loss_fn(model(images), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    model.train()
-    it = _batches(loader, warmup + steps)
-    for _ in range(warmup):
-        images, labels, _ids = next(it)
-        step(images, labels)
-    _sync(dev)
-    t = time.perf_counter()
-    for _ in range(steps):
-        images, labels, _ids = next(it)
-        step(images, labels)
-    _sync(dev)
-    return {"model": model_name, "e2e_img_s": loader.plan.batch_size * steps / (time.perf_counter() - t)}
+def bench_loader(opts: BenchOptions, data: BenchData, dev: torch.device, workdir: Path) -> dict[str, Any]:
+    """Section loader: training loader img/s of each backend alone (batches on `dev`, augmentation on)."""
+    cfg = bench_config(opts, data)
+    reader = ShardReader(data.shards)
+    out: dict[str, Any] = {"device": device_label(dev), "backends": {}}
+    for backend in opts.backends:
+        missing = backend_missing(backend)
+        if missing:
+            out["backends"][backend] = {"skipped": missing}
+            continue
+        try:
+            r = benchmark_loader(cfg, reader, backend, opts.loader_steps, warmup=max(3, opts.warmup), device=dev)
+            r["loader_img_s"] = round(r["loader_img_s"], 1)
+            r["startup_s"] = round(r["startup_s"], 2)
+            out["backends"][backend] = r
+        except Exception as err:  # noqa: BLE001 - one backend failing must not hide the other
+            log.exception("loader benchmark %s failed", backend)
+            out["backends"][backend] = {"error": f"{type(err).__name__}: {err}"}
+    out["note"] = "loader alone: CPU-worker queues prefetch during warm-up; compare end-to-end train figures too"
+    return out

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
-SECTIONS = ("pack", "reads", "loader", "train", "infer", "ddp", "parity")  # = bonehpc.bench.SECTIONS
+from bonehpc.bench.options import SECTIONS  # torch-free
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -93,33 +94,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not modes and args.compile is not None:
         modes = ("eager", "compile") if args.compile else ("eager",)
     try:
-        opts = BenchOptions(
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-            steps=args.steps,
-            warmup=args.warmup,
-            repeats=args.repeats,
-            loader_steps=args.loader_steps,
-            patients=args.patients,
-            max_side=args.max_side,
-            pack_size=args.pack_size,
-            backends=args.backends,
-            modes=modes,
-            amp=args.amp,
-            channels_last=args.channels_last,
-            teacher=args.teacher,
-            student=args.student,
-            kd=args.kd,
-            roles=args.roles,
-            workers=args.workers,
-            pack_workers=args.pack_workers,
-            read_images=args.read_images,
-            ddp_procs=args.ddp_procs,
-            threads=args.threads,
-            device=args.device,
-            seed=args.seed,
-            workdir=args.workdir,
-        )
+        # Every BenchOptions field is a flag of the same name (argparse dest), --modes/--compile folded into modes.
+        names = [f.name for f in dataclasses.fields(BenchOptions) if f.name != "modes"]
+        opts = BenchOptions(modes=modes, **{name: getattr(args, name) for name in names})
         sections = SECTIONS if args.what == "all" else (args.what,)
         result = run_benchmarks(sections, opts)
     except BenchError as err:

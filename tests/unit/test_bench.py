@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bonehpc.bench import BenchError, BenchOptions, format_table, run_benchmarks, train_ratios
 from bonehpc.bench.loader import benchmark_loader
@@ -129,6 +130,10 @@ def test_train_ratios_from_runs() -> None:
     assert r["teacher/eager/dali_vs_ceiling"] == 0.9 and r["teacher/eager/dali_vs_torch"] == 2.0
     assert r["teacher/ceiling/compile_vs_eager"] == 1.5
     assert "teacher/compile/dali_vs_ceiling" not in r  # no figure, no ratio
+    # A model that did not build leaves a run without a source: no ratio from it, and no crash.
+    failed = {"role": "kd", "mode": "eager", "error": "boom"}
+    assert train_ratios([*runs, failed]) == r
+    assert "| train kd  eager | boom |" in format_table({"sections": {"train": {"runs": [failed]}}})
 
 
 def test_ddp_one_vs_two_cpu_processes(tmp_path: Path) -> None:
@@ -195,7 +200,8 @@ def test_pack_and_reads_benchmarks_return_measured_numbers(synth_root: Path, sha
 
 def test_benchmark_loader_reports_throughput(shards_dir: Path) -> None:
     cfg = load_config(None, ["data.image_size=64", "data.pack_size=64", "data.num_workers=1", "train.batch_size=8"])
-    res = benchmark_loader(cfg, ShardReader(shards_dir), "torch", steps=2, model_name="resnet18", warmup=1)
-    assert res["backend"] == "torch" and res["device"] == "cpu" and res["batch_size"] == 8
-    assert res["loader_img_s"] > 0 and res["e2e_img_s"] > 0 and res["startup_s"] > 0
-    assert res["e2e_img_s"] < res["loader_img_s"]  # a training step costs more than reading a batch
+    reader = ShardReader(shards_dir)
+    steps = len(reader) // 8 + 1  # more batches than one epoch holds: the stream runs over the epoch boundary
+    res = benchmark_loader(cfg, reader, "torch", steps=steps, warmup=1, device=torch.device("cpu"))
+    assert res["backend"] == "torch" and res["device"] == "cpu" and res["batch_size"] == 8 and res["steps"] == steps
+    assert res["loader_img_s"] > 0 and res["startup_s"] > 0
