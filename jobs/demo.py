@@ -64,15 +64,17 @@ def run_demo(
     seed: int = 0,
     step: Callable[[str], float] = _default_step,
 ) -> int:
-    """synth -> manifest -> folds -> pack -> fold graph (teacher, KD student, final, holdout) -> report -> predict."""
-    from bonehpc.data.folds import apply_folds, fold_summary, make_folds, write_folds
-    from bonehpc.data.mura import build_manifest, locate, summarize, write_manifest
+    """synth -> pack -> manifest + folds of the packed images -> fold graph (teacher, KD student, final model,
+    holdout) -> report -> predict. Returns 0, or 1 when a task failed."""
+    from bonehpc.data.folds import apply_folds, fold_summary, read_folds
+    from bonehpc.data.mura import locate, read_manifest, summarize
     from bonehpc.data.pack import pack_dataset
     from bonehpc.data.synthetic import generate
+    from jobs.submit import prepare_experiment, submit_folds
 
     t_all = time.perf_counter()
     root = Path(cfg.data.mura_root)
-    t0 = step(f"1/7 synthetic MURA-v1.1 tree in {root}")
+    t0 = step(f"1/6 synthetic MURA-v1.1 tree in {root}")
     try:
         locate(root)
         print(f"reusing {root / 'MURA-v1.1'} (delete it to regenerate)")
@@ -80,22 +82,10 @@ def run_demo(
         generate(root, patients=patients, seed=seed)
         print(f"generated {patients} patients (seed {seed}) in {time.perf_counter() - t0:.1f} s")
 
-    paths = ExperimentPaths.of(cfg)
-    step("2/7 manifest from the official CSVs")
-    manifest = build_manifest(root)
-    write_manifest(manifest, paths.manifest)
-    print(summarize(manifest).to_string(index=False))
-
-    step(f"3/7 {cfg.data.num_folds} patient-grouped folds (stratified by body part x label)")
-    folds = make_folds(manifest, cfg.data.num_folds, cfg.data.fold_seed)
-    write_folds(folds, paths.folds)
-    print(fold_summary(apply_folds(manifest, folds)).to_string(index=False))
-
-    step(f"4/7 HDF5 shards at {cfg.data.pack_size} px in {cfg.data.shards}")
+    step(f"2/6 HDF5 shards at {cfg.data.pack_size} px in {cfg.data.shards} (unusable images rejected and listed)")
     summary = pack_dataset(
         root,
         cfg.data.shards,
-        manifest=manifest,
         pack_size=cfg.data.pack_size,
         fit=cfg.data.fit,
         compression=cfg.data.compression,
@@ -106,9 +96,13 @@ def run_demo(
     )
     print("\n".join(summary.lines()))
 
-    from jobs.submit import submit_folds
+    step(f"3/6 manifest of the packed images, {cfg.data.num_folds} patient-grouped folds (body part x label)")
+    paths = prepare_experiment(cfg)
+    manifest = read_manifest(paths.manifest)
+    print(summarize(manifest).to_string(index=False))
+    print(fold_summary(apply_folds(manifest, read_folds(paths.folds))).to_string(index=False))
 
-    step(f"5/7 teacher + distilled student per fold, final model, holdout (cluster mode {cfg.cluster.mode})")
+    step(f"4/6 teacher + distilled student per fold, final model, holdout (cluster mode {cfg.cluster.mode})")
     entry = submit_folds(cfg)
     failed = [
         f"{job['role'] or job['kind']} {task.get('fold', '')}".strip()
@@ -129,7 +123,7 @@ def run_demo(
         print("holdout (official valid split):")
         print(pd.DataFrame(holdout).T.to_string(float_format=_fmt))
 
-    step("6/7 report")
+    step("5/6 report")
     report = paths.report / REPORT_INDEX
     evaluated = any(
         job["kind"] == "evaluate" and all(t.get("state") == "COMPLETED" for t in job["tasks"])
@@ -141,7 +135,7 @@ def run_demo(
         report = build_report(paths.root)
     print(f"report: {report.resolve()}  (open it in a browser; report.md and CSV tables beside it)")
 
-    step("7/7 predict on the official valid images with the fold ensemble of students")
+    step("6/6 predict on the official valid images with the fold ensemble of students")
     from bonehpc.predict import predict, studies_csv_path
 
     out_csv = paths.root / "predict" / "valid_preds.csv"

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from bonehpc import slurm
 from bonehpc.accounting import ACTIVE_STATES, RETRY_STATES, task_states
 from bonehpc.config import ConfigError, ExperimentConfig, load_config, save_config
@@ -56,9 +58,49 @@ def _record(ctx: slurm.SubmitContext, kind: str, folder: Path, **extra: Any) -> 
 # The fold graph
 
 
+def packed_manifest(shards_dir: str | Path) -> pd.DataFrame:
+    """The manifest of what was packed: the manifest columns of `<shards>/index.csv` (no HDF5 file opened).
+
+    Images rejected by the packer, and so studies and patients that lost every image, are not in it: the
+    experiment never sees them (no fold, no training, no evaluation). The shard folder's rejected.csv and
+    lost_studies.csv are the record; this logs the counts.
+
+    Raises:
+        ShardError: the shard folder is missing or unfinished (one line; run `bonehpc pack` first).
+    """
+    from bonehpc.data.mura import MANIFEST_COLUMNS
+    from bonehpc.data.shards import LOST_STUDIES_CSV, REJECTED_CSV, ShardReader
+
+    reader = ShardReader(shards_dir)
+    packed = reader.index[list(MANIFEST_COLUMNS)].copy()
+    info = reader.info
+    reader.close()
+    n_rejected, n_lost = int(info.get("n_rejected", 0)), int(info.get("n_lost_studies", 0))
+    if n_rejected or n_lost:
+        log.warning(
+            "%d images rejected in packing (%s) and %d studies lost every image (%s): excluded from the "
+            "manifest, the folds, training and evaluation",
+            n_rejected,
+            reader.shards_dir / REJECTED_CSV,
+            n_lost,
+            reader.shards_dir / LOST_STUDIES_CSV,
+        )
+    return packed
+
+
 def prepare_experiment(cfg: ExperimentConfig) -> ExperimentPaths:
-    """runs/<exp>/: config.yaml (always the submitted one), manifest.csv and folds.csv when absent."""
+    """runs/<exp>/: config.yaml (always the submitted one), manifest.csv and folds.csv when absent.
+
+    manifest.csv and folds.csv are made from what was packed (`packed_manifest` of data.shards), never from
+    the data set's CSVs: a study or patient the packer lost is in no fold. Existing files are kept (the
+    folds of an experiment do not change between submissions); patients of an existing folds.csv that are
+    not packed are reported (training reads only the shard index, so they are skipped).
+    """
+    from bonehpc.data.folds import make_folds, read_folds, write_folds
+    from bonehpc.data.mura import read_manifest, write_manifest
+
     paths = ExperimentPaths.of(cfg)
+    packed = packed_manifest(cfg.data.shards)
     paths.root.mkdir(parents=True, exist_ok=True)
     if paths.config.is_file():
         old = load_config(paths.config)
@@ -70,17 +112,19 @@ def prepare_experiment(cfg: ExperimentConfig) -> ExperimentPaths:
                 config_hash(cfg),
             )
     save_config(cfg, paths.config)
-    if not paths.manifest.is_file() or not paths.folds.is_file():
-        from bonehpc.data.folds import make_folds, write_folds
-        from bonehpc.data.mura import build_manifest, read_manifest, write_manifest
-
-        if paths.manifest.is_file():
-            manifest = read_manifest(paths.manifest)
-        else:
-            manifest = build_manifest(cfg.data.mura_root)
-            write_manifest(manifest, paths.manifest)
-        if not paths.folds.is_file():
-            write_folds(make_folds(manifest, cfg.data.num_folds, cfg.data.fold_seed), paths.folds)
+    if not paths.manifest.is_file():
+        write_manifest(packed, paths.manifest)
+    manifest = read_manifest(paths.manifest)
+    if not paths.folds.is_file():
+        write_folds(make_folds(manifest, cfg.data.num_folds, cfg.data.fold_seed), paths.folds)
+    unpacked = set(read_folds(paths.folds)["patient"]) - set(packed["patient"])
+    if unpacked:
+        log.warning(
+            "%d patient(s) of %s are not in the shards (lost in packing): they are skipped, e.g. %s",
+            len(unpacked),
+            paths.folds,
+            ", ".join(sorted(unpacked)[:5]),
+        )
     return paths
 
 
