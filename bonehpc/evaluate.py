@@ -7,15 +7,16 @@
 Writes `holdout/<model>/predictions.csv` (image_id, study, body_part, label, prob) and
 `holdout/<model>/metrics.json` for model in final_teacher, final_student (the `final/<role>/best.pt`
 checkpoints) and ensemble_teacher, ensemble_student (mean probability of the fold models of a
-role, over the folds whose best.pt exists; the folds used and missing are recorded).
+role, over the folds whose best.pt exists; the folds used and missing are recorded); with the
+optional no-KD "baseline" role of `bonehpc.paths.ROLES`, final_baseline and ensemble_baseline too.
+Before any holdout prediction it fits one temperature per role on the folds' out-of-fold predictions
+(`bonehpc.metrics.write_calibration` -> `calibration.json` at the experiment root).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,12 @@ import torch
 from bonehpc import dist
 from bonehpc.checkpoint import BEST, build_model_from_checkpoint, load_checkpoint
 from bonehpc.config import ExperimentConfig
+from bonehpc.constants import PRED_COLUMNS
 from bonehpc.engine import evaluate
-from bonehpc.paths import ROLES, ExperimentPaths
+from bonehpc.fsio import atomic_write_csv, atomic_write_json
+from bonehpc.paths import HOLDOUT_METRICS, HOLDOUT_PREDICTIONS, ROLES, ExperimentPaths
 
 log = logging.getLogger("bonehpc.evaluate")  # not __name__: it is "__main__" under `python -m`
-
-PRED_COLUMNS = ["image_id", "study", "body_part", "label", "prob"]
 
 
 def predict_checkpoint(
@@ -69,18 +70,12 @@ def predict_checkpoint(
     if len(missing):
         raise RuntimeError(f"{checkpoint}: no prediction for {len(missing)} image(s) (e.g. {missing[0]})")
     meta = reader.index.set_index("image_id")[["study", "body_part"]]
-    return df.join(meta, on="image_id")[PRED_COLUMNS]
+    return df.join(meta, on="image_id")[list(PRED_COLUMNS)]
 
 
 def _write(out_dir: Path, preds: pd.DataFrame, summary: dict[str, Any]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, write in (
-        ("predictions.csv", lambda p: preds.to_csv(p, index=False)),
-        ("metrics.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n")),
-    ):
-        tmp = out_dir / f".{name}.tmp"
-        write(tmp)
-        os.replace(tmp, out_dir / name)
+    atomic_write_csv(out_dir / HOLDOUT_PREDICTIONS, preds)
+    atomic_write_json(out_dir / HOLDOUT_METRICS, summary)  # last: its presence means the model is evaluated
 
 
 def evaluate_holdout(cfg: ExperimentConfig) -> dict[str, dict[str, float]]:
@@ -92,9 +87,20 @@ def evaluate_holdout(cfg: ExperimentConfig) -> dict[str, dict[str, float]]:
     with a warning and is absent from the result.
     """
     from bonehpc.data.shards import ShardReader
-    from bonehpc.metrics import evaluate_predictions
+    from bonehpc.metrics import evaluate_predictions, write_calibration
 
     paths = ExperimentPaths.of(cfg)
+    if dist.is_main():
+        # fitted on the folds' out-of-fold predictions only, before anything looks at the holdout
+        calib = write_calibration(paths.root, ROLES, cfg.data.num_folds)
+        for role, c in calib["roles"].items():
+            log.info(
+                "temperature of %s: %.3f (out-of-fold image ECE %.4f -> %.4f)",
+                role,
+                c["temperature"],
+                c["ece_before"],
+                c["ece_after"],
+            )
     reader = ShardReader(cfg.data.shards)
     valid = reader.index.loc[reader.index["split"] == "valid", "image_id"].to_numpy(np.int64)
     if len(valid) == 0:
@@ -173,7 +179,8 @@ def _finish(
 def main(argv: list[str] | None = None) -> int:
     """`python -m bonehpc.evaluate`: holdout evaluation, or (--checkpoint) predictions of one checkpoint."""
     from bonehpc.config import ConfigError, load_config
-    from bonehpc.train import parse_fold, split_ids
+    from bonehpc.paths import parse_fold
+    from bonehpc.train import split_ids
 
     p = argparse.ArgumentParser(
         prog="python -m bonehpc.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -200,11 +207,18 @@ def main(argv: list[str] | None = None) -> int:
 
             reader = ShardReader(cfg.data.shards)
             folds = read_folds(ExperimentPaths.of(cfg).folds)
-            _, ids = split_ids(reader.index, folds, fold, cfg.data.num_folds)
+            _, ids = split_ids(
+                reader.index,
+                folds,
+                fold,
+                cfg.data.num_folds,
+                final_val_frac=cfg.train.final_val_frac,
+                seed=cfg.data.fold_seed,
+            )
             preds = predict_checkpoint(cfg, args.checkpoint, ids, reader)
             if dist.is_main():
                 if args.out:
-                    preds.to_csv(args.out, index=False)
+                    atomic_write_csv(args.out, preds)
                 m = evaluate_predictions(preds)
                 log.info(
                     "%d predictions: study_auroc %.4f study_kappa %.4f", len(preds), m["study_auroc"], m["study_kappa"]

@@ -29,6 +29,8 @@ import math
 import re
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,6 +45,8 @@ from sklearn.metrics import (
 )
 
 from bonehpc.constants import PRED_COLUMNS, THRESHOLD
+from bonehpc.fsio import atomic_write_json
+from bonehpc.paths import RUN_PREDICTIONS, ExperimentPaths, read_json, run_completed
 
 REQUIRED_COLUMNS = PRED_COLUMNS
 LEVELS = ("image", "study")
@@ -55,6 +59,8 @@ N_BOOT = 1000
 BOOT_SEED = 0
 CI_LEVEL = 0.95
 CI_METRICS = ("kappa", "auroc", "f1", "accuracy")
+# Temperature-scaling record at the experiment root: written by `bonehpc evaluate`, read by report and predict.
+CALIBRATION_FILE = "calibration.json"
 # Largest resamples x studies block held in memory at once (float64: 8 bytes each).
 _BLOCK = 4_000_000
 
@@ -213,6 +219,53 @@ def fit_temperature(y: np.ndarray, p: np.ndarray) -> float:
     q = np.clip(q, 1e-12, 1 - 1e-12)
     nll = -(y * np.log(q) + (1 - y) * np.log(1 - q)).mean(axis=1)
     return float(grid[int(np.argmin(nll))])
+
+
+def read_temperatures(exp_root: str | Path) -> dict[str, float]:
+    """role -> temperature from the experiment's CALIBRATION_FILE (empty when there is none)."""
+    doc = read_json(Path(exp_root) / CALIBRATION_FILE) or {}
+    roles = doc.get("roles") if isinstance(doc.get("roles"), dict) else {}
+    return {str(r): float(v["temperature"]) for r, v in roles.items() if isinstance(v, dict) and "temperature" in v}
+
+
+def write_calibration(exp_root: str | Path, roles: tuple[str, ...] | list[str], num_folds: int) -> dict[str, Any]:
+    """Fit one temperature per role on the out-of-fold image predictions of its completed fold runs (each train
+    image predicted by the fold model that did not see it; never the holdout) and write CALIBRATION_FILE.
+
+    Returns:
+        The document written: {"method", "fitted_on", "roles": {role: {"temperature", "n_images", "folds",
+        "ece_before", "ece_after"}}} (image level ECE); roles without a completed fold are left out, and
+        nothing is written when no role has one.
+    """
+    paths = ExperimentPaths(Path(exp_root))
+    out: dict[str, Any] = {}
+    for role in roles:
+        frames, folds = [], []
+        for k in range(num_folds):
+            d = paths.role_dir(k, role)
+            if run_completed(d) and (d / RUN_PREDICTIONS).is_file():
+                frames.append(pd.read_csv(d / RUN_PREDICTIONS))
+                folds.append(k)
+        if not frames:
+            continue
+        oof = pd.concat(frames, ignore_index=True)
+        y, p = oof["label"].to_numpy(), oof["prob"].to_numpy(dtype=float)
+        t = fit_temperature(y, p)
+        out[role] = {
+            "temperature": t,
+            "n_images": len(oof),
+            "folds": folds,
+            "ece_before": expected_calibration_error(y, p),
+            "ece_after": expected_calibration_error(y, apply_temperature(p, t)),
+        }
+    doc = {
+        "method": "temperature scaling: p -> sigmoid(logit(p) / T), T minimising the log loss",
+        "fitted_on": "out-of-fold image predictions of the fold models (predictions_val.csv), never the holdout",
+        "roles": out,
+    }
+    if out:
+        atomic_write_json(paths.root / CALIBRATION_FILE, doc)
+    return doc
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

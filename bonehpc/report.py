@@ -20,7 +20,6 @@ import math
 import os
 import platform
 import re
-import subprocess
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,15 +30,19 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from bonehpc import metrics as M
 from bonehpc import report_plots as plots
 from bonehpc.config import ExperimentConfig, from_dict, read_yaml
+from bonehpc.constants import PRED_COLUMNS, THRESHOLD
+from bonehpc.fsio import atomic_write_bytes, atomic_write_text
 from bonehpc.paths import HOLDOUT_MODELS, ROLES, ExperimentPaths
 
 log = logging.getLogger(__name__)
 
 METRICS = ("accuracy", "precision", "recall", "f1", "auroc", "kappa")
 LEVELS = ("image", "study")
-THRESHOLD = 0.5
+# Roles every experiment has; any other role of paths.ROLES (the no-KD "baseline") is optional.
+CORE_ROLES = ("teacher", "student")
 # The seed project's published numbers (image level only, no kappa): quoted, never recomputed.
 SEED_CV = {"accuracy": 0.822, "precision": 0.838, "recall": 0.716, "f1": 0.772}
 SEED_HOLDOUT_ACCURACY = 0.8274
@@ -150,9 +153,6 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-PRED_COLUMNS = ("image_id", "study", "body_part", "label", "prob")
-
-
 def read_predictions(path: Path) -> pd.DataFrame:
     """A predictions CSV (image_id, study, body_part, label, prob); names the file and the missing columns."""
     df = pd.read_csv(path)
@@ -165,11 +165,8 @@ def read_predictions(path: Path) -> pd.DataFrame:
 
 
 def study_level(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per study: label, body_part, n_images and prob = mean of its images' probabilities."""
-    g = df.groupby("study", sort=True)
-    out = g.agg(label=("label", "max"), body_part=("body_part", "first"), prob=("prob", "mean"))
-    out["n_images"] = g.size()
-    return out.reset_index()
+    """One row per study (`bonehpc.metrics.study_table`, the one aggregation: unit and label rule there)."""
+    return M.study_table(df)
 
 
 def _evaluate(df: pd.DataFrame) -> dict[str, float]:
@@ -259,6 +256,12 @@ class Experiment:
     holdout: dict[str, tuple[pd.DataFrame | None, dict[str, float], dict[str, Any], str]]
     acct: pd.DataFrame | None
     acct_problem: str
+    roles: tuple[str, ...] = CORE_ROLES  # teacher, student, and "baseline" when this experiment has one
+    cache: dict[str, Any] = field(default_factory=dict)  # bootstrap tables shared by several sections
+
+    @property
+    def has_baseline(self) -> bool:
+        return "baseline" in self.roles
 
     def cv_runs(self, role: str) -> list[Run]:
         return [self.runs[(f"fold{k}", role)] for k in self.folds]
@@ -294,14 +297,15 @@ def load_experiment(exp_dir: str | Path) -> Experiment:
     folds = sorted(set(range(k)) | set(on_disk))
     acct, acct_problem = _accounting(root)
     sacct = _sacct_states(acct)
+    roles = experiment_roles(root)
     runs = {}
     fold_keys: list[int | str] = [*folds, "final"]
     for fold in fold_keys:
-        for role in ROLES:
+        for role in roles:
             r = collect_run(paths, fold, role, sacct)
             runs[(r.fold, role)] = r
     holdout: dict[str, tuple[pd.DataFrame | None, dict[str, float], dict[str, Any], str]] = {}
-    for model in HOLDOUT_MODELS:
+    for model in [m for m in HOLDOUT_MODELS if m.split("_", 1)[1] in roles]:
         d = paths.holdout_dir(model)
         if not (d / "predictions.csv").is_file():
             holdout[model] = (None, {}, {}, f"missing: {d / 'predictions.csv'} not found")
@@ -313,7 +317,14 @@ def load_experiment(exp_dir: str | Path) -> Experiment:
         except Exception as err:  # noqa: BLE001
             holdout[model] = (None, {}, {}, f"missing: unreadable ({err})")
     name = cfg.name if cfg else root.name
-    return Experiment(root, name, cfg, raw, problem, folds, runs, holdout, acct, acct_problem)
+    return Experiment(root, name, cfg, raw, problem, folds, runs, holdout, acct, acct_problem, roles)
+
+
+def experiment_roles(root: Path) -> tuple[str, ...]:
+    """teacher and student, plus each optional role of paths.ROLES (the no-KD baseline) that has a run or a
+    holdout folder here: an experiment without a baseline is not reported as missing one."""
+    extra = [r for r in ROLES if r not in CORE_ROLES and (any(root.glob(f"*/{r}")) or any(root.glob(f"holdout/*_{r}")))]
+    return (*CORE_ROLES, *extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +344,7 @@ def _metric_row(m: Mapping[str, float], level: str) -> dict[str, Any]:
 def cv_tables(exp: Experiment) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per fold rows, mean/std rows) of the cross-validation, both roles, both levels."""
     rows, summ = [], []
-    for role in ROLES:
+    for role in exp.roles:
         for level in LEVELS:
             vals = []
             for run in exp.cv_runs(role):
@@ -376,7 +387,7 @@ def _pm(mean: float, std: float) -> str:
 
 def _cv_display(per_fold: pd.DataFrame, summary: pd.DataFrame, level: str) -> pd.DataFrame:
     out = []
-    for role in ROLES:
+    for role in dict.fromkeys(per_fold["role"]):
         sub = per_fold[(per_fold.role == role) & (per_fold.level == level)]
         for _, r in sub.iterrows():
             row = {"model": role, "fold": r["fold"]}
@@ -393,6 +404,81 @@ def _cv_display(per_fold: pd.DataFrame, summary: pd.DataFrame, level: str) -> pd
         out.append(row)
     unit = "studies" if level == "study" else "images"
     return pd.DataFrame(out).reindex(columns=["model", "fold", unit, *METRICS]).fillna("")
+
+
+CI_NOTE = (
+    f"95 % confidence intervals [in brackets]: percentile intervals of {M.N_BOOT:,} bootstrap resamples of "
+    f"patients (every study of a drawn patient comes along; seed {M.BOOT_SEED}), study level. Differences are "
+    "paired: both models are scored on the same resamples of the same studies; an interval that excludes 0 is "
+    "unlikely to be resampling noise."
+)
+
+
+def _ci(est: float, lo: float, hi: float) -> str:
+    if est is None or math.isnan(est):
+        return "—"
+    if math.isnan(lo):
+        return f"{est:.3f} [undefined]"
+    return f"{est:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def ci_wide(long: pd.DataFrame, index: list[str]) -> pd.DataFrame:
+    """Long CI rows (metrics.ci_table / paired_diff_table) -> one row per `index`, "metric [95 % CI]" cells."""
+    d = long.assign(cell=[_ci(e, lo, hi) for e, lo, hi in zip(long.estimate, long.ci_low, long.ci_high, strict=True)])
+    wide = d.pivot_table(index=[*index, "n_studies", "n_patients"], columns="metric", values="cell", aggfunc="first")
+    wide = wide.reindex(columns=list(M.CI_METRICS))
+    wide.columns = [f"{m} [95 % CI]" for m in wide.columns]
+    order = list(dict.fromkeys(map(tuple, long[index].to_numpy().tolist())))
+    wide = wide.reset_index()
+    key = wide[index].apply(tuple, axis=1).map({k: i for i, k in enumerate(order)})
+    return (
+        wide.assign(_k=key)
+        .sort_values("_k")
+        .drop(columns="_k")
+        .rename(columns={"n_studies": "studies", "n_patients": "patients"})
+    )
+
+
+def _cached(exp: Experiment, key: str, make: Callable[[], Any]) -> Any:
+    if key not in exp.cache:
+        exp.cache[key] = make()
+    return exp.cache[key]
+
+
+def oof_studies(exp: Experiment) -> dict[str, pd.DataFrame]:
+    """role -> study table of its pooled out-of-fold predictions (roles with at least one completed fold)."""
+
+    def make() -> dict[str, pd.DataFrame]:
+        return {r: study_level(o) for r in exp.roles if (o := oof_predictions(exp, r)) is not None}
+
+    return _cached(exp, "oof_studies", make)
+
+
+def holdout_studies(exp: Experiment) -> dict[str, pd.DataFrame]:
+    return _cached(
+        exp, "holdout_studies", lambda: {m: study_level(p) for m, (p, *_) in exp.holdout.items() if p is not None}
+    )
+
+
+def oof_ci(exp: Experiment) -> pd.DataFrame:
+    """Bootstrap CIs of the pooled out-of-fold study predictions per role, overall and per body part."""
+    tables = oof_studies(exp)
+    return _cached(exp, "oof_ci", lambda: M.ci_table(tables) if tables else pd.DataFrame())
+
+
+def holdout_ci(exp: Experiment) -> pd.DataFrame:
+    tables = holdout_studies(exp)
+    return _cached(exp, "holdout_ci", lambda: M.ci_table(tables) if tables else pd.DataFrame())
+
+
+def paired_rows(pairs: list[tuple[str, str, str, Mapping[str, pd.DataFrame]]]) -> pd.DataFrame:
+    """Paired bootstrap differences for (where, a, b, tables) when both a and b exist in tables."""
+    frames = []
+    for where, a, b, tables in pairs:
+        if a in tables and b in tables:
+            d = M.paired_diff_table(a, tables[a], b, tables[b])
+            frames.append(d.assign(comparison=f"{where}: " + d["comparison"]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def section_cv(exp: Experiment) -> Section:
@@ -423,19 +509,65 @@ def section_cv(exp: Experiment) -> Section:
             f"cv_{level}_display",
             f"{level.capitalize()}-level validation metrics per fold (unit: {unit}).",
         )
+    pooled = oof_ci(exp)
+    if len(pooled):
+        sec.p(
+            "Pooled out-of-fold: every train study predicted once, by the fold model that did not see it, all folds "
+            "scored together (the mean ± std rows above weight the folds equally instead). " + CI_NOTE,
+            "note",
+        )
+        sec.table(
+            ci_wide(pooled[pooled.body_part == "ALL"].rename(columns={"model": "role"}), ["role"]),
+            "cv_pooled_ci",
+            "Study-level pooled out-of-fold metrics with patient-grouped bootstrap 95 % CIs.",
+        )
+        sec.table(
+            pooled, "cv_pooled_ci_long", "Pooled out-of-fold CIs, every body part (machine-readable).", show=False
+        )
     sec.table(per_fold, "cv_metrics", "All per-fold numbers (machine-readable).", show=False)
     sec.table(summary, "cv_summary", "Mean and standard deviation over the completed folds.", show=False)
     sec.p("Machine-readable: cv_metrics.csv (every fold, role and level) and cv_summary.csv (mean, std).", "note")
     return sec
 
 
+HOLDOUT_PROTOCOL = (
+    "Holdout protocol: the final models never see the official valid split while training; they select their "
+    "epoch on a patient-grouped slice of the train patients (held out of their training), and the fold models "
+    "select on their own fold. The official valid split is evaluated once, by the holdout job, after training."
+)
+
+
+def selection_notes(exp: Experiment) -> list[tuple[str, str]]:
+    """(text, kind) per final run: the epoch-selection record of its metrics.json ("selection"), if any."""
+    out = []
+    for role in exp.roles:
+        r = exp.runs.get(("final", role))
+        if r is None or r.state != "completed":
+            continue
+        sel = r.summary.get("selection")
+        if isinstance(sel, dict) and sel:
+            desc = ", ".join(f"{k}={v}" for k, v in sel.items() if not isinstance(v, (list, dict)))
+            out.append((f"final {role}: epoch selection recorded in metrics.json: {desc}.", "note"))
+        else:
+            out.append(
+                (
+                    f"final {role}: its metrics.json records no epoch selection (a run from before the holdout "
+                    "protocol); its best epoch may have been chosen on the valid split, so its holdout numbers are "
+                    "optimistic.",
+                    "missing",
+                )
+            )
+    return out
+
+
 def section_holdout(exp: Experiment) -> Section:
     sec = Section("Holdout: the official MURA valid split", "holdout")
     sec.p(
         "final_*: one model per role trained on all train patients. ensemble_*: the fold models of a role, "
-        "their image probabilities averaged. Evaluated once on the official valid split (never used for selection "
-        "in cross-validation)."
+        "their image probabilities averaged. " + HOLDOUT_PROTOCOL
     )
+    for text, kind in selection_notes(exp):
+        sec.p(text, kind)
     sec.p(UNIT_NOTE, "note")
     rows = []
     for model, (_, m, _, problem) in exp.holdout.items():
@@ -451,6 +583,15 @@ def section_holdout(exp: Experiment) -> Section:
             sec.p(f"{model}: averages folds {meta.get('folds_used')}; folds {meta['folds_missing']} missing", "missing")
     df = pd.DataFrame(rows).reindex(columns=["model", "level", "status", "n", "n_pos", *METRICS])
     sec.table(df, "holdout_metrics", "Holdout metrics of the final models and the fold ensembles.")
+    ci = holdout_ci(exp)
+    if len(ci):
+        sec.p(CI_NOTE, "note")
+        sec.table(
+            ci_wide(ci[ci.body_part == "ALL"], ["model"]),
+            "holdout_ci",
+            "Study-level holdout metrics with patient-grouped bootstrap 95 % CIs.",
+        )
+        sec.table(ci, "holdout_ci_long", "Holdout CIs, every body part (machine-readable).", show=False)
     return sec
 
 
@@ -478,7 +619,7 @@ def section_body_parts(exp: Experiment) -> Section:
     )
     cols: dict[str, dict[str, tuple[float, float]]] = {}
     studies: dict[str, pd.DataFrame] = {}
-    for role in ROLES:
+    for role in exp.roles:
         oof = oof_predictions(exp, role)
         if oof is not None:
             m = _evaluate(oof)
@@ -502,14 +643,34 @@ def section_body_parts(exp: Experiment) -> Section:
             row[f"kappa {name}"] = c.get(part, (math.nan, math.nan))[0]
         rows.append(row)
     sec.table(pd.DataFrame(rows), "body_part_kappa", "Study-level Cohen's kappa per body part.")
+    ci = part_kappa_ci(exp, parts)
+    if len(ci):
+        sec.p(CI_NOTE, "note")
+        sec.table(ci, "body_part_kappa_ci", "Study-level Cohen's kappa per body part with 95 % CIs.")
     return sec
+
+
+def part_kappa_ci(exp: Experiment, parts: list[str]) -> pd.DataFrame:
+    """Rows body part (ALL last), one "kappa [95 % CI]" column per pooled-CV role and holdout model."""
+    cols: dict[str, dict[str, str]] = {}
+    for prefix, ci in (("CV (out-of-fold)", oof_ci(exp)), ("holdout", holdout_ci(exp))):
+        if not len(ci):
+            continue
+        k = ci[ci.metric == "kappa"]
+        for model, sub in k.groupby("model", sort=False):
+            cols[f"kappa {prefix} {model}"] = {
+                r.body_part: _ci(r.estimate, r.ci_low, r.ci_high) for r in sub.itertuples(index=False)
+            }
+    if not cols:
+        return pd.DataFrame()
+    return pd.DataFrame([{"body_part": p, **{c: v.get(p, "—") for c, v in cols.items()}} for p in parts])
 
 
 def section_curves(exp: Experiment) -> Section:
     sec = Section("ROC, precision-recall, confusion matrices and calibration (study level)", "curves")
     sec.p("All curves are at study level: study probability = mean of its views' probabilities.", "note")
     sets: dict[str, pd.DataFrame] = {}
-    for role in ROLES:
+    for role in exp.roles:
         done = {
             r.fold: study_level(r.preds) for r in exp.cv_runs(role) if r.state == "completed" and r.preds is not None
         }
@@ -543,16 +704,52 @@ def section_curves(exp: Experiment) -> Section:
         sec.figure(
             plots.calibration_figure(sets),
             "calibration",
-            "Reliability diagram: fraction of abnormal studies per bin of predicted study probability.",
+            "Reliability diagram: fraction of abnormal studies per bin of predicted study probability; the legend "
+            "gives each set's expected calibration error (ECE, 10 equal-width bins).",
         )
+        sec.table(calibration_table(exp, sets), "calibration_ece", "Expected calibration error (study level).")
+        calib = M.read_temperatures(exp.root)
+        if calib:
+            sec.p(
+                "Temperature scaling: one temperature T per role, fitted on the out-of-fold image predictions of the "
+                "fold models (never on the holdout) by `bonehpc evaluate`, saved in "
+                f"{M.CALIBRATION_FILE}; `bonehpc predict --calibrate` applies it (p -> sigmoid(logit(p) / T)). It "
+                "leaves every image's call at 0.5 unchanged; study means and probabilities move.",
+                "note",
+            )
+        else:
+            sec.p(f"no temperature fitted ({M.CALIBRATION_FILE} not found: `bonehpc evaluate` writes it)", "note")
     return sec
+
+
+def calibration_table(exp: Experiment, sets: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """ECE per prediction set, and for holdout models the ECE after their role's temperature."""
+    temps = M.read_temperatures(exp.root)
+    rows = []
+    for name, st in sets.items():
+        row: dict[str, Any] = {
+            "predictions": name,
+            "studies": len(st),
+            "ECE": M.expected_calibration_error(st["label"], st["prob"]),
+        }
+        model = name.removeprefix("holdout ")
+        role = model.split("_", 1)[-1]
+        preds = exp.holdout.get(model, (None,))[0]
+        if name.startswith("holdout ") and role in temps and preds is not None:
+            scaled = study_level(preds.assign(prob=M.apply_temperature(preds["prob"].to_numpy(), temps[role])))
+            row["temperature (fitted out-of-fold)"] = temps[role]
+            row["ECE after temperature"] = M.expected_calibration_error(scaled["label"], scaled["prob"])
+        rows.append(row)
+    return pd.DataFrame(rows).reindex(
+        columns=["predictions", "studies", "ECE", "temperature (fitted out-of-fold)", "ECE after temperature"]
+    )
 
 
 def section_learning(exp: Experiment) -> Section:
     sec = Section("Learning curves", "learning")
     metric = exp.early_stop_metric
     sec.p(f"Per epoch, from each run's metrics.jsonl. The early-stop metric is {metric} (higher is better).")
-    for role in ROLES:
+    for role in exp.roles:
         runs = [*exp.cv_runs(role), exp.runs[("final", role)]]
         hist = {r.fold: r.history for r in runs if r.history is not None and len(r.history) and "epoch" in r.history}
         if not hist:
@@ -613,7 +810,7 @@ def section_teacher_student(exp: Experiment) -> Section:
     sec = Section("Teacher vs student", "kd")
     _, summary = cv_tables(exp)
     rows = []
-    for role in ROLES:
+    for role in CORE_ROLES:
         m = _model_entry(exp, role)
         if _first(m, "img_per_s", "infer_img_per_s") is None:
             try:
@@ -655,7 +852,82 @@ def section_teacher_student(exp: Experiment) -> Section:
     if distill:
         sec.p(f"Distillation: kind={distill.get('kind')}, alpha={distill.get('alpha')}, tau={distill.get('tau')}.")
     sec.table(df, "teacher_vs_student", "Teacher vs student: size, cost and the accuracy/kappa given up.")
+    diffs = paired_rows(
+        [
+            ("CV pooled out-of-fold", "teacher", "student", oof_studies(exp)),
+            ("holdout", "final_teacher", "final_student", holdout_studies(exp)),
+            ("holdout", "ensemble_teacher", "ensemble_student", holdout_studies(exp)),
+        ]
+    )
+    if len(diffs):
+        sec.p(CI_NOTE, "note")
+        sec.table(
+            ci_wide(diffs, ["comparison"]),
+            "teacher_minus_student_ci",
+            "Teacher − student, study level, paired bootstrap 95 % CIs (positive: the teacher is better).",
+        )
     return sec
+
+
+def kd_gain_per_fold(exp: Experiment) -> pd.DataFrame:
+    """Per fold: study kappa and AUROC of teacher, student (with KD) and baseline (student without KD)."""
+    rows = []
+    for k in exp.folds:
+        row: dict[str, Any] = {"fold": f"fold{k}"}
+        for role in ("teacher", "student", "baseline"):
+            r = exp.runs.get((f"fold{k}", role))
+            done = r is not None and r.state == "completed"
+            for metric in ("kappa", "auroc"):
+                row[f"{role} {metric}"] = r.metrics.get(f"study_{metric}", math.nan) if done else math.nan
+        for metric in ("kappa", "auroc"):
+            row[f"KD gain {metric} (student − baseline)"] = row[f"student {metric}"] - row[f"baseline {metric}"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def section_kd_gain(exp: Experiment) -> Section:
+    sec = Section("What distillation buys: student without KD vs with KD vs teacher", "kdgain")
+    if not exp.has_baseline:
+        sec.p(
+            "No baseline in this experiment (the student architecture trained without KD, role 'baseline'), so "
+            "the value of distillation is not measured here.",
+            "note",
+        )
+        return sec
+    sec.p(
+        "baseline: the student's architecture and recipe trained without distillation (distill.kind=none) on the "
+        "same folds; student: the same with KD from its fold's teacher. Study level."
+    )
+    sec.table(kd_gain_per_fold(exp), "kd_gain_folds", "Per fold: study kappa and AUROC, and the KD gain.")
+    oof, hold = oof_studies(exp), holdout_studies(exp)
+    gains = paired_rows(
+        [
+            ("CV pooled out-of-fold", "student", "baseline", oof),
+            ("CV pooled out-of-fold", "teacher", "student", oof),
+            ("holdout", "final_student", "final_baseline", hold),
+            ("holdout", "ensemble_student", "ensemble_baseline", hold),
+        ]
+    )
+    if len(gains):
+        sec.p(CI_NOTE, "note")
+        sec.table(
+            ci_wide(gains, ["comparison"]),
+            "kd_gain_ci",
+            "KD gain (student − baseline) and what is left to the teacher (teacher − student), paired bootstrap "
+            "95 % CIs.",
+        )
+    else:
+        sec.p("no baseline predictions to compare yet (no completed baseline fold or holdout model)", "missing")
+    return sec
+
+
+def synthetic_marker(exp: Experiment) -> dict[str, Any] | None:
+    """The `bonehpc synth` marker of the experiment's data (None: real data, or no config to tell)."""
+    if exp.cfg is None:
+        return None
+    from bonehpc.data.synthetic import read_marker
+
+    return read_marker(exp.cfg.data.mura_root)
 
 
 def section_seed(exp: Experiment) -> Section:
@@ -663,14 +935,30 @@ def section_seed(exp: Experiment) -> Section:
     sec.p(
         "The seed project reported cross-validation accuracy 0.822, precision 0.838, recall 0.716, F1 0.772 and a "
         "holdout accuracy of 0.8274, all at image level and without Cohen's kappa. Those are the seed's numbers, "
-        "quoted here, not recomputed; its folds, splits and data may differ from ours. Our numbers are at both "
-        "levels, side by side."
+        "quoted here, not recomputed; its folds, splits and data may differ from ours."
     )
+    marker = synthetic_marker(exp)
+    if marker is not None:
+        root = exp.cfg.data.mura_root if exp.cfg else "?"
+        sec.p(
+            f"Not comparable: this experiment ran on synthetic data ({root} carries the `bonehpc synth` marker: "
+            f"generator {marker.get('generator', '?')}, {marker.get('patients', '?')} patients, seed "
+            f"{marker.get('seed', '?')}), not on MURA, so its numbers are not placed beside the seed's. They test "
+            "the pipeline, not the model.",
+            "missing",
+        )
+        seed = pd.DataFrame(
+            [{"metric": k, "seed project (quoted, image level, CV)": v} for k, v in SEED_CV.items()]
+            + [{"metric": "holdout accuracy", "seed project (quoted, image level, CV)": SEED_HOLDOUT_ACCURACY}]
+        )
+        sec.table(seed, "seed_quoted", "The seed project's published numbers (quoted).")
+        return sec
+    sec.p("Our numbers are at both levels, side by side.")
     _, summary = cv_tables(exp)
     rows = []
     for metric in METRICS:
         row: dict[str, Any] = {"metric": metric, "seed project (quoted, image level, CV)": SEED_CV.get(metric)}
-        for role in ROLES:
+        for role in CORE_ROLES:
             for level in LEVELS:
                 s = summary[(summary.role == role) & (summary.level == level) & (summary.metric == metric)]
                 row[f"ours {role} CV {level}"] = _pm(float(s["mean"].iloc[0]), float(s["std"].iloc[0]))
@@ -681,6 +969,47 @@ def section_seed(exp: Experiment) -> Section:
         for level in LEVELS:
             hrow[f"ours {model} {level}"] = m.get(f"{level}_accuracy", math.nan)
     sec.table(pd.DataFrame([hrow]), "seed_comparison_holdout", "Holdout accuracy: the seed's vs ours.")
+    return sec
+
+
+def _csv_rows(path: Path) -> int | None:
+    """Data rows of a CSV with a header (None when the file is missing or unreadable)."""
+    try:
+        return len(pd.read_csv(path))
+    except pd.errors.EmptyDataError:
+        return 0
+    except (OSError, ValueError):
+        return None
+
+
+def section_data(exp: Experiment) -> Section:
+    sec = Section("Data: packed, rejected and lost", "data")
+    if exp.cfg is None:
+        sec.p("no config: the shard folder is unknown", "missing")
+        return sec
+    from bonehpc.data.shards import INDEX_CSV, LOST_STUDIES_CSV, REJECTED_CSV
+
+    shards = Path(exp.cfg.data.shards)
+    rows = []
+    for what, name in (
+        ("images packed", INDEX_CSV),
+        ("images rejected (unreadable, corrupt, too small, ...)", REJECTED_CSV),
+        ("studies lost (every image rejected)", LOST_STUDIES_CSV),
+    ):
+        n = _csv_rows(shards / name)
+        rows.append({"what": what, "count": "not found" if n is None else n, "file": str(shards / name)})
+    sec.table(pd.DataFrame(rows), "data_counts", f"Counts from the shard folder {shards}.")
+    rej = shards / REJECTED_CSV
+    if rej.is_file():
+        try:
+            reasons = pd.read_csv(rej)
+        except (OSError, ValueError, pd.errors.EmptyDataError):
+            reasons = pd.DataFrame()
+        if len(reasons) and "reason" in reasons:
+            by = reasons["reason"].value_counts().rename_axis("reason").reset_index()
+            sec.table(by, "data_rejected_reasons", "Rejected images by reason.")
+    if synthetic_marker(exp) is not None:
+        sec.p("The data are synthetic (`bonehpc synth` marker in the MURA root).", "note")
     return sec
 
 
@@ -777,14 +1106,6 @@ def section_slurm(exp: Experiment) -> Section:
     return sec
 
 
-def _git(args: list[str], cwd: Path) -> str:
-    try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return out.stdout.strip()
-
-
 def package_versions() -> dict[str, str]:
     """Installed versions of the stack (from package metadata: nothing heavy is imported)."""
     out = {}
@@ -807,9 +1128,9 @@ def _sha256(path: Path) -> str:
 
 def section_repro(exp: Experiment) -> Section:
     sec = Section("Reproducibility", "repro")
-    src = Path(__file__).resolve().parent
-    sha = _git(["rev-parse", "HEAD"], src) or "unknown (not a git checkout)"
-    dirty = _git(["status", "--porcelain", "--untracked-files=no"], src)
+    from bonehpc.registry import git_sha  # the one implementation (also recorded in jobs.json and the tuning study)
+
+    sha = git_sha()
     recorded = sorted({str(v) for r in exp.runs.values() for k, v in r.summary.items() if k in ("git_sha", "git")})
     shards_hash, shards_dir = "unknown", ""
     if exp.cfg:
@@ -824,7 +1145,7 @@ def section_repro(exp: Experiment) -> Section:
         else:
             shards_hash = f"{mj} not found"
     rows = [
-        ("git SHA of the code that built this report", sha + (" (uncommitted changes)" if dirty else "")),
+        ("git SHA of the code that built this report (+dirty: uncommitted changes)", sha),
         ("git SHA recorded by the runs", ", ".join(recorded) or "not recorded"),
         ("config problem", exp.cfg_problem or "none"),
         ("train.seed", exp.cfg.train.seed if exp.cfg else "?"),
@@ -877,12 +1198,14 @@ def section_overview(exp: Experiment) -> Section:
 
 SECTIONS: tuple[Callable[[Experiment], Section], ...] = (
     section_overview,
+    section_data,
     section_cv,
     section_holdout,
     section_body_parts,
     section_curves,
     section_learning,
     section_teacher_student,
+    section_kd_gain,
     section_seed,
     section_tuning,
     section_slurm,
@@ -982,12 +1305,10 @@ def render_markdown(title: str, sections: list[Section]) -> str:
 
 
 def _write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8")
+        atomic_write_text(path, data)
     else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
+        atomic_write_bytes(path, data)
 
 
 def build_report(exp_dir: str | Path) -> Path:

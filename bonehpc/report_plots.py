@@ -16,6 +16,8 @@ from matplotlib.figure import Figure
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import ConfusionMatrixDisplay, auc, confusion_matrix, precision_recall_curve, roc_curve
 
+from bonehpc.metrics import expected_calibration_error
+
 GRID = np.linspace(0.0, 1.0, 101)
 
 
@@ -96,7 +98,8 @@ def confusion_figure(sets: Mapping[str, pd.DataFrame], threshold: float = 0.5) -
 
 
 def calibration_figure(sets: Mapping[str, pd.DataFrame], n_bins: int = 10) -> Figure:
-    """Reliability diagram (fraction abnormal vs mean predicted probability per bin) and the histogram."""
+    """Reliability diagram (fraction abnormal vs mean predicted probability per bin, with each set's expected
+    calibration error in the legend: the same equal-width bins) and the histogram."""
     fig = new_figure(10, 4.2)
     ax, ax_h = fig.subplots(1, 2)
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfectly calibrated")
@@ -104,7 +107,8 @@ def calibration_figure(sets: Mapping[str, pd.DataFrame], n_bins: int = 10) -> Fi
         if not _both_classes(df):
             continue
         frac, mean_p = calibration_curve(df["label"], df["prob"], n_bins=n_bins, strategy="uniform")
-        ax.plot(mean_p, frac, marker="o", ms=3, lw=1, label=name)
+        ece = expected_calibration_error(df["label"].to_numpy(), df["prob"].to_numpy(), n_bins)
+        ax.plot(mean_p, frac, marker="o", ms=3, lw=1, label=f"{name} (ECE {ece:.3f})")
         ax_h.hist(df["prob"], bins=n_bins, range=(0, 1), histtype="step", label=name)
     ax.set(xlabel="mean predicted probability (studies)", ylabel="fraction abnormal", title="reliability")
     ax.set_xlim(0, 1)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from sklearn.metrics import (
     accuracy_score,
     cohen_kappa_score,
@@ -20,7 +21,21 @@ from sklearn.metrics import (
 )
 from tinyexp import tiny_overrides
 
-SECTION_IDS = ("overview", "cv", "holdout", "bodyparts", "curves", "learning", "kd", "seed", "tuning", "slurm", "repro")
+SECTION_IDS = (
+    "overview",
+    "data",
+    "cv",
+    "holdout",
+    "bodyparts",
+    "curves",
+    "learning",
+    "kd",
+    "kdgain",
+    "seed",
+    "tuning",
+    "slurm",
+    "repro",
+)
 
 
 def build_tiny_experiment(base: Path, synth_root: Path, shards_dir: Path) -> Path:
@@ -258,3 +273,111 @@ def test_inference_speed_is_timed_from_the_checkpoints(tiny_experiment: Path) ->
     for role in ("teacher", "student"):
         got = measure_inference(exp, role)
         assert got["img_per_s"] > 0 and "batch 8, 64 px" in got["device"]
+
+
+def test_confidence_intervals_of_holdout_cv_parts_and_differences(built: Path) -> None:
+    from bonehpc.metrics import N_BOOT, study_table
+
+    report = built / "report"
+    long = pd.read_csv(report / "holdout_ci_long.csv")
+    hold = pd.read_csv(report / "holdout_metrics.csv")
+    for model in ("final_teacher", "final_student", "ensemble_teacher", "ensemble_student"):
+        preds = pd.read_csv(built / "holdout" / model / "predictions.csv")
+        rows = long[(long.model == model) & (long.body_part == "ALL")].set_index("metric")
+        assert set(rows.index) == {"kappa", "auroc", "f1", "accuracy"}
+        study = hold[(hold.model == model) & (hold.level == "study")].iloc[0]
+        for metric in ("kappa", "auroc", "f1", "accuracy"):
+            exp = float(study[metric])
+            assert rows.loc[metric, "estimate"] == pytest.approx(exp, abs=1e-9, nan_ok=True), (model, metric)
+        assert (rows["n_boot"] == N_BOOT).all() and (rows["n_studies"] == preds["study"].nunique()).all()
+        ok = rows.dropna(subset=["ci_low"])
+        assert (ok["ci_low"] <= ok["ci_high"] + 1e-12).all()
+        assert set(long[long.model == model].body_part) == {"ALL", *study_table(preds)["body_part"]}
+    shown = pd.read_csv(report / "holdout_ci.csv")
+    assert list(shown["model"]) == ["final_teacher", "final_student", "ensemble_teacher", "ensemble_student"]
+    assert shown["kappa [95 % CI]"].str.match(r"^-?\d\.\d{3} \[(-?\d\.\d{3}, -?\d\.\d{3}|undefined)\]$|^—$").all()
+    pooled = pd.read_csv(report / "cv_pooled_ci.csv")
+    assert list(pooled["role"]) == ["teacher", "student"]
+    oof = pd.concat(pd.read_csv(built / f"fold{k}" / "teacher" / "predictions_val.csv") for k in (0, 1))
+    assert int(pooled.loc[0, "studies"]) == oof["study"].nunique()
+    diffs = pd.read_csv(report / "teacher_minus_student_ci.csv")
+    assert list(diffs["comparison"]) == [
+        "CV pooled out-of-fold: teacher − student",
+        "holdout: final_teacher − final_student",
+        "holdout: ensemble_teacher − ensemble_student",
+    ]
+    parts = pd.read_csv(report / "body_part_kappa_ci.csv")
+    assert parts["body_part"].iloc[-1] == "ALL" and "kappa holdout final_teacher" in parts.columns
+    html = (report / "index.html").read_text()
+    assert "bootstrap resamples of patients" in html and "paired" in html
+
+
+def test_holdout_protocol_calibration_data_counts_and_synthetic_seed_section(built: Path) -> None:
+    from bonehpc.metrics import expected_calibration_error, study_table
+
+    report = built / "report"
+    html = (report / "index.html").read_text()
+    assert "select their epoch on a patient-grouped slice of the train patients" in html
+    assert "The official valid split is evaluated once" in html
+    # ECE beside the reliability diagram; the temperature was fitted out-of-fold by evaluate_holdout
+    ece = pd.read_csv(report / "calibration_ece.csv").set_index("predictions")
+    preds = pd.read_csv(built / "holdout" / "final_student" / "predictions.csv")
+    st = study_table(preds)
+    assert ece.loc["holdout final_student", "ECE"] == pytest.approx(expected_calibration_error(st.label, st.prob))
+    calib = json.loads((built / "calibration.json").read_text())
+    t = calib["roles"]["student"]["temperature"]
+    assert ece.loc["holdout final_student", "temperature (fitted out-of-fold)"] == pytest.approx(t)
+    assert "never on the holdout" in html and "ECE" in html
+    # packed / rejected / lost from the shard folder
+    counts = pd.read_csv(report / "data_counts.csv").set_index("what")["count"]
+    cfg = yaml.safe_load((built / "config.yaml").read_text())
+    index = pd.read_csv(Path(cfg["data"]["shards"]) / "index.csv")
+    assert int(counts["images packed"]) == len(index)
+    # the tests' data are synthetic: no side-by-side with the seed's numbers
+    assert "Not comparable: this experiment ran on synthetic data" in html
+    assert not (report / "seed_comparison_cv.csv").exists()
+    # no baseline role in this experiment: the KD-gain section says so and nothing is reported missing for it
+    assert "No baseline in this experiment" in html
+    assert "baseline" not in set(pd.read_csv(report / "runs.csv")["role"])
+
+
+def test_kd_gain_with_a_baseline_role(built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the optional 'baseline' role (student without KD) the report compares it per fold and pooled."""
+    import bonehpc.paths
+    import bonehpc.report
+    from bonehpc.report import build_report
+
+    roles = (*bonehpc.paths.ROLES, "baseline") if "baseline" not in bonehpc.paths.ROLES else bonehpc.paths.ROLES
+    models = tuple(dict.fromkeys([*bonehpc.paths.HOLDOUT_MODELS, "final_baseline", "ensemble_baseline"]))
+    for mod in (bonehpc.paths, bonehpc.report):
+        monkeypatch.setattr(mod, "ROLES", roles)
+        monkeypatch.setattr(mod, "HOLDOUT_MODELS", models)
+    exp = tmp_path / "tiny"
+    shutil.copytree(built, exp, ignore=shutil.ignore_patterns("report"))
+    rng = np.random.default_rng(0)
+    for src, dst in [(exp / f"fold{k}" / "student", exp / f"fold{k}" / "baseline") for k in (0, 1)] + [
+        (exp / "holdout" / f"{kind}_student", exp / "holdout" / f"{kind}_baseline") for kind in ("final", "ensemble")
+    ]:
+        shutil.copytree(src, dst)
+        name = "predictions_val.csv" if (dst / "predictions_val.csv").is_file() else "predictions.csv"
+        p = pd.read_csv(dst / name)
+        p["prob"] = rng.uniform(0, 1, len(p))  # a baseline that guesses
+        p.to_csv(dst / name, index=False)
+    build_report(exp)
+    folds = pd.read_csv(exp / "report" / "kd_gain_folds.csv").set_index("fold")
+    student = pd.read_csv(exp / "fold0" / "student" / "predictions_val.csv")
+    baseline = pd.read_csv(exp / "fold0" / "baseline" / "predictions_val.csv")
+    y_s = student.groupby("study").agg(label=("label", "first"), prob=("prob", "mean"))
+    y_b = baseline.groupby("study").agg(label=("label", "first"), prob=("prob", "mean"))
+    gain = roc_auc_score(y_s.label, y_s.prob) - roc_auc_score(y_b.label, y_b.prob)
+    assert folds.loc["fold0", "KD gain auroc (student − baseline)"] == pytest.approx(gain)
+    ci = pd.read_csv(exp / "report" / "kd_gain_ci.csv")
+    assert list(ci["comparison"]) == [
+        "CV pooled out-of-fold: student − baseline",
+        "CV pooled out-of-fold: teacher − student",
+        "holdout: final_student − final_baseline",
+        "holdout: ensemble_student − ensemble_baseline",
+    ]
+    runs = pd.read_csv(exp / "report" / "runs.csv")
+    assert {"baseline", "final_baseline"} <= set(runs["role"])
+    assert "section failed" not in (exp / "report" / "index.html").read_text()
