@@ -19,14 +19,8 @@ import pandas as pd
 from bonehpc.bench.data import BenchData
 from bonehpc.bench.options import TARGETS, BenchError, BenchOptions
 from bonehpc.bench.probe import cpu_label
-from bonehpc.data.pack import (
-    RejectedImageError,
-    _manifest_of,
-    _one_cv2_thread,
-    _pool,
-    pack_dataset,
-    read_gray8,
-)
+from bonehpc.data.images import RejectedImageError, read_gray8
+from bonehpc.data.pack import _manifest_of, _one_cv2_thread, _pool, pack_dataset
 from bonehpc.data.shards import ShardReader
 
 if TYPE_CHECKING:
@@ -37,7 +31,7 @@ def _decode_task(root: str, paths: list[str], min_side: int) -> int:
     n = 0
     for p in paths:
         try:
-            read_gray8(Path(root) / p, min_side)
+            read_gray8(Path(root) / p, min_side, root=root)  # as the packer reads it (inside the root only)
             n += 1
         except RejectedImageError:
             pass
