@@ -68,7 +68,7 @@ def _fail(msg: str) -> int:
 
 def cmd_pack(args: argparse.Namespace) -> int:
     from bonehpc.config import DataConfig
-    from bonehpc.data.mura import ManifestError, read_manifest
+    from bonehpc.data.mura import ManifestError, check_manifest, read_manifest
     from bonehpc.data.pack import PackError, PackInputError, check_settings, pack_dataset
 
     uses_cfg = bool(args.config or args.overrides or args.params)
@@ -91,6 +91,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
         if settings["min_side"] < 0:
             raise PackInputError(f"min_side must be >= 0, got {settings['min_side']}")
         manifest = read_manifest(args.manifest) if args.manifest else None
+        if manifest is not None:
+            check_manifest(manifest, args.manifest)  # named here; pack_dataset checks it again (cheap)
         summary = pack_dataset(
             _given(args.mura_root, Path(data.mura_root)),
             _given(args.out, Path(data.shards)),

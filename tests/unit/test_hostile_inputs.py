@@ -1,0 +1,456 @@
+"""Every bad input ends in one line naming it, exit code 2, and nothing written or changed (issue 13, section 3).
+
+Each case builds its inputs in a fresh folder, snapshots that folder and the shared data (sizes, modes,
+mtimes of every entry), runs the `bonehpc` command in-process with the working directory inside the
+snapshot, and checks: exit code 2, exactly one non-log line on stderr that names the input, no
+traceback, and a snapshot equal to the one before (nothing half-written, nothing deleted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from tinyexp import tiny_overrides
+
+from bonehpc.cli import main as cli_main
+
+LOG_LINE = re.compile(r"^[DIWEC]\d{4} \d\d:\d\d:\d\d ")  # the CLI's logging format (warnings may precede)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared inputs (built once) and helpers
+
+
+@dataclass
+class World:
+    """A small synthetic data set, its shards and a trained-looking checkpoint, shared read-only by the cases."""
+
+    base: Path
+    root: Path
+    shards: Path
+    ckpt: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    from bonehpc.data.pack import pack_dataset
+    from bonehpc.data.shards import verify_shards
+    from bonehpc.data.synthetic import generate
+
+    base = tmp_path_factory.mktemp("hostile_world")
+    generate(base / "mura", patients=10, seed=4, max_side=96)
+    pack_dataset(base / "mura", base / "shards", pack_size=64, images_per_shard=64, min_side=0, progress=False)
+    verify_shards(base / "shards", full=True)  # the .verified stamp exists, so a cached check writes nothing
+    return World(base, base / "mura", base / "shards", _checkpoint(base / "model" / "best.pt"))
+
+
+def _checkpoint(path: Path) -> Path:
+    """A weights checkpoint of the tiny student, as training writes best.pt (no training needed)."""
+    from bonehpc.checkpoint import TrainState, make_checkpoint, save_checkpoint
+    from bonehpc.config import load_config, to_dict
+    from bonehpc.models import create_model
+
+    cfg = load_config(None, ["student.model=hybrid_tiny", "data.pack_size=64", "data.image_size=64"])
+    model = create_model("hybrid_tiny", num_classes=2)
+    save_checkpoint(path, make_checkpoint(TrainState(fold=0, role="student"), model, to_dict(cfg)))
+    return path
+
+
+def _snapshot(*roots: Path) -> dict[str, tuple[int, int, int, int]]:
+    """(type and mode, size, mtime_ns, inode) of every entry under roots, symlinks not followed."""
+    out = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                st = p.lstat()
+                size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+                out[str(p)] = (st.st_mode, size, st.st_mtime_ns, st.st_ino)
+    return out
+
+
+def _read_only(path: Path) -> Callable[[], None]:
+    """Make folder `path` read-only for this process (chmod; as root, the immutable flag); returns the undo."""
+    path.chmod(0o555)
+    if _writable(path):  # root ignores modes
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], check=False).returncode:
+            path.chmod(0o755)
+            pytest.skip("cannot make a read-only folder here (root without chattr)")
+        if _writable(path):
+            subprocess.run(["chattr", "-i", str(path)], check=False)
+            path.chmod(0o755)
+            pytest.skip("cannot make a read-only folder here")
+
+    def undo() -> None:
+        if shutil.which("chattr"):
+            subprocess.run(["chattr", "-i", str(path)], check=False, capture_output=True)
+        path.chmod(0o755)
+
+    return undo
+
+
+def _writable(path: Path) -> bool:
+    probe = path / ".probe"
+    try:
+        probe.write_text("x")
+    except OSError:
+        return False
+    probe.unlink()
+    return True
+
+
+@dataclass
+class Ctx:
+    """What a case builder gets: its own folder, the shared world, and a way to register cleanups."""
+
+    tmp: Path
+    world: World
+    cleanups: list[Callable[[], None]]
+    stack: contextlib.ExitStack
+
+    def copy_tree(self) -> Path:
+        dst = self.tmp / "mura"
+        shutil.copytree(self.world.root, dst)
+        return dst
+
+    def read_only_dir(self, name: str = "ro") -> Path:
+        d = self.tmp / name
+        d.mkdir()
+        self.cleanups.append(_read_only(d))
+        return d
+
+    def tiny(self, *extra: str) -> list[str]:
+        return tiny_overrides(self.tmp / "runs", self.world.root, self.world.shards, *extra)
+
+
+@dataclass
+class Case:
+    """One bad input: `build(ctx)` returns (argv, regex that the error line must match); owner implements it."""
+
+    id: str
+    owner: str
+    build: Callable[[Ctx], tuple[list[str], str]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Case builders
+
+
+def _mura_csv_latin1(c: Ctx) -> tuple[list[str], str]:
+    root = c.copy_tree()
+    csv = root / "MURA-v1.1" / "train_labeled_studies.csv"
+    lines = csv.read_bytes().split(b"\n")
+    lines[1] = lines[1].replace(b"study", b"st\xfcdy", 1)
+    csv.write_bytes(b"\n".join(lines))
+    return ["manifest", "--mura-root", str(root)], r"train_labeled_studies.csv line 2: not UTF-8"
+
+
+def _yaml_latin1(c: Ctx) -> tuple[list[str], str]:
+    cfg = c.tmp / "exp.yaml"
+    cfg.write_bytes(b"name: exp\n# caf\xe9\n")
+    return ["pack", "--config", str(cfg)], r"exp.yaml line 2: not UTF-8"
+
+
+def _empty_csvs(c: Ctx) -> tuple[list[str], str]:
+    root = c.copy_tree()
+    for csv in (root / "MURA-v1.1").glob("*.csv"):
+        csv.write_text("")
+    return ["manifest", "--mura-root", str(root), "--out", str(c.tmp / "out" / "m.csv")], r"no image rows"
+
+
+def _empty_manifest_csv(c: Ctx) -> tuple[list[str], str]:
+    (c.tmp / "m.csv").write_text("")
+    return ["folds", "--manifest", str(c.tmp / "m.csv"), "--out", str(c.tmp / "f.csv")], r"m.csv: empty file"
+
+
+def _pack_empty_manifest(c: Ctx) -> tuple[list[str], str]:
+    (c.tmp / "m.csv").write_text("")
+    argv = ["pack", "--mura-root", str(c.world.root), "--out", str(c.tmp / "s"), "--manifest", str(c.tmp / "m.csv")]
+    return argv, r"m.csv: empty file"
+
+
+def _pack_args(c: Ctx, *extra: str) -> list[str]:
+    return ["pack", "--mura-root", str(c.world.root), "--out", str(c.tmp / "shards"), "--quiet", *extra]
+
+
+def _override(key_value: str, fragment: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    return lambda c: (_pack_args(c, key_value), fragment)
+
+
+def _flag(flag: str, value: str, fragment: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    return lambda c: (_pack_args(c, flag, value), fragment)
+
+
+def _yaml_dup(c: Ctx) -> tuple[list[str], str]:
+    cfg = c.tmp / "exp.yaml"
+    cfg.write_text("name: exp\ntrain:\n  batch_size: 8\n  batch_size: 16\n")
+    return ["pack", "--config", str(cfg)], r"exp.yaml line 4: key 'batch_size' repeats"
+
+
+def _yaml_words_then_bad(c: Ctx) -> tuple[list[str], str]:
+    # amp: off and verify: off are accepted (the error is about the one bad key after them).
+    cfg = c.tmp / "exp.yaml"
+    cfg.write_text("train: {amp: off, channels_last: no}\ndata: {verify: off, pack_size: 0}\n")
+    return ["pack", "--config", str(cfg)], r"data.pack_size: must be > 0"
+
+
+def _ro_pack(c: Ctx) -> tuple[list[str], str]:
+    ro = c.read_only_dir()
+    return ["pack", "--mura-root", str(c.world.root), "--out", str(ro / "shards")], r"ro/shards"
+
+
+def _ro_pack_existing(c: Ctx) -> tuple[list[str], str]:
+    ro = c.read_only_dir()
+    return ["pack", "--mura-root", str(c.world.root), "--out", str(ro)], r"cannot write in --out .*ro"
+
+
+def _ro_manifest(c: Ctx) -> tuple[list[str], str]:
+    ro = c.read_only_dir()
+    return ["manifest", "--mura-root", str(c.world.root), "--out", str(ro / "m.csv")], r"ro/m.csv"
+
+
+def _ro_synth(c: Ctx) -> tuple[list[str], str]:
+    ro = c.read_only_dir()
+    return ["synth", "--out", str(ro / "synth"), "--patients", "4", "--max-side", "32"], r"ro/synth"
+
+
+def _out_is_file(c: Ctx) -> tuple[list[str], str]:
+    (c.tmp / "shards").write_text("not a folder")
+    return _pack_args(c), r"--out .*shards is a file"
+
+
+def _out_foreign(c: Ctx) -> tuple[list[str], str]:
+    (c.tmp / "shards").mkdir()
+    (c.tmp / "shards" / "thesis.tex").write_text("precious")
+    return _pack_args(c), r"shards is a non-empty folder that is not a bonehpc shard folder .*thesis.tex"
+
+
+def _lock_held(c: Ctx) -> tuple[list[str], str]:
+    from bonehpc.data.pack import _open_out, pack_lock
+
+    c.stack.enter_context(pack_lock(_open_out(c.tmp / "shards")))
+    return _pack_args(c), rf"shards is being packed by host \S+ pid {os.getpid()}"
+
+
+def _bad_manifest_row(change: str, fragment: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    def build(c: Ctx) -> tuple[list[str], str]:
+        from bonehpc.data.mura import build_manifest, write_manifest
+
+        m = build_manifest(c.world.root)
+        col, value = change.split("=", 1)
+        m[col] = m[col].astype(object)
+        m.loc[0, col] = value
+        write_manifest(m, c.tmp / "m.csv")
+        return _pack_args(c, "--manifest", str(c.tmp / "m.csv")), fragment
+
+    return build
+
+
+def _no_space(c: Ctx) -> tuple[list[str], str]:
+    from bonehpc.data import pack
+
+    c.stack.enter_context(pytest.MonkeyPatch.context()).setattr(pack, "_free_bytes", lambda path: 4096)
+    return _pack_args(c), r"not enough free space for --out .*shards"
+
+
+def _part_renamed(new_part: str, fragment: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    def build(c: Ctx) -> tuple[list[str], str]:
+        root = c.copy_tree()
+        folder = root / "MURA-v1.1"
+        old = next((folder / "train").glob("XR_*")).name
+        for csv in folder.glob("train_*.csv"):
+            csv.write_text(csv.read_text().replace(f"/{old}/", f"/{new_part}/"))
+        if new_part[3:].isalnum():
+            (folder / "train" / old).rename(folder / "train" / new_part)
+        return ["manifest", "--mura-root", str(root)], fragment
+
+    return build
+
+
+# Other owners' commands (EVAL: predict/export; TRAIN: train; ARCH: demo).
+
+
+def _predict(c: Ctx, *extra: str, inp: Path | None = None) -> list[str]:
+    if inp is None:
+        inp = c.tmp / "images"
+        inp.mkdir(exist_ok=True)
+        shutil.copy(next(c.world.root.glob("MURA-v1.1/valid/*/*/*/image1.png")), inp / "a.png")
+    return ["predict", "--model", str(c.world.ckpt), "--input", str(inp), *extra]
+
+
+def _predict_empty_csv(c: Ctx) -> tuple[list[str], str]:
+    (c.tmp / "list.csv").write_text("")
+    return _predict(c, "--out", str(c.tmp / "p.csv"), inp=c.tmp / "list.csv"), r"list.csv"
+
+
+def _predict_cuda(c: Ctx) -> tuple[list[str], str]:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    return _predict(c, "--out", str(c.tmp / "p.csv"), "--device", "cuda:0"), r"cuda:0"
+
+
+def _predict_banana(c: Ctx) -> tuple[list[str], str]:
+    return _predict(c, "--out", str(c.tmp / "p.csv"), "--device", "banana"), r"banana"
+
+
+def _predict_out_dir(c: Ctx) -> tuple[list[str], str]:
+    (c.tmp / "outdir").mkdir()
+    return _predict(c, "--out", str(c.tmp / "outdir")), r"outdir"
+
+
+def _predict_gradcam_file(c: Ctx) -> tuple[list[str], str]:
+    (c.tmp / "cam").write_text("a file")
+    return _predict(c, "--out", str(c.tmp / "p.csv"), "--gradcam", str(c.tmp / "cam")), r"cam"
+
+
+def _predict_ro(c: Ctx) -> tuple[list[str], str]:
+    ro = c.read_only_dir()
+    return _predict(c, "--out", str(ro / "p.csv")), r"ro/p.csv"
+
+
+def _predict_truncated_ckpt(c: Ctx) -> tuple[list[str], str]:
+    data = c.world.ckpt.read_bytes()
+    (c.tmp / "cut.pt").write_bytes(data[: len(data) // 3])
+    argv = _predict(c, "--out", str(c.tmp / "p.csv"))
+    argv[argv.index("--model") + 1] = str(c.tmp / "cut.pt")
+    return argv, r"cut.pt"
+
+
+def _train_fold5(c: Ctx) -> tuple[list[str], str]:
+    return ["train", "--fold", "5", "--role", "teacher", *c.tiny()], r"fold"
+
+
+def _train_ro(c: Ctx) -> tuple[list[str], str]:
+    ro = c.read_only_dir()
+    return ["train", "--fold", "0", "--role", "teacher", "--run-dir", str(ro / "run"), *c.tiny()], r"ro/run"
+
+
+def _train_truncated_last(c: Ctx) -> tuple[list[str], str]:
+    run = c.tmp / "run"
+    run.mkdir()
+    data = c.world.ckpt.read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 3])
+    return ["train", "--fold", "0", "--role", "teacher", "--run-dir", str(run), *c.tiny()], r"last.pt"
+
+
+def _demo_one_patient(c: Ctx) -> tuple[list[str], str]:
+    return ["demo", "--patients", "1", f"run_root={c.tmp / 'runs'}", f"data.mura_root={c.tmp / 'd'}"], r"patients"
+
+
+def _export_run_dir(c: Ctx) -> tuple[list[str], str]:
+    (c.tmp / "run").mkdir()
+    return ["export", "--model", str(c.tmp / "run"), "--out", str(c.tmp / "m.onnx")], r"run"
+
+
+CASES = [
+    # DATA: bonehpc synth / manifest / folds / pack and the config loader
+    Case("csv-not-utf8", "DATA", _mura_csv_latin1),
+    Case("yaml-not-utf8", "DATA", _yaml_latin1),
+    Case("csvs-all-empty", "DATA", _empty_csvs),
+    Case("manifest-csv-0-bytes", "DATA", _empty_manifest_csv),
+    Case("pack-manifest-0-bytes", "DATA", _pack_empty_manifest),
+    Case("yaml-off-words-accepted", "DATA", _yaml_words_then_bad),
+    Case("lr-nan", "DATA", _override("teacher.lr=.nan", r"teacher.lr: expected a finite number, got nan")),
+    Case("lr-inf", "DATA", _override("student.lr=.inf", r"student.lr: expected a finite number, got inf")),
+    Case("yaml-duplicate-key", "DATA", _yaml_dup),
+    Case("pack-out-read-only-parent", "DATA", _ro_pack),
+    Case("pack-out-read-only", "DATA", _ro_pack_existing),
+    Case("manifest-out-read-only", "DATA", _ro_manifest),
+    Case("synth-out-read-only", "DATA", _ro_synth),
+    Case("pack-out-is-file", "DATA", _out_is_file),
+    Case("pack-size-0", "DATA", _flag("--pack-size", "0", r"pack_size must be in 1\.\.4096, got 0")),
+    Case("pack-size-neg", "DATA", _flag("--pack-size", "-5", r"pack_size must be in 1\.\.4096, got -5")),
+    Case("pack-size-huge", "DATA", _flag("--pack-size", "20000", r"pack_size must be in 1\.\.4096, got 20000")),
+    Case("images-per-shard-0", "DATA", _flag("--images-per-shard", "0", r"images_per_shard must be > 0, got 0")),
+    Case("max-reject-frac-2", "DATA", _flag("--max-reject-frac", "2", r"max_reject_frac must be in \[0, 1\], got 2")),
+    Case("xr-dotdot", "DATA", _part_renamed("XR_..", r"path '.*XR_\.\./.*' does not match")),
+    Case("xr-non-ascii", "DATA", _part_renamed("XR_HÄND", r"XR_HÄND.* non-ASCII")),
+    # DATA, section 2 (integrity), as the CLI shows them
+    Case("pack-out-foreign-folder", "DATA", _out_foreign),
+    Case("pack-lock-held", "DATA", _lock_held),
+    Case("pack-manifest-label-2", "DATA", _bad_manifest_row("label=2", r"m.csv: .*data row 1: label=2")),
+    Case("pack-manifest-outside-root", "DATA", _bad_manifest_row("path=../../etc/passwd", r"'../../etc/passwd'")),
+    Case("pack-no-free-space", "DATA", _no_space),
+    # EVAL
+    Case("predict-csv-0-bytes", "EVAL", _predict_empty_csv),
+    Case("predict-device-cuda-no-gpu", "EVAL", _predict_cuda),
+    Case("predict-device-banana", "EVAL", _predict_banana),
+    Case("predict-out-is-dir", "EVAL", _predict_out_dir),
+    Case("predict-gradcam-is-file", "EVAL", _predict_gradcam_file),
+    Case("predict-out-read-only", "EVAL", _predict_ro),
+    Case("predict-truncated-checkpoint", "EVAL", _predict_truncated_ckpt),
+    Case("export-model-run-dir", "EVAL", _export_run_dir),
+    # TRAIN
+    Case("train-fold-5-of-2", "TRAIN", _train_fold5),
+    Case("train-out-read-only", "TRAIN", _train_ro),
+    Case("train-truncated-last-pt", "TRAIN", _train_truncated_last),
+    # ARCH
+    Case("demo-1-patient", "ARCH", _demo_one_patient),
+]
+
+
+@contextlib.contextmanager
+def _case_env(tmp_path: Path, world: World) -> Iterator[Ctx]:
+    cleanups: list[Callable[[], None]] = []
+    with contextlib.ExitStack() as stack:
+        ctx = Ctx(tmp_path, world, cleanups, stack)
+        try:
+            yield ctx
+        finally:
+            for undo in reversed(cleanups):
+                undo()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_nothing_is_written(
+    case: Case,
+    world: World,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with _case_env(tmp_path / "case", world) as ctx:
+        ctx.tmp.mkdir()
+        argv, fragment = case.build(ctx)
+        cwd = ctx.tmp / "cwd"
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)  # relative default outputs land inside the snapshot
+        capsys.readouterr()
+        before = _snapshot(ctx.tmp, world.base)
+        with caplog.at_level("INFO"):
+            rc = cli_main(argv)
+        err = capsys.readouterr().err
+        after = _snapshot(ctx.tmp, world.base)
+    # The error is a plain stderr line or a logged ERROR (the CLI's log format writes it as one stderr line).
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    lines = [line for line in err.splitlines() if line.strip() and not LOG_LINE.match(line)] + logged
+    err = err + "".join(f"(logged) {m}\n" for m in logged)
+    assert rc == 2, f"[{case.owner}] exit code {rc}, stderr:\n{err}"
+    assert "Traceback" not in err and len(lines) == 1 and "\n" not in lines[0], f"[{case.owner}] not one line:\n{err}"
+    assert re.search(fragment, lines[0]), f"[{case.owner}] {lines[0]!r} does not name the input ({fragment})"
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"[{case.owner}] files written, changed or removed: {changed[:10]}"
+
+
+def test_body_part_outside_the_seven_is_kept_with_a_warning(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with _case_env(tmp_path, world) as ctx:
+        argv, _ = _part_renamed("XR_LEG", "")(ctx)
+    with caplog.at_level("WARNING"):
+        assert cli_main(argv) == 0
+    assert "LEG" in capsys.readouterr().out
+    assert "XR_LEG" in caplog.text and "outside MURA's seven" in caplog.text
