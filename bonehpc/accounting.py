@@ -19,6 +19,7 @@ import pandas as pd
 
 from bonehpc.paths import RUN_METRICS, read_json
 from bonehpc.registry import latest_tasks, read_registry, registry_tasks
+from bonehpc.resources import task_failure_line
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ STATUS_COLUMNS = (
     "start",
     "end",
     "metrics",
+    "error",
 )
 
 _ARRAY_RANGE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
@@ -252,23 +254,23 @@ def squeue_states() -> dict[str, str]:
     return out
 
 
-def task_states(registry: dict[str, Any]) -> dict[str, str]:
-    """Current state of every task id of a registry (bonehpc.registry).
+def job_states(task_ids: Iterable[str]) -> dict[str, str]:
+    """Current state of Slurm task ids (`123`, `123_4`): sacct's latest run, else squeue (a job not yet in
+    accounting), else UNKNOWN (in neither; not active, so a task lost with its cluster may run again)."""
+    ids = sorted({str(t) for t in task_ids if str(t)})
+    if not ids:
+        return {}
+    records = query(ids)
+    live = squeue_states()
+    return {t: records[t].state if t in records else live.get(t, "UNKNOWN") for t in ids}
 
-    Slurm tasks: sacct, else squeue (a job not yet in accounting), else UNKNOWN (gone from both; UNKNOWN is
-    not active, so a task lost with its cluster may be submitted again). Local/debug tasks: the state
-    recorded when they ran.
-    """
+
+def task_states(registry: dict[str, Any]) -> dict[str, str]:
+    """Current state of every task id of a registry (bonehpc.registry): Slurm tasks from `job_states`,
+    local/debug tasks the state recorded when they ran."""
     tasks = registry_tasks(registry)
     states = {t["task_id"]: t.get("state", "UNKNOWN") for t in tasks if t["mode"] != "slurm"}
-    slurm_jobs = sorted({t["job_id"] for t in tasks if t["mode"] == "slurm"})
-    if slurm_jobs:
-        records = query(slurm_jobs)
-        live = squeue_states()
-        for t in tasks:
-            if t["mode"] == "slurm":
-                rec = records.get(t["task_id"])
-                states[t["task_id"]] = rec.state if rec else live.get(t["task_id"], "UNKNOWN")
+    states.update(job_states(t["task_id"] for t in tasks if t["mode"] == "slurm"))
     return states
 
 
@@ -347,6 +349,8 @@ def experiment_status(
                 node="local",
             )
         row["metrics"] = _metrics_status(exp, fold, role)
+        if row["state"] in RETRY_STATES:  # failures explained: the last exception line of the task's log
+            row["error"] = task.get("error") or task_failure_line(exp / "submitit", tid)
         rows.append(row)
     return pd.DataFrame(rows, columns=list(STATUS_COLUMNS))
 

@@ -304,11 +304,7 @@ class TuneConfig:
     sampler_seed: int = 0
     """Seed of the TPE sampler."""
     max_retry: int = 2
-    """Retries of a trial whose job died (heartbeat-detected)."""
-    heartbeat_interval: int = 60
-    """Seconds between a running trial's heartbeats; a trial silent for grace_period is failed and retried."""
-    grace_period: int = 0
-    """Seconds without a heartbeat before a trial counts as dead (0: max(180, 3 x heartbeat_interval))."""
+    """Retries of a trial whose worker died (its Slurm task ended per sacct/squeue, or its process is gone)."""
     space: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
             "student.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
@@ -323,8 +319,6 @@ class TuneConfig:
     def __post_init__(self) -> None:
         _positive("tune.trials", self.trials)
         _positive("tune.parallel", self.parallel)
-        _positive("tune.heartbeat_interval", self.heartbeat_interval)
-        _positive("tune.grace_period", self.grace_period, allow_zero=True)
         _choice("tune.pruner", self.pruner, ("median", "halving", "none"))
         if not self.folds:
             raise ConfigError("tune.folds: need at least one fold")

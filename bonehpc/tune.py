@@ -15,12 +15,15 @@ epoch across trials. The objective is the mean over folds of the metric each fol
 Failures. A trial whose process dies is found three ways: (1) `train.run` saves `last.pt` on
 SIGUSR2/SIGTERM and raises `Preempted`: the trial is marked FAIL at once and a WAITING copy is
 enqueued by Optuna's retry callback before the task requeues; (2) a task that starts again (Slurm
-requeue) finds the trial it ran before still RUNNING and fails + retries it; (3) any other dead trial
-stops sending heartbeats and the next task fails + retries it (`optuna.storages.fail_stale_trials`).
+requeue) finds the trial it ran before still RUNNING and fails + retries it; (3) every task, before it
+takes a trial, checks the owner of each RUNNING trial (user attributes written when the trial started:
+`slurm_job`, `host`, `pid`, `pid_start`) and fails + retries the trials whose owner is dead: a Slurm
+task that sacct/squeue report ended (`bonehpc.accounting.job_states`), or, without Slurm, a process
+that no longer exists on this host. An owner that cannot be checked (another host without Slurm, a
+job neither sacct nor squeue knows) is left alone: a trial is never taken from a live worker.
 A retried trial keeps its parameters and reuses the run dirs of the trial it retries
-(`retry_history[0]`), so `train.run` resumes from `last.pt`. Optuna 5.0 implements heartbeats only for
-`RDBStorage`; for the journal file, `HeartbeatJournalStorage` adds the same `BaseHeartbeat` interface
-with the beat stored as a trial system attribute.
+(`retry_history[0]`), so `train.run` resumes from `last.pt`. Only public Optuna API is used (pinned
+exactly in pyproject.toml).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
+import socket
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,7 +42,6 @@ import optuna
 import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
@@ -49,15 +51,6 @@ from bonehpc.paths import BEST_CKPT, BEST_PARAMS, RUN_CONFIG, ExperimentPaths, f
 
 log = logging.getLogger(__name__)
 
-# Optuna 4.9 renamed RetryFailedTrialCallback (kept as a deprecated alias until 6.0).
-RetryCallback: Any = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-if RetryCallback is None:  # pragma: no cover - optuna < 4.9
-    RetryCallback = optuna.storages.RetryFailedTrialCallback
-
-HEARTBEAT_KEY = "bonehpc:heartbeat"
-"""Trial system attribute holding the last heartbeat (Unix time) on the journal storage."""
-DEFAULT_HEARTBEAT_S = 60
-DEFAULT_GRACE_S = 180
 LOCK_GRACE_S = 10
 """A journal lock file older than this is forcibly released (an append holds it for milliseconds)."""
 
@@ -178,89 +171,26 @@ def check_folds(cfg: ExperimentConfig) -> None:
 # Storage, sampler, pruner, study
 
 
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-    """Optuna's journal storage with the heartbeat interface that Optuna 5.0 gives only RDBStorage.
-
-    A beat is the trial system attribute `HEARTBEAT_KEY` (Unix time of the writer); a RUNNING trial
-    whose last beat (or start, whichever is later) is older than `grace_period` seconds is stale.
-    Clocks of the nodes must agree to well within the grace period (NTP), as for the shared file.
-    """
-
-    def __init__(
-        self,
-        backend: JournalFileBackend,
-        heartbeat_interval: int,
-        grace_period: int,
-        stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-    ) -> None:
-        super().__init__(backend)
-        if heartbeat_interval <= 0 or grace_period <= heartbeat_interval:
-            raise ConfigError(
-                f"heartbeat: need 0 < interval < grace period, got {heartbeat_interval} and {grace_period}"
-            )
-        self.heartbeat_interval = heartbeat_interval
-        self.grace_period = grace_period
-        self.stale_trial_callback = stale_trial_callback
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        try:
-            self.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
-        except optuna.exceptions.UpdateFinishedTrialError:
-            # Another worker declared this trial dead (a beat came too late): the trial's result
-            # will be refused at tell(); nothing to record any more.
-            log.warning("heartbeat of trial id %d refused: the trial is already finished", trial_id)
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        now = time.time()
-        stale = []
-        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            # A retried trial inherits the old beat of the trial it retries: its start time counts too.
-            last = max(
-                float(t.system_attrs.get(HEARTBEAT_KEY, 0.0)), t.datetime_start.timestamp() if t.datetime_start else 0.0
-            )
-            if now - last > self.grace_period:
-                stale.append(t._trial_id)
-        return stale
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self.heartbeat_interval
-
-    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
-        return self.stale_trial_callback
-
-    def get_failed_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
-        return self.stale_trial_callback
-
-
-def heartbeat_settings(cfg: ExperimentConfig) -> tuple[int, int]:
-    """(heartbeat interval, grace period) in seconds; `tune.heartbeat_interval` / `tune.grace_period` when set."""
-    interval = int(getattr(cfg.tune, "heartbeat_interval", 0) or DEFAULT_HEARTBEAT_S)
-    grace = int(getattr(cfg.tune, "grace_period", 0) or max(DEFAULT_GRACE_S, 3 * interval))
-    return interval, grace
-
-
 def retry_callback(cfg: ExperimentConfig) -> Any:
     """Optuna's retry callback: a dead trial is re-enqueued (WAITING, same params, same reports)."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RetryCallback(max_retry=cfg.tune.max_retry, inherit_intermediate_values=True)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=cfg.tune.max_retry, inherit_intermediate_values=True
+        )
 
 
-def build_storage(
-    cfg: ExperimentConfig, heartbeat_interval: int | None = None, grace_period: int | None = None
-) -> BaseStorage:
+def build_storage(cfg: ExperimentConfig) -> BaseStorage:
     """The study storage: the journal file of the experiment (default) or the RDB at `tune.storage`.
 
-    Both get heartbeats and the retry callback. SQLite is refused: its locking is unreliable on the
-    shared file systems Slurm jobs write to (optuna#815); the journal file needs no locking by fcntl.
+    SQLite is refused: its locking is unreliable on the shared file systems Slurm jobs write to
+    (optuna#815); the journal file needs no locking by fcntl. Dead trials are found by `fail_dead_trials`
+    (the owner's job or process), not by storage heartbeats.
     """
     import warnings
 
-    interval, grace = heartbeat_settings(cfg)
-    interval = heartbeat_interval or interval
-    grace = grace_period or max(grace, 2 * interval)
     url = cfg.tune.storage.strip()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -268,8 +198,7 @@ def build_storage(
             journal = ExperimentPaths.of(cfg).tune_journal
             journal.parent.mkdir(parents=True, exist_ok=True)
             lock = JournalFileOpenLock(str(journal), grace_period=LOCK_GRACE_S)
-            backend = JournalFileBackend(str(journal), lock_obj=lock)
-            return HeartbeatJournalStorage(backend, interval, grace, retry_callback(cfg))
+            return JournalStorage(JournalFileBackend(str(journal), lock_obj=lock))
         if url.startswith("sqlite"):
             raise ConfigError(
                 "tune.storage: SQLite is not safe on shared file systems; leave tune.storage empty for the "
@@ -278,13 +207,7 @@ def build_storage(
         if "://" not in url:
             raise ConfigError(f"tune.storage: {url!r} is not a database URL (e.g. mysql+pymysql://u:p@host/db)")
         try:
-            return RDBStorage(
-                url,
-                engine_kwargs={"pool_pre_ping": True},
-                heartbeat_interval=interval,
-                grace_period=grace,
-                heartbeat_stale_trial_callback=retry_callback(cfg),
-            )
+            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
         except Exception as err:  # sqlalchemy raises many kinds; the URL (minus password) names the problem
             raise TuneError(f"tune.storage: cannot open {_hide_password(url)}: {err}") from err
 
@@ -486,7 +409,7 @@ def _trial_by_number(study: optuna.Study, number: int) -> FrozenTrial | None:
 
 
 def fail_and_retry(cfg: ExperimentConfig, study: optuna.Study, number: int, reason: str) -> None:
-    """Mark a RUNNING trial FAIL and enqueue its retry (what the heartbeat does for dead trials)."""
+    """Mark a RUNNING trial FAIL and enqueue its retry (same parameters, same intermediate values)."""
     t = _trial_by_number(study, number)
     if t is None or t.state != TrialState.RUNNING:
         if t is not None and t.state == TrialState.FAIL and not _has_retry(study, t.number):
@@ -505,6 +428,77 @@ def fail_and_retry(cfg: ExperimentConfig, study: optuna.Study, number: int, reas
 
 def _has_retry(study: optuna.Study, number: int) -> bool:
     return any(number in (t.system_attrs.get("retry_history") or []) for t in study.get_trials(deepcopy=False))
+
+
+def _slurm_task_id() -> str:
+    """This process's Slurm task id (`<array job>_<index>`, or the job id), '' outside Slurm."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if job:
+        return f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return os.environ.get("SLURM_JOB_ID", "")
+
+
+def _pid_start(pid: int) -> str:
+    """Start time of a process in clock ticks since boot (/proc/<pid>/stat field 22); '' when unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def owner_attrs() -> dict[str, Any]:
+    """Who runs a trial: recorded as user attributes when it starts (pid_start last), read by `owner_alive`."""
+    return {
+        "slurm_job": _slurm_task_id(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": _pid_start(os.getpid()),
+    }
+
+
+def owner_alive(attrs: Mapping[str, Any], job_states: Mapping[str, str]) -> bool | None:
+    """Is the worker that runs a trial alive? True / False, None when it cannot be told.
+
+    Slurm: the owner's task in `job_states` (bonehpc.accounting.job_states): a state that may still run is
+    alive, an ended one dead, UNKNOWN undecided; our own task id is dead unless it is this very process (an
+    earlier run of a requeued task). Without Slurm: the owner's pid on this host, with its start time (a
+    reused pid is not the owner); another host undecided.
+    """
+    from bonehpc.accounting import ACTIVE_STATES
+
+    me = owner_attrs()
+    job = str(attrs.get("slurm_job") or "")
+    if "pid_start" not in attrs:
+        return None  # the trial was just created; its owner has not written all its attributes yet (last key)
+    if job:
+        if job == me["slurm_job"]:
+            return attrs.get("pid") == me["pid"] and attrs.get("pid_start") == me["pid_start"]
+        state = job_states.get(job, "UNKNOWN")
+        return None if state == "UNKNOWN" else state in ACTIVE_STATES
+    if attrs.get("host") != me["host"]:
+        return None
+    if not attrs["pid_start"]:  # no /proc where it started: the pid alone
+        try:
+            os.kill(int(attrs["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return _pid_start(int(attrs["pid"])) == attrs["pid_start"]
+
+
+def fail_dead_trials(cfg: ExperimentConfig, study: optuna.Study) -> list[int]:
+    """Fail and retry every RUNNING trial whose owner is dead (`owner_alive` False); their numbers."""
+    from bonehpc.accounting import job_states
+
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    jobs = {str(t.user_attrs["slurm_job"]) for t in running if t.user_attrs.get("slurm_job")}
+    states = job_states(jobs - {_slurm_task_id()}) if jobs else {}
+    dead = [t.number for t in running if owner_alive(t.user_attrs, states) is False]
+    for number in dead:
+        fail_and_retry(cfg, study, number, "its worker is gone")
+    return dead
 
 
 def _waiting(study: optuna.Study) -> bool:
@@ -533,14 +527,14 @@ def run_task(
         fail_and_retry(cfg, study, int(previous["trial"]), f"task {task_index} restarted while the trial was running")
 
     def on_start(trial: optuna.Trial) -> None:
-        atomic_write_json(state_file, {"trial": trial.number, "job": os.environ.get("SLURM_JOB_ID"), "state": None})
+        atomic_write_json(state_file, {"trial": trial.number, "job": _slurm_task_id(), "state": None})
         trial.set_user_attr("task", task_index)
-        job = os.environ.get("SLURM_ARRAY_JOB_ID")
-        if job:
-            trial.set_user_attr("slurm_job", f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}")
+        for key, value in owner_attrs().items():
+            trial.set_user_attr(key, value)
 
     results: list[dict[str, Any]] = []
     for _ in range(max(1, cfg.tune.trials)):  # bound: never more trials than the study has
+        fail_dead_trials(cfg, study)
         if results and not _waiting(study):
             break
         objective = Objective(cfg, on_start=on_start, train_fold=train_fold)
@@ -550,7 +544,7 @@ def run_task(
             if objective.trial_number is None:
                 raise
             if _is_preempted(err) or isinstance(err, KeyboardInterrupt):
-                # optimize() marked it FAIL; queue the retry now rather than after the heartbeat grace period.
+                # optimize() marked it FAIL; queue the retry now, before the job requeues itself.
                 fail_and_retry(cfg, study, objective.trial_number, "preempted")
                 raise
             log.error("trial %d failed: %s: %s", objective.trial_number, type(err).__name__, err)
