@@ -6,13 +6,16 @@ jobs/submit.py; the registry they write (jobs.json) is bonehpc.registry.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
 import shutil
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ import yaml
 
 from bonehpc.config import ConfigError, ExperimentConfig, _build
 from bonehpc.paths import ExperimentPaths
-from bonehpc.resources import DEFAULT_SAVE_WAIT_S, check_signal_delay
+from bonehpc.resources import DEFAULT_SAVE_WAIT_S, check_signal_delay, task_failure_line
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +255,63 @@ def render_sbatch(
 
 
 # ----------------------------------------------------------------------------------------------
+# Dry run: every job of a graph rendered, nothing submitted
+
+_DRY_RUN: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("bonehpc_dry_run", default=None)
+
+
+@contextlib.contextmanager
+def dry_run() -> Iterator[list[str]]:
+    """Inside this block `submit` submits and runs nothing: it appends each job's sbatch script (Slurm) or
+    what it would run (local/debug) to the yielded list, and gives the jobs ids DRY1, DRY2, ... so the
+    dependency graph reads as it would be submitted. Builders record nothing in jobs.json."""
+    token = _DRY_RUN.set([])
+    try:
+        out = _DRY_RUN.get()
+        assert out is not None
+        yield out
+    finally:
+        _DRY_RUN.reset(token)
+
+
+def is_dry_run() -> bool:
+    """True inside `dry_run()`."""
+    return _DRY_RUN.get() is not None
+
+
+def _dry_submit(
+    ctx: SubmitContext,
+    spec: ResourceSpec,
+    kind: str,
+    name: str,
+    items: Sequence[Any] | None,
+    role: str,
+    dependency: str,
+    label: Callable[[Any], str] | None,
+) -> dict[str, Any]:
+    """`submit` under dry_run(): the record a submission would produce, and its script in the dry-run list."""
+    out = _DRY_RUN.get()
+    assert out is not None
+    job_id = f"DRY{sum(1 for line in out if line.startswith('#####')) + 1}"
+    record: dict[str, Any] = {"kind": kind, "role": role, "dependency": dependency, "job_id": job_id, "tasks": []}
+    for i, item in enumerate(items if items is not None else [None]):
+        task_id = f"{job_id}_{i}" if items is not None else job_id
+        entry = {"index": i} if items is not None else {}
+        record["tasks"].append({**entry, **_label(label, item), "task_id": task_id})
+    head = f"##### {kind} {role} job {job_id}".replace("  ", " ")
+    if items is not None:
+        head += f": array of {len(items)} ({', '.join(t.get('fold', str(t['index'])) for t in record['tasks'])})"
+    if ctx.mode == "slurm":
+        folder = ctx.paths.submitit / "%j"
+        command = f"{spec.python or sys.executable} -u -m submitit.core._submit {folder}"
+        out.append(f"{head}\n{render_sbatch(spec, str(folder), name, dependency, command, len(items or []))}")
+    else:
+        out.append(f"{head}: would run with submitit's {ctx.mode} executor, after the jobs before it")
+    ctx.jobs.append(record)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
 # Submission
 
 
@@ -287,6 +347,8 @@ def submit(
     """
     spec = ctx.profile.for_kind(kind)
     name = f"{ctx.cfg.name}-{role or kind}"
+    if _DRY_RUN.get() is not None:
+        return _dry_submit(ctx, spec, kind, name, items, role, dependency, label)
     executor = make_executor(spec, ctx.paths.submitit / "%j", ctx.mode, name, dependency)
     record: dict[str, Any] = {"kind": kind, "role": role, "dependency": dependency, "tasks": []}
     if ctx.mode == "slurm":
@@ -320,8 +382,11 @@ def submit(
                 entry.update(state="COMPLETED", exit_code=0)
                 log.info("%s COMPLETED in %.0f s", what, time.monotonic() - t0)
             except Exception as err:  # noqa: BLE001 - a failed job is recorded, the graph goes on
-                log.error("%s FAILED: %s", what, str(err).strip()[-2000:])
-                entry.update(state="FAILED", exit_code=1)
+                # failures explained: the exception line of the task's log, not only the wrapper's message
+                lines = str(err).strip().splitlines() or ["(no message)"]
+                line = task_failure_line(ctx.paths.submitit, str(job.job_id)) or lines[-1][:500]
+                log.error("%s FAILED: %s (log %s)", what, line, job.paths.stderr)
+                entry.update(state="FAILED", exit_code=1, error=line)
             entry["elapsed_s"] = round(time.monotonic() - t0)
             record["tasks"].append(entry)
         record["job_id"] = record["tasks"][0]["task_id"] if record["tasks"] else ""

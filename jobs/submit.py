@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from bonehpc import slurm
+from bonehpc import preflight, slurm
 from bonehpc.accounting import ACTIVE_STATES, RETRY_STATES, task_states
 from bonehpc.config import ConfigError, ExperimentConfig, load_config, save_config
 from bonehpc.paths import ROLES, RUN_CONFIG, ExperimentPaths, fold_keys, fold_name
@@ -49,7 +49,7 @@ def _record(ctx: slurm.SubmitContext, kind: str, folder: Path, **extra: Any) -> 
     entry = new_entry(
         kind, ctx.cfg, mode=ctx.mode, profile=ctx.profile.name, workdir=ctx.workdir, jobs=ctx.jobs, **extra
     )
-    if ctx.jobs:
+    if ctx.jobs and not slurm.is_dry_run():  # a dry run submitted nothing and records nothing
         append_submission(folder, ctx.cfg.name, entry)
     return {**entry, "run_dir": str(folder)}
 
@@ -226,6 +226,9 @@ def submit_folds(
     paths = prepare_experiment(cfg)
     ctx = _context(cfg, paths, workdir)
     plan = plan_folds(cfg, paths, only)
+    if plan.teacher or plan.student or plan.evaluate:  # one line, exit 2, nothing queued
+        roles = [r for r in ROLES if getattr(plan, r)]
+        preflight.preflight_training(cfg, paths, ctx.profile, ctx.mode, roles, "train")
     cfg_path = str(paths.config.resolve())
     nproc = cfg.cluster.nproc_per_node or ctx.profile.for_kind("train").nproc_per_node
     train_ids: list[str] = list(plan.active.values())
@@ -297,6 +300,8 @@ def submit_pack(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dic
     paths = ExperimentPaths.of(cfg)
     paths.root.mkdir(parents=True, exist_ok=True)
     ctx = _context(cfg, paths, workdir)
+    if ctx.mode == "slurm":
+        preflight.check_resources(ctx.profile, {"pack": 0})
     d = cfg.data
     plan = plan_pack(
         d.mura_root,
@@ -333,6 +338,7 @@ def submit_tune(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dic
     per_kind = {k: dict(v) for k, v in ctx.profile.per_kind.items()}
     per_kind.get("tune", {}).pop("array_parallelism", None)
     ctx.profile = dataclasses.replace(ctx.profile, array_parallelism=cfg.tune.parallel, per_kind=per_kind)
+    preflight.preflight_training(cfg, ctx.paths, ctx.profile, ctx.mode, ["student"], "tune")
     task = TuneTask(str((folder / RUN_CONFIG).resolve()), ctx.workdir)
     log.info(
         "study %r in %s: %d trial(s) so far; submitting %d task(s), %d at a time (%s)",

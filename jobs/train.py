@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +74,9 @@ def nproc_for_node(configured: int) -> int:
     return torch.cuda.device_count() or 1
 
 
-def first_node() -> str:
+def first_node(env: Mapping[str, str] | None = None) -> str:
     """Host name of the allocation's first node (the rendezvous host of multi-node runs)."""
-    nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
+    nodelist = (os.environ if env is None else env).get("SLURM_JOB_NODELIST", "")
     if not nodelist:
         return "127.0.0.1"
     out = subprocess.run(
@@ -85,21 +86,32 @@ def first_node() -> str:
 
 
 def torchrun_command(
-    cfg_path: str, fold: int | str, role: str, nproc: int, python: str, module: str = "bonehpc.train"
+    cfg_path: str,
+    fold: int | str,
+    role: str,
+    nproc: int,
+    python: str,
+    module: str = "bonehpc.train",
+    env: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """torchrun over `python -m bonehpc.train` for this node (standalone, or c10d rendezvous across nodes)."""
-    nnodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
+    """torchrun over `python -m bonehpc.train` for this node (standalone, or c10d rendezvous across nodes).
+
+    `env` (default os.environ) is the Slurm environment of the task: SLURM_JOB_NUM_NODES, SLURM_NODEID,
+    SLURM_JOB_ID (the rendezvous port), SLURM_JOB_NODELIST (the rendezvous host: the first node).
+    """
+    env = os.environ if env is None else env
+    nnodes = int(env.get("SLURM_JOB_NUM_NODES", "1"))
     cmd = [python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--max_restarts=0"]
     if nnodes > 1:
-        job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "0"))
-        task = os.environ.get("SLURM_ARRAY_TASK_ID", "0")
+        job = env.get("SLURM_ARRAY_JOB_ID", env.get("SLURM_JOB_ID", "0"))
+        task = env.get("SLURM_ARRAY_TASK_ID", "0")
         # every array task has its own SLURM_JOB_ID: tasks running side by side get different ports
-        port = rendezvous_port(os.environ.get("SLURM_JOB_ID", "0"))
+        port = rendezvous_port(env.get("SLURM_JOB_ID", "0"))
         cmd += [
             f"--nnodes={nnodes}",
-            f"--node_rank={os.environ.get('SLURM_NODEID', '0')}",
+            f"--node_rank={env.get('SLURM_NODEID', '0')}",
             "--rdzv_backend=c10d",
-            f"--rdzv_endpoint={first_node()}:{port}",
+            f"--rdzv_endpoint={first_node(env)}:{port}",
             f"--rdzv_id={job}_{task}",
         ]
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from bonehpc.cli import add_config_args, load_cfg
@@ -34,6 +35,31 @@ def exp_dir(args: argparse.Namespace) -> Path:
     return Path(args.run_root) / args.exp
 
 
+def add_dry_run_arg(p: argparse.ArgumentParser) -> None:
+    """--dry-run: print the sbatch scripts and the dependency graph, submit nothing."""
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the sbatch script of every job and the dependency graph; submit and record nothing "
+        "(the preflight checks still run)",
+    )
+
+
+def run_submission(args: argparse.Namespace, build: Callable[[], dict]) -> dict | None:
+    """The entry of build() (a jobs.submit builder); under --dry-run print its scripts and graph, return None."""
+    if not getattr(args, "dry_run", False):
+        return build()
+    from bonehpc import slurm
+
+    with slurm.dry_run() as scripts:
+        entry = build()
+    for text in scripts:
+        print(text)
+    print("dependency graph (dry run: nothing submitted, nothing recorded in jobs.json):")
+    _print_submission(entry)
+    return None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     group = submit_subparsers(sub)
     f = group.add_parser(
@@ -45,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "cluster.mode=local|debug runs the same graph without Slurm, one job after another.",
     )
     add_config_args(f)
+    add_dry_run_arg(f)
     f.set_defaults(func=_submit_folds)
     k = group.add_parser(
         "pack",
@@ -53,6 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "so submitting again resumes) and a finalize job (index.csv, manifest.json) after it.",
     )
     add_config_args(k)
+    add_dry_run_arg(k)
     k.set_defaults(func=_submit_pack)
     r = group.add_parser("resubmit", help="resubmit only the failed / cancelled / timed-out tasks of an experiment")
     add_exp_args(r)
@@ -81,7 +109,9 @@ def _submit_folds(args: argparse.Namespace) -> int:
     from jobs.submit import submit_folds
 
     cfg = load_cfg(args)
-    entry = submit_folds(cfg)
+    entry = run_submission(args, lambda: submit_folds(cfg))
+    if entry is None:
+        return 0
     _print_submission(entry)
     failed = [t for j in entry["jobs"] for t in j["tasks"] if t.get("state") == "FAILED"]
     return 1 if failed else 0
@@ -90,7 +120,10 @@ def _submit_folds(args: argparse.Namespace) -> int:
 def _submit_pack(args: argparse.Namespace) -> int:
     from jobs.submit import submit_pack
 
-    entry = submit_pack(load_cfg(args))
+    cfg = load_cfg(args)
+    entry = run_submission(args, lambda: submit_pack(cfg))
+    if entry is None:
+        return 0
     _print_submission(entry)
     failed = [t for j in entry["jobs"] for t in j["tasks"] if t.get("state") == "FAILED"]
     return 1 if failed else 0
@@ -118,6 +151,9 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     cols = ["fold", "role", "task_id", "state", "elapsed_s", "exit_code", "requeues", "node", "gpu_hours", "metrics"]
     print(df[cols].to_string(index=False))
+    errors = df[df["error"].fillna("") != ""] if "error" in df else df.iloc[0:0]
+    for row in errors.itertuples():  # failures explained: the last exception line of each failed task
+        print(f"{row.fold}/{row.role} {row.task_id} {row.state}: {row.error}")
     states = ", ".join(f"{k} {v}" for k, v in tot["states"].items())
     print(
         f"\n{tot['tasks']} tasks ({states}); elapsed {tot['elapsed_h']:.3f} h; GPU-hours {tot['gpu_hours']:.3f}; "

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from bonehpc.cli import add_config_args, load_cfg
-from bonehpc.cli.slurm import add_exp_args, submit_subparsers
+from bonehpc.cli.slurm import add_dry_run_arg, add_exp_args, run_submission, submit_subparsers
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "checkpoint. cluster.mode=local|debug runs the tasks here, one after another.",
     )
     add_config_args(s)
+    add_dry_run_arg(s)
     s.set_defaults(func=_submit_tune)
 
     t = sub.add_parser("tune", help="inspect an Optuna study: `bonehpc tune status`")
@@ -48,10 +49,12 @@ def _submit_tune(args: argparse.Namespace) -> int:
 
     cfg = load_cfg(args)
     try:
-        entry = submit_tune(cfg)
+        entry = run_submission(args, lambda: submit_tune(cfg))
     except TuneError as err:
         print(f"bonehpc submit tune: {err}", file=sys.stderr)
         return 2
+    if entry is None:  # --dry-run
+        return 0
     for job in entry["jobs"]:
         tasks = job["tasks"]
         ids = f"{tasks[0]['task_id']} .. {tasks[-1]['task_id']}" if tasks else "-"
