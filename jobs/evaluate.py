@@ -51,9 +51,10 @@ class EvaluateTask:
             outcome["holdout"] = "skipped: the final teacher or student did not complete"
         paths.holdout.mkdir(parents=True, exist_ok=True)
         atomic_write_json(paths.holdout / "outcome.json", outcome, indent=1)
-        from jobs.report import ReportTask
+        from bonehpc.report import build_report
 
-        outcome["report"] = ReportTask(self.cfg_path, self.workdir)()
+        outcome["report"] = str(build_report(paths.root))
+        log.info("report written: %s", outcome["report"])
         atomic_write_json(paths.holdout / "outcome.json", outcome, indent=1)
         if error is not None:
             raise RuntimeError(f"holdout evaluation failed: {error}") from error

@@ -13,7 +13,7 @@ import importlib
 import logging
 import sys
 
-from bonehpc import __version__
+from bonehpc import __version__, offline_env
 from bonehpc.config import ConfigError
 
 AREAS = ("data", "pack", "train", "slurm", "tune", "report", "bench", "demo")
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    offline_env(hub=args.command != "weights")  # before the commands import torch, timm, albumentations
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname).1s%(asctime)s %(name)s] %(message)s",
