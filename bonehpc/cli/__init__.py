@@ -9,12 +9,14 @@ command runs.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
 
 from bonehpc import __version__, offline_env
 from bonehpc.config import ConfigError
+from bonehpc.constants import INPUT_ERROR_EXIT_CODE
 
 AREAS = ("data", "pack", "train", "slurm", "tune", "report", "bench", "demo")
 
@@ -76,18 +78,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except ConfigError as err:
+        if args.verbose:
+            raise
         print(f"bonehpc: config error: {err}", file=sys.stderr)
-        return 2
+        return INPUT_ERROR_EXIT_CODE
     except KeyboardInterrupt:
         return 130
     except Exception as err:
-        # bonehpc's own errors (ShardError, ManifestError, WeightsNotFoundError, ...) describe a problem
-        # of the input, not a bug: one clear line, no traceback (-v shows it). Anything else propagates.
-        if not type(err).__module__.startswith("bonehpc.") or args.verbose:
+        line = input_error_line(err)
+        if line is None or args.verbose:
             raise
-        print(f"bonehpc {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+        print(f"bonehpc {args.command}: {line}", file=sys.stderr)
+        return INPUT_ERROR_EXIT_CODE
     return int(rc or 0)
+
+
+def input_error_line(err: BaseException) -> str | None:
+    """One line for an error of the input or the environment, None for a bug (which keeps its traceback).
+
+    Input errors: bonehpc's own exceptions (ShardError, ManifestError, WeightsNotFoundError, ...; their
+    message names the input), an OSError about a path (permission denied, a directory where a file is
+    due, no such file, disk full), and text that is not UTF-8.
+    """
+    if type(err).__module__.startswith("bonehpc."):
+        return f"{type(err).__name__}: {err}"
+    if isinstance(err, OSError) and (err.filename is not None or err.errno == errno.ENOSPC):
+        where = "" if err.filename is None else f": {err.filename}"
+        where += "" if err.filename2 is None else f" -> {err.filename2}"
+        return f"{type(err).__name__}: {err.strerror or err}{where}"
+    if isinstance(err, UnicodeDecodeError):
+        return f"UnicodeDecodeError: not UTF-8 text ({err.reason} at byte {err.start}); -v shows where it was read"
+    return None
 
 
 if __name__ == "__main__":

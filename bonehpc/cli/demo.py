@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
 from bonehpc.cli import add_config_args, load_cfg
+from bonehpc.constants import INPUT_ERROR_EXIT_CODE
 
 log = logging.getLogger("bonehpc.demo")
 
@@ -51,6 +53,14 @@ def _demo(args: argparse.Namespace) -> int:
     if not args.config:
         args.config = str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
     cfg = load_cfg(args)
+    need = max(10, 4 * cfg.data.num_folds)  # every fold needs train patients; a fifth go to the valid split
+    if args.patients < need:
+        print(
+            f"bonehpc demo: --patients {args.patients}: need at least {need} for data.num_folds="
+            f"{cfg.data.num_folds} (train patients in every fold, and a valid split)",
+            file=sys.stderr,
+        )
+        return INPUT_ERROR_EXIT_CODE
     from jobs.demo import run_demo
 
     return run_demo(cfg, patients=args.patients, seed=args.seed, step=_step)
