@@ -205,3 +205,14 @@ def test_benchmark_loader_reports_throughput(shards_dir: Path) -> None:
     res = benchmark_loader(cfg, reader, "torch", steps=steps, warmup=1, device=torch.device("cpu"))
     assert res["backend"] == "torch" and res["device"] == "cpu" and res["batch_size"] == 8 and res["steps"] == steps
     assert res["loader_img_s"] > 0 and res["startup_s"] > 0
+
+
+def test_pack_section_and_cli_options_import_without_torch() -> None:
+    """The decode-only pool workers import bonehpc.bench.pack, and the CLI reads SECTIONS before it sets
+    OMP_WAIT_POLICY: neither may pull in torch (seconds per worker, and the OpenMP runtime too early)."""
+    code = "import sys, bonehpc.bench.pack, bonehpc.cli.bench; print('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
+    assert proc.stdout.strip() == "False"
