@@ -206,6 +206,8 @@ class DistillConfig:
     """Weight of the distillation term; the task loss gets 1 - alpha."""
     tau: float = 2.0
     """Temperature of soft distillation."""
+    baseline: bool = False
+    """Also train the student without KD per fold (role baseline, distill.kind=none): what distillation buys."""
 
     def __post_init__(self) -> None:
         _choice("distill.kind", self.kind, ("none", "soft", "hard"))
@@ -405,9 +407,9 @@ class ExperimentConfig:
             raise ConfigError(f"name: {self.name!r} is not a valid experiment name")
 
     def role(self, role: str) -> RoleConfig:
-        """The RoleConfig of 'teacher' or 'student'."""
-        if role not in ("teacher", "student"):
-            raise ConfigError(f"role: {role!r} is not teacher or student")
+        """The RoleConfig of 'teacher' or 'student' ('baseline' is the student trained without KD)."""
+        if role not in ("teacher", "student", "baseline"):
+            raise ConfigError(f"role: {role!r} is not teacher, student or baseline")
         return self.teacher if role == "teacher" else self.student
 
 

@@ -10,8 +10,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from bonehpc.config import ExperimentConfig
 
-ROLES = ("teacher", "student")
-HOLDOUT_MODELS = ("final_teacher", "final_student", "ensemble_teacher", "ensemble_student")
+CORE_ROLES = ("teacher", "student")
+ROLES = (*CORE_ROLES, "baseline")
+"""Training roles: the teacher, the KD student and the optional baseline (the student trained without KD,
+when distill.baseline is set; see experiment_roles)."""
+HOLDOUT_MODELS = (
+    "final_teacher",
+    "final_student",
+    "ensemble_teacher",
+    "ensemble_student",
+    "final_baseline",
+    "ensemble_baseline",
+)
 
 # Files of one training run (ExperimentPaths.role_dir(fold, role)); see docs/architecture.md.
 RUN_CONFIG = "config.yaml"
@@ -77,6 +87,11 @@ def parse_fold(text: str) -> int | str:
     return k
 
 
+def experiment_roles(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The roles an experiment trains per fold: teacher and student, plus baseline when distill.baseline."""
+    return ROLES if cfg.distill.baseline else CORE_ROLES
+
+
 def fold_keys(num_folds: int) -> list[int | str]:
     """Array order of the fold graph: 0..K-1, then "final"."""
     return [*range(num_folds), "final"]
@@ -127,7 +142,7 @@ class ExperimentPaths:
 
     def role_dir(self, fold: int | str, role: str) -> Path:
         if role not in ROLES:
-            raise ValueError(f"role must be teacher or student, got {role!r}")
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         return self.root / fold_name(fold) / role
 
     def holdout_dir(self, model: str) -> Path:
@@ -138,9 +153,11 @@ class ExperimentPaths:
     def role_completed(self, fold: int | str, role: str) -> bool:
         return run_completed(self.role_dir(fold, role))
 
-    def holdout_completed(self) -> bool:
-        """Every holdout model has its metrics and the report exists."""
-        return all((self.holdout_dir(m) / HOLDOUT_METRICS).is_file() for m in HOLDOUT_MODELS) and (
+    def holdout_completed(self, roles: tuple[str, ...] = CORE_ROLES) -> bool:
+        """Every holdout model of these roles (final_<role>, ensemble_<role>) has its metrics and the report
+        exists."""
+        models = [m for m in HOLDOUT_MODELS if m.split("_", 1)[1] in roles]
+        return all((self.holdout_dir(m) / HOLDOUT_METRICS).is_file() for m in models) and (
             self.report / REPORT_INDEX
         ).is_file()
 

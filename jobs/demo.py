@@ -19,9 +19,9 @@ from bonehpc.paths import (
     HOLDOUT_METRICS,
     HOLDOUT_MODELS,
     REPORT_INDEX,
-    ROLES,
     RUN_METRICS,
     ExperimentPaths,
+    experiment_roles,
     fold_keys,
     read_json,
 )
@@ -42,11 +42,11 @@ FOLD_METRICS = ("image_auroc", "image_accuracy", "study_auroc", "study_accuracy"
 """Columns of the demo's fold table (val/<name> of each run's metrics.json)."""
 
 
-def fold_table(paths: ExperimentPaths, folds: list[int | str]) -> pd.DataFrame:
+def fold_table(paths: ExperimentPaths, folds: list[int | str], roles: tuple[str, ...]) -> pd.DataFrame:
     """Per fold and role: image- and study-level metrics of the best epoch (from metrics.json)."""
     rows = []
     for fold in folds:
-        for role in ROLES:
+        for role in roles:
             row: dict[str, object] = {"fold": str(fold), "role": role}
             doc = read_json(paths.role_dir(fold, role) / RUN_METRICS)
             if doc is not None:
@@ -110,7 +110,7 @@ def run_demo(
         for task in job.get("tasks", [])
         if task.get("state") not in (None, "COMPLETED")
     ]
-    table = fold_table(paths, fold_keys(cfg.data.num_folds))
+    table = fold_table(paths, fold_keys(cfg.data.num_folds), experiment_roles(cfg))
     with pd.option_context("display.float_format", _fmt, "display.width", 160):
         print(table.to_string(index=False))
     holdout = {}

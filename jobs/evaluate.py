@@ -24,7 +24,7 @@ class EvaluateTask:
     def __call__(self) -> dict[str, Any]:
         from bonehpc.config import load_config
         from bonehpc.fsio import atomic_write_json
-        from bonehpc.paths import ROLES, ExperimentPaths, fold_keys, fold_name
+        from bonehpc.paths import CORE_ROLES, ExperimentPaths, experiment_roles, fold_keys, fold_name
 
         if self.workdir:
             os.chdir(self.workdir)
@@ -32,13 +32,13 @@ class EvaluateTask:
         paths = ExperimentPaths.of(cfg)
         outcome: dict[str, Any] = {"status": "completed", "completed": [], "failed": []}
         for fold in fold_keys(cfg.data.num_folds):
-            for role in ROLES:
+            for role in experiment_roles(cfg):
                 done = paths.role_completed(fold, role)
                 outcome["completed" if done else "failed"].append(f"{fold_name(fold)}/{role}")
         if outcome["failed"]:
             log.warning("runs without a completed metrics.json (marked failed): %s", ", ".join(outcome["failed"]))
         error: Exception | None = None
-        if all(paths.role_completed("final", r) for r in ROLES):
+        if all(paths.role_completed("final", r) for r in CORE_ROLES):  # a failed baseline is left out
             from bonehpc.evaluate import evaluate_holdout
 
             try:

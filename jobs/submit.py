@@ -5,7 +5,8 @@ Fold graph of one experiment (Slurm mode), every job through the one primitive `
     teacher array   index i -> fold i (0..K-1), index K -> "final" (all training patients)
     student array   same index -> fold mapping, --dependency=aftercorr:<teacher array>, so student task i
                     starts when teacher task i succeeded (--kill-on-invalid-dep=yes cancels it otherwise)
-    evaluate        --dependency=afterany:<both arrays>: holdout evaluation + report, also when folds failed
+    baseline array  (distill.baseline) the student without KD, same index -> fold mapping, no dependency
+    evaluate        --dependency=afterany:<all arrays>: holdout evaluation + report, also when folds failed
 
 Folds already completed (their metrics.json says so) and tasks still pending or running are skipped, so
 submitting again is safe. Under cluster.mode local/debug the same graph runs with submitit's local/debug
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import pandas as pd
 from bonehpc import preflight, slurm
 from bonehpc.accounting import ACTIVE_STATES, RETRY_STATES, task_states
 from bonehpc.config import ConfigError, ExperimentConfig, load_config, save_config
-from bonehpc.paths import ROLES, RUN_CONFIG, ExperimentPaths, fold_keys, fold_name
+from bonehpc.paths import ROLES, RUN_CONFIG, ExperimentPaths, experiment_roles, fold_keys, fold_name
 from bonehpc.registry import append_submission, config_hash, latest_tasks, new_entry, read_registry
 from jobs.evaluate import EvaluateTask
 from jobs.pack import FinalizePackTask, PackShardTask
@@ -139,6 +140,8 @@ class Plan:
     """'fold0/teacher' -> why it is not submitted (completed, or the active task id)."""
     active: dict[tuple[str, str], str]
     """(fold name, role) -> task id of a still pending/running task from an earlier submission."""
+    baseline: list[int | str] = field(default_factory=list)
+    """Folds of the no-KD student (distill.baseline); it depends on no teacher."""
 
 
 def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[str, str]] | None = None) -> Plan:
@@ -147,12 +150,13 @@ def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[st
     latest = latest_tasks(registry)
     states = task_states(registry) if latest else {}
     keys = fold_keys(cfg.data.num_folds)
+    roles = experiment_roles(cfg)
     todo: dict[str, list[int | str]] = {r: [] for r in ROLES}
     skipped: dict[str, str] = {}
     active: dict[tuple[str, str], str] = {}
     for fold in keys:
         fname = fold_name(fold)
-        for role in ROLES:
+        for role in roles:
             key = f"{fname}/{role}"
             if paths.role_completed(fold, role):
                 skipped[key] = "completed"
@@ -174,17 +178,17 @@ def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[st
     todo["student"].sort(key=keys.index)
     prev_eval = latest.get(("holdout", "evaluate"))
     prev_state = states.get(prev_eval["task_id"], "UNKNOWN") if prev_eval else ""
-    if todo["teacher"] or todo["student"]:
+    if any(todo.values()):
         need_eval = True
     elif prev_state in ACTIVE_STATES:
         need_eval = False
         skipped["holdout/evaluate"] = f"{prev_state.lower()} as {prev_eval['task_id']}"  # type: ignore[index]
-    elif prev_state == "COMPLETED" or (not prev_eval and paths.holdout_completed()):
+    elif prev_state == "COMPLETED" or (not prev_eval and paths.holdout_completed(roles)):
         need_eval = False
         skipped["holdout/evaluate"] = "completed"
     else:
         need_eval = True
-    return Plan(todo["teacher"], todo["student"], need_eval, skipped, active)
+    return Plan(todo["teacher"], todo["student"], need_eval, skipped, active, todo["baseline"])
 
 
 def _student_dependency(ctx: slurm.SubmitContext, plan: Plan, teacher: dict[str, Any] | None) -> str:
@@ -226,7 +230,7 @@ def submit_folds(
     paths = prepare_experiment(cfg)
     ctx = _context(cfg, paths, workdir)
     plan = plan_folds(cfg, paths, only)
-    if plan.teacher or plan.student or plan.evaluate:  # one line, exit 2, nothing queued
+    if plan.teacher or plan.student or plan.baseline or plan.evaluate:  # one line, exit 2, nothing queued
         roles = [r for r in ROLES if getattr(plan, r)]
         preflight.preflight_training(cfg, paths, ctx.profile, ctx.mode, roles, "train")
     cfg_path = str(paths.config.resolve())
@@ -250,6 +254,10 @@ def submit_folds(
             label=fold_name,
         )
         train_ids.append(student["job_id"])
+    if plan.baseline:  # the student without KD: no teacher to wait for
+        task = TrainTask(cfg_path, "baseline", ctx.workdir, nproc)
+        baseline = slurm.submit(ctx, "train", task, plan.baseline, role="baseline", label=fold_name)
+        train_ids.append(baseline["job_id"])
     if plan.evaluate and evaluate:
         dependency = "afterany:" + ":".join(train_ids) if train_ids and ctx.mode == "slurm" else ""
         slurm.submit(ctx, "evaluate", EvaluateTask(cfg_path, ctx.workdir), dependency=dependency)

@@ -80,6 +80,11 @@ def test_graph_failure_resubmit_and_idempotency(slurm_cluster, synth_root, shard
     assert ev["start"] >= max(e for e in df["end"] if e and e != ev["end"])
     outcome = json.loads((paths.holdout / "outcome.json").read_text())
     assert outcome["failed"] == ["fold1/teacher", "fold1/student"]
+    # every task logged what it got; under task/affinity the step kept both CPUs of the task (SRUN_CPUS_PER_TASK)
+    teacher0 = first["jobs"][0]["tasks"][0]["task_id"]
+    start = "".join(p.read_text() for p in (paths.submitit / teacher0).glob("*_log.err"))
+    assert "task resources: cpus=2 affinity=0-1 (asked 2) gpus=0 (asked 0)" in start, start[-3000:]
+    assert "nproc=1 nnodes=1 world_size=1" in start
 
     # the CLI status shows the failure too
     out = subprocess.run(
@@ -120,6 +125,32 @@ def test_graph_failure_resubmit_and_idempotency(slurm_cluster, synth_root, shard
     print(f"\n[timing] first graph {t_first:.0f} s, resubmit {t_second:.0f} s")
 
 
+def test_baseline_role_runs_through_the_graph(slurm_cluster, synth_root, shards_dir, tmp_path) -> None:
+    """distill.baseline=true: a third array, the student without KD (no teacher dependency); the evaluation
+    waits for it too (afterany) and records it."""
+    cfg = _cfg(tmp_path / "runs", synth_root, shards_dir, "base", "distill.baseline=true")
+    paths = ExperimentPaths.of(cfg)
+    entry = submit_folds(cfg)
+    assert [(j["kind"], j["role"]) for j in entry["jobs"]] == [
+        ("train", "teacher"),
+        ("train", "student"),
+        ("train", "baseline"),
+        ("evaluate", ""),
+    ]
+    base, ev = entry["jobs"][2], entry["jobs"][3]
+    assert base["dependency"] == "" and [t["fold"] for t in base["tasks"]] == ["fold0", "fold1", "final"]
+    assert ev["dependency"].startswith("afterany:") and base["job_id"] in ev["dependency"].split(":")
+    df = _wait(paths.root)
+    assert set(df["state"]) == {"COMPLETED"}, df.to_string()
+    for fold in (0, 1, "final"):
+        metrics = json.loads((paths.role_dir(fold, "baseline") / "metrics.json").read_text())
+        assert metrics["status"] == "completed" and metrics["distill"] == "none"
+    ends = [_row(df, f, "baseline")["end"] for f in ("fold0", "fold1", "final")]
+    assert _row(df, "holdout", "evaluate")["start"] >= max(ends)
+    outcome = json.loads((paths.holdout / "outcome.json").read_text())
+    assert {"fold0/baseline", "fold1/baseline", "final/baseline"} <= set(outcome["completed"])
+
+
 # Epochs of the interrupted trainings: the signal is sent right after the first epoch and must land
 # mid-run even on an idle machine (a 64 px resnet18 epoch of the tiny set takes ~1 s there).
 EPOCHS = 6
@@ -140,7 +171,9 @@ def test_requeued_training_resumes_with_same_metrics(slurm_cluster, synth_root, 
     while not (history.is_file() and history.read_text().strip()):  # first epoch done: mid-run
         assert time.monotonic() < deadline, "the training never finished its first epoch"
         time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=USR2", task_id], check=True)  # what Slurm sends before a time limit
+    # SIGTERM: what a site without PreemptParameters=send_user_signal sends on preemption (and scontrol
+    # requeue); the task handles it like USR2 (the preemption test below covers USR2 through TrainTask)
+    subprocess.run(["scancel", "--signal=TERM", task_id], check=True)
 
     df = _wait(rq_paths.root)
     ref_df = _wait(ExperimentPaths.of(ref_cfg).root)
