@@ -201,7 +201,7 @@ def check_signal_delay(signal_delay_s: int, save_wait_s: int) -> None:
 _EXC_LINE = re.compile(
     r"^\s*(?:\[[^\]]*\]:?\s*)?"  # torchrun's optional "[rank0]:" prefix
     r"((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)(?::\s.*)?"  # a traceback's last line
-    r"|bonehpc(?:\.\w+)*: \S.*)$"  # the one-line errors of bonehpc's entry points
+    r"|bonehpc(?:[. ]\w+)*: \S.*)$"  # the one-line errors of bonehpc's entry points ("bonehpc train: ...")
 )
 # raised by the wrappers around the real failure (torchrun, submitit, TrainTask): never the answer
 _WRAPPERS = ("ChildFailedError", "FailedJobError", "UncompletedJobError", "torchrun exited with")

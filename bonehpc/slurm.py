@@ -25,7 +25,7 @@ import yaml
 
 from bonehpc.config import ConfigError, ExperimentConfig, _build
 from bonehpc.paths import ExperimentPaths
-from bonehpc.resources import DEFAULT_SAVE_WAIT_S, check_signal_delay, task_failure_line
+from bonehpc.resources import DEFAULT_SAVE_WAIT_S, check_signal_delay, last_error_line, task_failure_line
 
 log = logging.getLogger(__name__)
 
@@ -383,8 +383,9 @@ def submit(
                 log.info("%s COMPLETED in %.0f s", what, time.monotonic() - t0)
             except Exception as err:  # noqa: BLE001 - a failed job is recorded, the graph goes on
                 # failures explained: the exception line of the task's log, not only the wrapper's message
-                lines = str(err).strip().splitlines() or ["(no message)"]
-                line = task_failure_line(ctx.paths.submitit, str(job.job_id)) or lines[-1][:500]
+                text = str(err).strip()
+                line = task_failure_line(ctx.paths.submitit, str(job.job_id)) or last_error_line(text)
+                line = line or (text.splitlines() or ["(no message)"])[0][:500]
                 log.error("%s FAILED: %s (log %s)", what, line, job.paths.stderr)
                 entry.update(state="FAILED", exit_code=1, error=line)
             entry["elapsed_s"] = round(time.monotonic() - t0)

@@ -119,6 +119,17 @@ def torchrun_command(
     return [*cmd, "-m", module, "--config", cfg_path, "--fold", str(fold), "--role", role]
 
 
+def _task_logging() -> None:
+    """This module's lines (the start-of-task line above all) into the task's stderr log: submitit sets up
+    only its own logger in the job process."""
+    if os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local") and not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s %(levelname)s (%(asctime)s) - %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def _own_log_error() -> str:
     """The last exception line in this task's own stderr log (torchrun and the trainers write there)."""
     sys.stderr.flush()
@@ -168,6 +179,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         return env
 
     def __call__(self, fold: int | str) -> dict[str, Any]:
+        _task_logging()
         if self.workdir:
             os.chdir(self.workdir)
         metrics_path = self._metrics_path(fold)

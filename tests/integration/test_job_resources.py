@@ -35,7 +35,12 @@ def _submit(tmp_path: Path, synth_root: Path, shards_dir: Path, name: str, profi
     cfg = load_config(
         None,
         tiny_overrides(
-            tmp_path / "runs", synth_root, shards_dir, f"name={name}", "cluster.mode=slurm", f"cluster.profile={profile}"
+            tmp_path / "runs",
+            synth_root,
+            shards_dir,
+            f"name={name}",
+            "cluster.mode=slurm",
+            f"cluster.profile={profile}",
         ),
     )
     entry = submit_folds(cfg, only={("fold0", "teacher")}, evaluate=False)
@@ -80,3 +85,20 @@ def test_gpu_and_cpu_shortfalls_fail_at_task_start(slurm_cluster, synth_root, sh
     ).stdout
     (task,) = json.loads(out)["tasks"]
     assert task["state"] == "FAILED" and "torch sees 0" in task["error"], task
+
+
+def test_local_submit_shows_the_exception_line_of_a_failed_task(synth_root, shards_dir, tmp_path) -> None:
+    # no Slurm: submitit's local executor runs torchrun; the run folder of fold 0 cannot be created
+    cfg = load_config(None, tiny_overrides(tmp_path / "runs", synth_root, shards_dir, "name=loc", "cluster.mode=local"))
+    paths = ExperimentPaths.of(cfg)
+    paths.root.mkdir(parents=True)
+    (paths.root / "fold0").write_text("in the way")
+    entry = submit_folds(cfg, only={("fold0", "teacher")}, evaluate=False)
+    (task,) = entry["jobs"][0]["tasks"]
+    assert task["state"] == "FAILED"
+    # the trainer's own exception, not torchrun's "ChildFailedError" nor "torchrun exited with 1"
+    assert "fold0" in task["error"] and "torchrun exited" not in task["error"], task["error"]
+    assert "Error" in task["error"] and "not writable" in task["error"], task["error"]
+    df = experiment_status(paths.root)
+    assert df.set_index(["fold", "role"]).loc[("fold0", "teacher"), "error"] == task["error"]
+    print(f"\nlocal failure line: {task['error']}")

@@ -116,6 +116,9 @@ def test_last_error_line_skips_the_wrappers() -> None:
     assert last_error_line("x\nbonehpc.train: data.shards: /nope is not a folder\n") == (
         "bonehpc.train: data.shards: /nope is not a folder"
     )
+    assert last_error_line("bonehpc train: TrainError: /r/fold0: not writable\nE1130 x\n") == (
+        "bonehpc train: TrainError: /r/fold0: not writable"
+    )
     assert last_error_line("all fine\n") == ""
 
 
