@@ -3,35 +3,50 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so that
 `torch.load(weights_only=True)` (no arbitrary unpickling) reads it:
 
-    format_version  int
+    format_version  int (FORMAT_VERSION)
+    payload         "training" (last.pt: everything to resume) or "weights" (best.pt: no optimizer state)
     model_spec      {"name": str, "kwargs": dict}  - enough to rebuild the network with create_model
     model           state_dict of the unwrapped model (no "module." / "_orig_mod." prefixes)
-    optimizer, scheduler, scaler   their state_dicts (or None)
     epoch           int, epochs completed
     step            int, optimizer steps done
     best_metric, best_epoch        the early-stopping metric and where it peaked
     config          the resolved experiment config as a plain dict
-    rng             {"torch", "cuda", "numpy", "python"} generator states (tensors / lists)
     fold, role      which run it belongs to
+  training payload only:
+    optimizer, scheduler, scaler   their state_dicts
+    rng             {"torch", "cuda", "numpy", "python"} generator states (tensors / lists)
+
+Files are written through `bonehpc.fsio.atomic_write` (the umask applies: group members read them on
+shared storage). `CheckpointWriter` writes them from a background thread, so a large rank-0 write does
+not hold the training loop (and the ranks waiting for it at the next collective).
 """
 
 from __future__ import annotations
 
-import os
+import math
 import pickle
 import random
-import tempfile
+import re
+import threading
 import zipfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from bonehpc.fsio import atomic_write
+from bonehpc.paths import BEST_CKPT, LAST_CKPT
+
 FORMAT_VERSION = 1
-LAST = "last.pt"
-BEST = "best.pt"
+LAST = LAST_CKPT
+BEST = BEST_CKPT
 REQUIRED_KEYS = ("format_version", "model_spec", "model")
+TRAINING_KEYS = ("optimizer", "scheduler", "rng", "epoch", "step", "best_metric", "best_epoch")
+TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "rng")
+PAYLOAD_TRAINING = "training"
+PAYLOAD_WEIGHTS = "weights"
 
 
 class CheckpointError(RuntimeError):
@@ -57,6 +72,89 @@ def model_spec(model: torch.nn.Module) -> dict[str, Any]:
             f"model {type(unwrap_model(model)).__name__} has no bonehpc_spec; build it with bonehpc.models.create_model"
         )
     return {"name": str(spec["name"]), "kwargs": dict(spec.get("kwargs") or {})}
+
+
+# ----------------------------------------------------------------------------------------------
+# The state of a run
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: what last.pt resumes from and best.pt records."""
+
+    fold: int | str
+    role: str
+    epoch: int = 0
+    """Epochs completed."""
+    step: int = 0
+    """Optimizer steps done."""
+    best_metric: float = math.nan
+    best_epoch: int = -1
+
+    def improve(self, metric: float, epoch: int) -> bool:
+        """Record `metric` of `epoch` as the best when it is finite and higher (higher is better)."""
+        better = math.isfinite(metric) and (
+            self.best_epoch < 0 or not math.isfinite(self.best_metric) or metric > self.best_metric
+        )
+        if better:
+            self.best_metric, self.best_epoch = float(metric), epoch
+        return better
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> TrainState:
+        return cls(
+            fold=ckpt["fold"],
+            role=str(ckpt["role"]),
+            epoch=int(ckpt["epoch"]),
+            step=int(ckpt["step"]),
+            best_metric=float(ckpt["best_metric"]),
+            best_epoch=int(ckpt["best_epoch"]),
+        )
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A deep copy with every tensor on the CPU (training may change the originals while it is written)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def make_checkpoint(
+    state: TrainState,
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, Any]:
+    """A checkpoint on the CPU: "training" with an optimizer (to resume), else "weights" (model only)."""
+    ckpt: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "payload": PAYLOAD_WEIGHTS if optimizer is None else PAYLOAD_TRAINING,
+        "model_spec": model_spec(model),
+        "model": _cpu_copy(unwrap_model(model).state_dict()),
+        "config": config,
+        **asdict(state),
+    }
+    if optimizer is not None:
+        ckpt["optimizer"] = _cpu_copy(optimizer.state_dict())
+        ckpt["scheduler"] = _cpu_copy(scheduler.state_dict()) if scheduler is not None else None
+        ckpt["scaler"] = scaler.state_dict() if scaler is not None else None
+        ckpt["rng"] = capture_rng()
+    return ckpt
+
+
+def weights_payload(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The "weights" checkpoint of a "training" one: the same description without optimizer, scheduler,
+    scaler and RNG state (best.pt: what evaluation, predict and export need)."""
+    out = {k: v for k, v in ckpt.items() if k not in TRAINING_ONLY}
+    out["payload"] = PAYLOAD_WEIGHTS
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,50 +193,92 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Files
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write `state` to `path` atomically: a temporary file in the same folder, fsync, os.replace.
+    """Write `state` to `path` atomically (bonehpc.fsio.atomic_write with torch.save).
 
     A reader never sees a half-written file; a failure leaves the previous file (if any) untouched
-    and no temporary file behind.
+    and no temporary file behind. The file gets the mode the umask allows (0o640 under umask 0o027).
     """
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path}: checkpoint state lacks {', '.join(missing)}")
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # The rename is durable only once the directory entry is on disk.
-    try:
-        dfd = os.open(p.parent, os.O_RDONLY)
-    except OSError:
-        return p
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-    return p
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+class CheckpointWriter:
+    """Writes checkpoints one batch at a time in a background thread (rank 0).
+
+    `submit` returns as soon as the thread has started; the next `submit` and `wait` first join the
+    previous write and re-raise its error, so writes never overlap or get lost silently. The payloads
+    must be CPU copies (make_checkpoint) that nothing changes any more.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, writes: list[tuple[Path, dict[str, Any]]]) -> None:
+        self.wait()
+
+        def work() -> None:
+            try:
+                for path, ckpt in writes:
+                    save_checkpoint(path, ckpt)
+            except BaseException as err:  # noqa: BLE001 - handed to the training thread in wait()
+                self._error = err
+
+        self._thread = threading.Thread(target=work, name="bonehpc-checkpoint", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is on disk; raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _check_format(p: Path, state: Any, keys: tuple[str, ...] = REQUIRED_KEYS) -> None:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{p}: not a bonehpc checkpoint (top level is {type(state).__name__}, not a dict)")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"{p}: not a bonehpc checkpoint (missing {', '.join(missing)})")
+    version = state["format_version"]
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(
+            f"{p}: checkpoint format_version {version!r} is not one this bonehpc reads (1..{FORMAT_VERSION})"
+        )
+    spec = state["model_spec"]
+    if (
+        not isinstance(spec, dict)
+        or not isinstance(spec.get("name"), str)
+        or not isinstance(spec.get("kwargs", {}), dict)
+    ):
+        raise CheckpointError(f"{p}: model_spec must be {{'name': str, 'kwargs': dict}}, got {spec!r:.120}")
+    if not isinstance(state["model"], dict):
+        raise CheckpointError(f"{p}: 'model' is not a state_dict")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by save_checkpoint with `weights_only=True`.
 
     Raises:
-        CheckpointError: the file is missing, truncated/corrupt, holds non-plain objects or lacks
-            the keys of a bonehpc checkpoint.
+        CheckpointError: (one line) the file is missing, truncated/corrupt, holds objects other than
+            tensors and plain values, lacks the keys of a bonehpc checkpoint or has another format_version.
     """
     p = Path(path)
     if not p.is_file():
@@ -146,18 +286,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{p}: not loadable with weights_only=True (foreign objects inside?): {err}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(f"{p}: corrupt or truncated checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{p}: not a bonehpc checkpoint (top level is {type(state).__name__}, not a dict)")
-    missing = [k for k in REQUIRED_KEYS if k not in state]
-    if missing:
-        raise CheckpointError(f"{p}: not a bonehpc checkpoint (missing {', '.join(missing)})")
-    if state["format_version"] > FORMAT_VERSION:
+        found = _UNSUPPORTED_GLOBAL.search(str(err))
+        what = f"an object of type {found.group(1)}" if found else "objects other than tensors and plain values"
         raise CheckpointError(
-            f"{p}: checkpoint format {state['format_version']} is newer than this bonehpc ({FORMAT_VERSION})"
-        )
+            f"{p}: refused by the safe loader (weights_only=True): it holds {what}, not a bonehpc checkpoint"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"{p}: corrupt or truncated checkpoint ({_first_line(err)})") from None
+    _check_format(p, state)
+    return state
+
+
+def load_training_checkpoint(path: str | Path, fold: int | str, role: str, model_name: str) -> dict[str, Any]:
+    """load_checkpoint of a resume point (last.pt): a training payload of this fold/role and model."""
+    p = Path(path)
+    state = load_checkpoint(p)
+    _check_format(p, state, REQUIRED_KEYS + TRAINING_KEYS)
+    if str(state.get("role")) != role or str(state.get("fold")) != str(fold):
+        raise CheckpointError(f"{p} belongs to {state.get('fold')}/{state.get('role')}, not {fold}/{role}")
+    if state["model_spec"]["name"] != model_name:
+        raise CheckpointError(f"{p} holds a {state['model_spec']['name']}, the config asks for {model_name}")
     return state
 
 
@@ -168,13 +316,45 @@ def find_resume(run_dir: str | Path) -> Path | None:
 
 
 def build_model_from_checkpoint(state: dict[str, Any], **overrides: Any) -> torch.nn.Module:
-    """Rebuild the network of a checkpoint with create_model and load its weights (eval mode)."""
-    from bonehpc.models import create_model
+    """Rebuild the network of a checkpoint with create_model and load its weights (eval mode).
+
+    Only the keyword arguments the model's constructor documents are accepted from the checkpoint's
+    model_spec (timm's `checkpoint_path`, `pretrained_cfg`, ... never reach timm from a file).
+
+    Raises:
+        CheckpointError: (one line) the spec names an unknown model, has kwargs the constructor does
+            not take, or the weights do not fit the network.
+    """
+    from bonehpc.models import ModelKwargsError, ModelNotFoundError, create_model
 
     spec = state["model_spec"]
-    kwargs = {**spec.get("kwargs", {}), **overrides}
+    kwargs = {**dict(spec.get("kwargs") or {}), **overrides}
     kwargs.pop("pretrained", None)
     kwargs.pop("weights", None)
-    model = create_model(spec["name"], pretrained=False, **kwargs)
-    unwrap_model(model).load_state_dict(state["model"])
+    try:
+        model = create_model(spec["name"], pretrained=False, **kwargs)
+    except (ModelKwargsError, ModelNotFoundError) as err:
+        raise CheckpointError(f"checkpoint model_spec: {err}") from None
+    load_weights(unwrap_model(model), state["model"], what=f"checkpoint weights of {spec['name']}")
     return model.eval()
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, Any], what: str = "checkpoint weights") -> None:
+    """load_state_dict (strict) of a checkpoint's weights, "module." / "_orig_mod." prefixes removed.
+
+    Raises:
+        CheckpointError: one line naming the first missing, unexpected and mis-shaped keys.
+    """
+    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shape = [k for k, v in own.items() if k in weights and getattr(weights[k], "shape", None) != v.shape]
+    if missing or unexpected or shape:
+        parts = [
+            f"{name} {len(keys)} (e.g. {keys[0]})"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shape))
+            if keys
+        ]
+        raise CheckpointError(f"{what} do not fit the model: {', '.join(parts)}")
+    model.load_state_dict(weights)

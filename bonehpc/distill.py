@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 
-from bonehpc.models import create_model
+from bonehpc.checkpoint import build_model_from_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -64,26 +64,43 @@ def freeze(model: nn.Module) -> nn.Module:
 def load_frozen_teacher(checkpoint_path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model from a bonehpc checkpoint (``model_spec`` + ``model`` state_dict), frozen, in eval mode.
 
+    The model's ``mean`` / ``std`` are the input normalisation it was trained with: the checkpoint
+    config's ``augment.mean`` / ``augment.std`` when it records them (a bonehpc-trained teacher), else
+    the model's own (timm ``pretrained_cfg``).
+
     Raises:
         FileNotFoundError: No checkpoint at the path (a student run needs its fold's teacher trained first).
-        ValueError: The file is not a bonehpc checkpoint (names the missing keys).
+        CheckpointError: The file is not a loadable bonehpc checkpoint (one line naming the problem).
     """
     path = os.fspath(checkpoint_path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"teacher checkpoint {path} does not exist: train the teacher of this fold first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [k for k in ("model_spec", "model") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not a bonehpc checkpoint: missing {missing}")
-    spec = ckpt["model_spec"]
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise ValueError(f"{path}: model_spec must be a dict with name and kwargs, got {spec!r}")
-    model = create_model(spec["name"], **dict(spec.get("kwargs") or {}))
-    # A checkpoint written from a DDP or torch.compile wrapper has prefixed keys.
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-    model.load_state_dict(state)
-    log.info("teacher %s loaded from %s", spec["name"], path)
+    ckpt = load_checkpoint(path)
+    model = build_model_from_checkpoint(ckpt)
+    augment = (ckpt.get("config") or {}).get("augment") or {}
+    if "mean" in augment and "std" in augment:
+        model.mean = tuple(float(v) for v in augment["mean"])
+        model.std = tuple(float(v) for v in augment["std"])
+    log.info("teacher %s loaded from %s", ckpt["model_spec"]["name"], path)
     return freeze(model.to(device))
+
+
+def renormalisation(
+    loader_mean: Sequence[float], loader_std: Sequence[float], model_mean: Sequence[float], model_std: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale, shift), each [1, C, 1, 1], with ``scale * x + shift`` = the batch normalised for the model.
+
+    A batch x = (raw - loader_mean) / loader_std becomes (raw - model_mean) / model_std; None when the
+    two normalisations are the same (the batch is then used as it is, no copy).
+    """
+    lm, ls, mm, ms = (
+        torch.tensor([float(v) for v in t], dtype=torch.float64)
+        for t in (loader_mean, loader_std, model_mean, model_std)
+    )
+    if torch.allclose(lm, mm, rtol=0, atol=1e-7) and torch.allclose(ls, ms, rtol=0, atol=1e-7):
+        return None
+    scale, shift = ls / ms, (lm - mm) / ms
+    return scale.float().view(1, -1, 1, 1), shift.float().view(1, -1, 1, 1)
 
 
 class DistillationLoss(nn.Module):
@@ -99,10 +116,18 @@ class DistillationLoss(nn.Module):
         kind: none, soft or hard.
         alpha: Weight of the distillation term (the task loss gets 1 - alpha).
         tau: Temperature of soft distillation.
+        teacher_input: (scale, shift) from `renormalisation` when the teacher expects another input
+            normalisation than the batches have (one fused affine per batch); None: the batch as it is.
     """
 
     def __init__(
-        self, task_loss: nn.Module, teacher: nn.Module | None, kind: str = "none", alpha: float = 0.5, tau: float = 1.0
+        self,
+        task_loss: nn.Module,
+        teacher: nn.Module | None,
+        kind: str = "none",
+        alpha: float = 0.5,
+        tau: float = 1.0,
+        teacher_input: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -118,6 +143,9 @@ class DistillationLoss(nn.Module):
         self.alpha = float(alpha)
         self.tau = float(tau)
         self.teacher = freeze(teacher) if teacher is not None and kind != "none" else None
+        scale, shift = teacher_input if teacher_input is not None and self.teacher is not None else (None, None)
+        self.register_buffer("input_scale", scale, persistent=False)
+        self.register_buffer("input_shift", shift, persistent=False)
 
     def train(self, mode: bool = True) -> DistillationLoss:
         super().train(mode)
@@ -130,6 +158,9 @@ class DistillationLoss(nn.Module):
         if self.teacher is None:
             raise RuntimeError("no teacher (distillation kind none)")
         with torch.no_grad():
+            if self.input_scale is not None:
+                dtype = images.dtype
+                images = torch.addcmul(self.input_shift.to(dtype), images, self.input_scale.to(dtype))
             return self.teacher(images).float()
 
     def forward(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

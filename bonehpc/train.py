@@ -3,28 +3,39 @@
     torchrun --standalone --nproc_per_node=4 -m bonehpc.train --config C --fold 0 --role teacher
     python -m bonehpc.train --config C --fold final --role student train.epochs=30
 
-`run()` resumes automatically from `<run_dir>/last.pt` and returns at once when `metrics.json` says
-the run is completed, so a job can simply be started again after a crash, a time-out or a requeue.
+(`python -m bonehpc.train ARGS` is `bonehpc train ARGS`: the command line lives in bonehpc/cli/train.py.)
+
+`run()` is five named steps: build the data (`build_data`), the model and its loss (`build_learner`),
+resume (`resume`), the epochs (`epoch_loop`) and the summary (`finish`). It resumes automatically
+from `<run_dir>/last.pt` and returns at once when `metrics.json` says the run is completed, so a job
+can simply be started again after a crash, a time-out or a requeue.
+
+Roles: teacher; student (distils from the fold's teacher best.pt); baseline (the student's model
+trained without distillation and without loading a teacher, to measure what KD buys).
+
+Model selection never sees the holdout: a fold run validates on its fold of the train split; a final
+run validates on a patient-grouped slice of the train patients (`train.final_val_frac`), and the
+official valid split is left to the one holdout evaluation (`bonehpc evaluate`).
 
 Preemption: SIGUSR2 (Slurm `--signal=USR2@N`) and SIGTERM only set a flag. The loop acts on it at a
-step boundary, all ranks together: the epoch in progress is abandoned, `last.pt` (written at the end
-of every epoch) stays the resume point, and `run()` raises `Preempted`; `main()` exits with status 3
-(`PREEMPTED_EXIT_CODE`) so a wrapper can requeue. On restart the abandoned epoch is redone from the
-same state with the same data order and augmentation (they depend only on seed, epoch and rank), so
-an interrupted run ends with the same metrics as an uninterrupted one.
+step boundary, all ranks together: the epoch in progress is abandoned, the newest epoch-end state is
+written to `last.pt` (it may be only in memory when `train.checkpoint_every_*` skipped writing it),
+and `run()` raises `Preempted`; the command exits with status 3 (`PREEMPTED_EXIT_CODE`) so a wrapper
+can requeue. On restart the abandoned epoch is redone from the same state with the same data order
+and augmentation (they depend only on seed, epoch and rank), so an interrupted run ends with the same
+metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
 import random
-import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,32 +46,48 @@ import torch
 from bonehpc import dist
 from bonehpc.checkpoint import (
     BEST,
-    FORMAT_VERSION,
     LAST,
-    CheckpointError,
-    capture_rng,
+    CheckpointWriter,
+    TrainState,
     find_resume,
-    load_checkpoint,
-    model_spec,
+    load_training_checkpoint,
+    load_weights,
+    make_checkpoint,
     restore_rng,
     save_checkpoint,
-    unwrap_model,
+    weights_payload,
 )
-from bonehpc.config import ExperimentConfig, save_config, to_dict
+from bonehpc.config import ExperimentConfig, RoleConfig, TrainConfig, save_config, to_dict
+from bonehpc.constants import PRED_COLUMNS, PREEMPTED_EXIT_CODE
 from bonehpc.engine import evaluate, train_one_epoch
+from bonehpc.fsio import atomic_write_csv, atomic_write_json, atomic_write_text
 from bonehpc.log import close_logging, setup_logging
-from bonehpc.paths import ExperimentPaths, fold_name
+from bonehpc.paths import (
+    RUN_CONFIG,
+    RUN_EPOCHS,
+    RUN_METRICS,
+    RUN_PREDICTIONS,
+    STATUS_COMPLETED,
+    ExperimentPaths,
+    fold_name,
+    read_json,
+    run_status,
+)
 
 log = logging.getLogger("bonehpc.train")  # not __name__: it is "__main__" under `python -m`
 
-PREEMPTED_EXIT_CODE = 3
-METRICS_JSONL = "metrics.jsonl"
-METRICS_JSON = "metrics.json"
-PREDICTIONS_VAL = "predictions_val.csv"
-CONFIG_YAML = "config.yaml"
-PRED_COLUMNS = ["image_id", "study", "body_part", "label", "prob"]
+TRAIN_ROLES = ("teacher", "student", "baseline")
+PRED_COLS = list(PRED_COLUMNS)
 
 T = TypeVar("T")
+
+
+class TrainError(ValueError):
+    """A run cannot start (fold, role, output folder, folds.csv); the message says why in one line."""
+
+
+class MissingTeacherError(TrainError, FileNotFoundError):
+    """The student's fold has no trained teacher (best.pt) yet."""
 
 
 class Preempted(RuntimeError):  # noqa: N818 - an event, not an error of the caller
@@ -107,25 +134,28 @@ def amp_dtype_of(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
-def read_completed(run_dir: Path) -> dict[str, Any] | None:
-    """metrics.json of a completed run, else None."""
-    p = run_dir / METRICS_JSON
-    if not p.is_file():
-        return None
+def role_config(cfg: ExperimentConfig, role: str) -> RoleConfig:
+    """The RoleConfig a role trains (baseline: the student's model and optimisation)."""
+    if role not in TRAIN_ROLES:
+        raise TrainError(f"role {role!r} is not one of {', '.join(TRAIN_ROLES)}")
+    return cfg.student if role == "baseline" else cfg.role(role)
+
+
+def check_fold(fold: int | str, num_folds: int) -> None:
+    """TrainError unless `fold` is 0..num_folds-1 or "final"."""
+    if fold == "final" or (isinstance(fold, int) and not isinstance(fold, bool) and 0 <= fold < num_folds):
+        return
+    raise TrainError(f"fold {fold!r} is not in 0..{num_folds - 1} (data.num_folds={num_folds}) or 'final'")
+
+
+def _prepare_dir(out: Path) -> None:
+    """Create the run folder and prove that it is writable (TrainError, before anything is written)."""
     try:
-        info = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return None
-    return info if isinstance(info, dict) and info.get("status") == "completed" else None
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # unnamed on Linux; removed on close everywhere
+            pass
+    except OSError as err:
+        raise TrainError(f"{out}: the run folder is not writable ({err.strerror or err})") from None
 
 
 def _read_history(path: Path, epochs_done: int) -> list[dict[str, Any]]:
@@ -136,59 +166,163 @@ def _read_history(path: Path, epochs_done: int) -> list[dict[str, Any]]:
     return [r for r in records if int(r["epoch"]) < epochs_done]
 
 
+def epoch_line(record: Mapping[str, Any], early_stop_metric: str, improved: bool) -> str:
+    """The log line of one epoch: each metric once (the early-stop metric may be val/study_auroc)."""
+    keys = dict.fromkeys(("val/loss", early_stop_metric, "val/study_auroc"))
+    shown = "  ".join(f"{k} {float(record.get(k, math.nan)):.4f}" for k in keys)
+    best = "  * best" if improved else ""
+    return f"epoch {record['epoch']}: loss {record['train/loss']:.4f}  {shown}  ({record['time_s']:.1f}s){best}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Data: shards, folds, the image ids of each side
 
 
 def _load_folds(cfg: ExperimentConfig, paths: ExperimentPaths, index: pd.DataFrame) -> pd.DataFrame:
+    """folds.csv of the experiment; made from the shard index (the packed images) when it is missing."""
     from bonehpc.data.folds import make_folds, read_folds, write_folds
 
     def create() -> None:
         if paths.folds.is_file():
             return
-        if paths.manifest.is_file():
-            manifest = pd.read_csv(paths.manifest)
-            source = str(paths.manifest)
-        else:
-            manifest = index
-            source = "the shard index"
-        folds = make_folds(manifest, cfg.data.num_folds, cfg.data.fold_seed)
-        paths.folds.parent.mkdir(parents=True, exist_ok=True)
-        write_folds(folds, paths.folds)
-        log.info("wrote %s (%d folds from %s)", paths.folds, cfg.data.num_folds, source)
+        folds = make_folds(index, cfg.data.num_folds, cfg.data.fold_seed)
+        try:
+            write_folds(folds, paths.folds)
+        except OSError as err:
+            raise TrainError(f"{paths.folds}: cannot write ({err.strerror or err})") from None
+        log.info("wrote %s (%d folds of %d packed train patients)", paths.folds, cfg.data.num_folds, len(folds))
 
     _on_main(create)
     folds = read_folds(paths.folds)
     k = int(folds["fold"].max()) + 1
     if k != cfg.data.num_folds:
-        raise ValueError(
+        raise TrainError(
             f"{paths.folds} has {k} folds but data.num_folds={cfg.data.num_folds}: "
             "delete it or use a new experiment name"
         )
     return folds
 
 
-def split_ids(index: pd.DataFrame, folds: pd.DataFrame, fold: int | str, num_folds: int) -> tuple[np.ndarray, ...]:
-    """(train image ids, val image ids) of `fold`: K-fold CV on the train split, or final = train vs valid."""
+def final_selection(train: pd.DataFrame, frac: float, seed: int) -> tuple[set[str], int]:
+    """Patients of the final models' selection slice and k: part 0 of k = round(1/frac) patient-grouped
+    parts of the train images, stratified by body part x label (make_folds, seeded). A small set gets
+    fewer, larger parts (k is at most the patients and the studies of the largest stratum)."""
+    from bonehpc.data.folds import make_folds
+
+    studies = train.drop_duplicates("study")
+    largest = int(studies.groupby(["body_part", "label"]).size().max())
+    n = train["patient"].nunique()
+    if n < 2 or largest < 2:
+        raise TrainError(f"final: {n} train patient(s); selection on held-out train patients needs at least 2")
+    k = min(max(2, round(1 / frac)), n, largest)
+    parts = make_folds(train, k, seed)
+    return set(parts.loc[parts["fold"] == 0, "patient"]), k
+
+
+def split_frames(
+    index: pd.DataFrame, folds: pd.DataFrame, fold: int | str, num_folds: int, final_val_frac: float, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """(train rows, validation rows, selection record) of `fold`; neither side holds a valid-split image.
+
+    A fold validates on its fold of the train split; "final" on `final_selection` of the train patients.
+    Fold patients without a packed image (lost in packing) are left out.
+    """
     from bonehpc.data.folds import apply_folds
 
-    df = apply_folds(index, folds)
-    is_train = df["split"] == "train"
+    check_fold(fold, num_folds)
+    packed = set(index.loc[index["split"] == "train", "patient"].astype(str))
+    lost = folds.loc[~folds["patient"].isin(packed), "patient"]
+    if len(lost):
+        log.warning("%d fold patient(s) have no packed image (lost in packing): %s", len(lost), ", ".join(lost[:5]))
+    df = apply_folds(index, folds[folds["patient"].isin(packed)])
+    train_split = df[df["split"] == "train"]
     if fold == "final":
-        train, val = df[is_train], df[df["split"] == "valid"]
+        held, k = final_selection(train_split, final_val_frac, seed)
+        in_val = train_split["patient"].isin(held)
+        train, val = train_split[~in_val], train_split[in_val]
+        selection: dict[str, Any] = {
+            "method": "held-out train patients (patient-grouped, stratified by body part x label)",
+            "val_frac": final_val_frac,
+            "parts": k,
+            "seed": seed,
+        }
     else:
-        if not isinstance(fold, int) or not 0 <= fold < num_folds:
-            raise ValueError(f"fold {fold!r} is not in 0..{num_folds - 1} or 'final'")
-        lost = df[is_train & (df["fold"] < 0)]
-        if len(lost):
-            raise ValueError(
-                f"{len(lost)} train images belong to patients missing from folds.csv "
-                f"(e.g. {lost['patient'].iloc[0]}): folds.csv is from another manifest"
-            )
-        train, val = df[is_train & (df["fold"] != fold)], df[is_train & (df["fold"] == fold)]
+        train, val = train_split[train_split["fold"] != fold], train_split[train_split["fold"] == fold]
+        selection = {"method": "cross-validation fold", "fold": fold}
     if train.empty or val.empty:
-        raise ValueError(f"{fold_name(fold)}: empty {'training' if train.empty else 'validation'} set")
+        raise TrainError(f"{fold_name(fold)}: empty {'training' if train.empty else 'validation'} set")
+    selection.update(patients=int(val["patient"].nunique()), studies=int(val["study"].nunique()), images=len(val))
+    return train, val, selection
+
+
+def split_ids(
+    index: pd.DataFrame,
+    folds: pd.DataFrame,
+    fold: int | str,
+    num_folds: int,
+    *,
+    final_val_frac: float = TrainConfig.final_val_frac,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train image ids, validation image ids) of `fold` (split_frames; seed = data.fold_seed)."""
+    train, val, _ = split_frames(index, folds, fold, num_folds, final_val_frac, seed)
     return train["image_id"].to_numpy(np.int64), val["image_id"].to_numpy(np.int64)
+
+
+@dataclass
+class RunData:
+    """Step 1: the images of both sides and their loaders."""
+
+    index: pd.DataFrame  # the shard index by image_id
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    train_labels: np.ndarray
+    train_loader: Any
+    val_loader: Any
+    steps_per_epoch: int
+    selection: dict[str, Any]
+
+
+def build_data(cfg: ExperimentConfig, fold: int | str, info: dist.DistInfo) -> RunData:
+    from bonehpc.data.loaders import build_loader
+    from bonehpc.data.shards import ShardReader, verify_shards
+
+    if cfg.data.verify != "none":
+        report = _on_main(lambda: verify_shards(cfg.data.shards, full=cfg.data.verify == "full"))
+        log.info("shards verified: %s", report.summary())
+    reader = ShardReader(cfg.data.shards)
+    folds = _load_folds(cfg, ExperimentPaths.of(cfg), reader.index)
+    train, val, selection = split_frames(
+        reader.index, folds, fold, cfg.data.num_folds, cfg.train.final_val_frac, cfg.data.fold_seed
+    )
+    train_ids, val_ids = train["image_id"].to_numpy(np.int64), val["image_id"].to_numpy(np.int64)
+    train_labels = train["label"].to_numpy(np.int64)
+    log.info(
+        "images: train %d (%.1f%% abnormal), val %d (%.1f%% abnormal; %s)",
+        len(train_ids),
+        100 * train_labels.mean(),
+        len(val_ids),
+        100 * val["label"].mean(),
+        selection["method"],
+    )
+    loaders = [
+        build_loader(
+            cfg,
+            reader,
+            ids,
+            train=is_train,
+            rank=info.rank,
+            world_size=info.world_size,
+            device=info.device,
+            seed=cfg.train.seed,
+        )
+        for ids, is_train in ((train_ids, True), (val_ids, False))
+    ]
+    steps = min(len(loaders[0]), cfg.train.max_steps_per_epoch or len(loaders[0]))
+    if steps < 1:
+        raise TrainError(f"no training step per epoch: {len(train_ids)} images, batch {cfg.train.batch_size}")
+    index = reader.index.set_index("image_id")
+    return RunData(index, train_ids, val_ids, train_labels, loaders[0], loaders[1], steps, selection)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,112 +356,77 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# ----------------------------------------------------------------------------------------------
-# The run
+@dataclass
+class Learner:
+    """Step 2: the network, its loss (with the frozen teacher for KD) and its optimisation."""
+
+    model: torch.nn.Module  # the plain module (checkpoints, evaluation)
+    train_model: torch.nn.Module  # what the steps run: DDP and/or torch.compile around `model`
+    net_info: dict[str, Any]
+    loss_fn: Any
+    distill: str  # the distillation kind in use (none for teachers and baselines)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    device: torch.device
+
+    def wrap(self, info: dist.DistInfo, compile_model: bool) -> None:
+        """DDP (several processes) and torch.compile around the model, after the weights are final."""
+        net = self.model
+        if info.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+        self.train_model = torch.compile(net) if compile_model else net  # type: ignore[assignment]
+
+    def train_epoch(self, loader: Any, tcfg: TrainConfig, stop: dist.StopFlag, epoch: int) -> dict[str, float]:
+        return train_one_epoch(
+            self.train_model,
+            loader,
+            self.loss_fn,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            self.device,
+            amp_dtype=self.amp_dtype,
+            grad_clip=tcfg.grad_clip,
+            log_every=tcfg.log_every,
+            max_steps=tcfg.max_steps_per_epoch,
+            stop_flag=stop,
+            header=f"epoch {epoch}",
+        )
 
 
-def run(
-    cfg: ExperimentConfig,
-    fold: int | str,
-    role: str,
-    run_dir: str | Path | None = None,
-    on_epoch_end: Callable[[int, Mapping[str, Any]], None] | None = None,
-) -> dict[str, float]:
-    """Train `role` on `fold` and return the validation metrics of the best epoch (keys val/...).
+def _build_loss(cfg: ExperimentConfig, fold: int | str, role: str, task_loss: torch.nn.Module, device: torch.device):  # noqa: ANN202
+    """DistillationLoss: with the fold's frozen teacher for a KD student, plain task loss otherwise."""
+    from bonehpc.distill import DistillationLoss, load_frozen_teacher, renormalisation
 
-    Args:
-        cfg: the experiment config.
-        fold: 0..num_folds-1 (validate on that fold of the train split) or "final" (train on every
-            train patient, validate on the official valid split).
-        role: "teacher" or "student" (the student distils from the fold's teacher best.pt).
-        run_dir: where the run's files go (default ExperimentPaths.of(cfg).role_dir(fold, role)).
-        on_epoch_end: called on rank 0 as on_epoch_end(epoch, record) after each epoch's record and
-            checkpoints are written (Optuna pruning); what it raises ends the run (resumable from last.pt).
-
-    Raises:
-        Preempted: stopped by SIGUSR2/SIGTERM; call again to resume.
-    """
-    cfg.role(role)  # validates the name
-    fold_name(fold)
-    out = Path(run_dir) if run_dir is not None else ExperimentPaths.of(cfg).role_dir(fold, role)
-    done = read_completed(out)
-    if done is not None:
-        log.info("%s: already completed (metrics.json), not training again", out)
-        return {k: float(v) for k, v in done["metrics"].items()}
-    owns_group = not dist.is_dist()
-    info = dist.init_distributed()
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    setup_logging(out, info.rank)
-    stop = dist.StopFlag(info.device).install()
-    try:
-        return _train(cfg, fold, role, out, info, stop, on_epoch_end)
-    except Preempted as err:
-        log.warning("%s (exit status %d from main)", err, PREEMPTED_EXIT_CODE)
-        raise
-    finally:
-        stop.uninstall()
-        close_logging()
-        if owns_group:
-            dist.cleanup()
+    if role != "student" or cfg.distill.kind == "none":
+        return DistillationLoss(task_loss, None, "none", cfg.distill.alpha, cfg.distill.tau).to(device)
+    teacher_ckpt = ExperimentPaths.of(cfg).role_dir(fold, "teacher") / BEST
+    if not teacher_ckpt.is_file():
+        raise MissingTeacherError(f"{teacher_ckpt} is missing: train the teacher of {fold_name(fold)} first")
+    teacher = load_frozen_teacher(teacher_ckpt, device)
+    if device.type == "cuda" and cfg.train.channels_last:  # same layout as the batches it sees
+        teacher.to(memory_format=torch.channels_last)
+    renorm = renormalisation(cfg.augment.mean, cfg.augment.std, teacher.mean, teacher.std)
+    if renorm is not None:
+        log.info(
+            "teacher input renormalised from mean/std %s/%s to %s/%s",
+            cfg.augment.mean,
+            cfg.augment.std,
+            teacher.mean,
+            teacher.std,
+        )
+    loss = DistillationLoss(task_loss, teacher, cfg.distill.kind, cfg.distill.alpha, cfg.distill.tau, renorm)
+    return loss.to(device)
 
 
-def _train(
-    cfg: ExperimentConfig,
-    fold: int | str,
-    role: str,
-    out: Path,
-    info: dist.DistInfo,
-    stop: dist.StopFlag,
-    on_epoch_end: Callable[[int, Mapping[str, Any]], None] | None = None,
-) -> dict[str, float]:
-    from bonehpc.data.loaders import build_loader
-    from bonehpc.data.shards import ShardReader, verify_shards
-    from bonehpc.distill import DistillationLoss, build_task_loss, inverse_frequency_weights, load_frozen_teacher
-    from bonehpc.metrics import evaluate_predictions
+def build_learner(cfg: ExperimentConfig, fold: int | str, role: str, data: RunData, info: dist.DistInfo) -> Learner:
+    from bonehpc.distill import build_task_loss, inverse_frequency_weights
     from bonehpc.models import create_model, model_info
 
-    t_start = time.perf_counter()
-    rcfg, tcfg = cfg.role(role), cfg.train
-    paths = ExperimentPaths.of(cfg)
-    device = info.device
-    if tcfg.num_threads > 0:
-        torch.set_num_threads(tcfg.num_threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    log.info("%s %s: rank %d/%d on %s, run dir %s", fold_name(fold), role, info.rank, info.world_size, device, out)
-
-    # --- data
-    if cfg.data.verify != "none":
-        report = _on_main(lambda: verify_shards(cfg.data.shards, full=cfg.data.verify == "full"))
-        log.info("shards verified (%s): %s", cfg.data.verify, report)
-    reader = ShardReader(cfg.data.shards)
-    folds = _load_folds(cfg, paths, reader.index)
-    train_ids, val_ids = split_ids(reader.index, folds, fold, cfg.data.num_folds)
-    labels_of = reader.index.set_index("image_id")["label"]
-    train_labels = labels_of.loc[train_ids].to_numpy(np.int64)
-    val_labels = labels_of.loc[val_ids].to_numpy(np.int64)
-    log.info(
-        "images: train %d (%.1f%% abnormal), val %d (%.1f%% abnormal)",
-        len(train_ids),
-        100 * train_labels.mean(),
-        len(val_ids),
-        100 * val_labels.mean(),
-    )
-    train_loader = build_loader(
-        cfg, reader, train_ids, train=True, rank=info.rank, world_size=info.world_size, device=device, seed=tcfg.seed
-    )
-    val_loader = build_loader(
-        cfg, reader, val_ids, train=False, rank=info.rank, world_size=info.world_size, device=device, seed=tcfg.seed
-    )
-    steps_per_epoch = min(len(train_loader), tcfg.max_steps_per_epoch or len(train_loader))
-    if steps_per_epoch < 1:
-        raise ValueError(f"no training step per epoch: {len(train_ids)} images, batch {tcfg.batch_size}")
-
-    # --- model, loss
+    rcfg, tcfg, device = role_config(cfg, role), cfg.train, info.device
     seed_everything(tcfg.seed)
     model = create_model(
         rcfg.model,
@@ -344,29 +443,20 @@ def _train(
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # CPU (gloo) has no SyncBatchNorm
     class_weights = None
     if tcfg.class_weight == "auto":
-        class_weights = inverse_frequency_weights(train_labels)
+        class_weights = inverse_frequency_weights(data.train_labels)
         log.info("class weights %s", [round(float(w), 3) for w in class_weights])
-    task_loss = build_task_loss(class_weights)
-    teacher = None
-    kind = "none"
-    if role == "student" and cfg.distill.kind != "none":
-        teacher_ckpt = paths.role_dir(fold, "teacher") / BEST
-        if not teacher_ckpt.is_file():
-            raise FileNotFoundError(f"{teacher_ckpt} is missing: train the teacher of {fold_name(fold)} first")
-        teacher = load_frozen_teacher(teacher_ckpt, device)
-        if device.type == "cuda" and tcfg.channels_last:  # same layout as the batches it sees
-            teacher.to(memory_format=torch.channels_last)
-        kind = cfg.distill.kind
-    loss_fn = DistillationLoss(task_loss, teacher, kind, cfg.distill.alpha, cfg.distill.tau).to(device)
+    loss_fn = _build_loss(cfg, fold, role, build_task_loss(class_weights), device)
 
     global_batch = tcfg.batch_size * info.world_size
     lr = rcfg.lr * global_batch / 256
     optimizer = build_optimizer(model, rcfg.optimizer, lr, rcfg.weight_decay, rcfg.momentum)
-    scheduler = build_scheduler(optimizer, round(rcfg.warmup_epochs * steps_per_epoch), rcfg.epochs * steps_per_epoch)
+    steps = data.steps_per_epoch
+    scheduler = build_scheduler(optimizer, round(rcfg.warmup_epochs * steps), rcfg.epochs * steps)
     amp_dtype = amp_dtype_of(tcfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     log.info(
-        "model %s (%.2f M params, %.3f GFLOPs), %s lr %.3g (global batch %d), amp %s, %d steps/epoch x %d epochs",
+        "model %s (%.2f M params, %.3f GFLOPs), %s lr %.3g (global batch %d), amp %s, distill %s, "
+        "%d steps/epoch x %d epochs",
         rcfg.model,
         net_info["params"] / 1e6,
         net_info["gflops"],
@@ -374,228 +464,304 @@ def _train(
         lr,
         global_batch,
         amp_dtype,
-        steps_per_epoch,
+        loss_fn.kind,
+        steps,
         rcfg.epochs,
     )
+    return Learner(model, model, net_info, loss_fn, loss_fn.kind, optimizer, scheduler, scaler, amp_dtype, device)
 
-    # --- resume
-    start_epoch, step, best_metric, best_epoch = 0, 0, float("nan"), -1
+
+# ----------------------------------------------------------------------------------------------
+# Resume and checkpoints
+
+
+def resume(out: Path, learner: Learner, fold: int | str, role: str, model_name: str) -> TrainState:
+    """Step 3: the state of `out/last.pt` loaded into the learner (and the RNGs), or a fresh state."""
     last = find_resume(out)
-    if last is not None:
-        state = load_checkpoint(last)
-        if state.get("role") != role or str(state.get("fold")) != str(fold):
-            raise CheckpointError(f"{last} belongs to {state.get('fold')}/{state.get('role')}, not {fold}/{role}")
-        if state["model_spec"]["name"] != rcfg.model:
-            raise CheckpointError(f"{last} holds a {state['model_spec']['name']}, the config asks for {rcfg.model}")
-        unwrap_model(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        best_metric, best_epoch = float(state["best_metric"]), int(state["best_epoch"])
-        log.info(
-            "resumed from %s: %d epochs done, best %s=%.4f at epoch %d",
-            last,
-            start_epoch,
-            tcfg.early_stop_metric,
-            best_metric,
-            best_epoch,
+    if last is None:
+        return TrainState(fold, role)
+    ckpt = load_training_checkpoint(last, fold, role, model_name)
+    load_weights(learner.model, ckpt["model"], what=str(last))
+    learner.optimizer.load_state_dict(ckpt["optimizer"])
+    learner.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        learner.scaler.load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt["rng"])
+    state = TrainState(fold, role, int(ckpt["epoch"]), int(ckpt["step"]))
+    state.best_metric, state.best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
+    log.info(
+        "resumed from %s: %d epochs done, best %.4f at epoch %d", last, state.epoch, state.best_metric, state.best_epoch
+    )
+    return state
+
+
+class RunCheckpoints:
+    """Rank 0's checkpoints: best.pt (weights only) when the metric improves, last.pt (everything to
+    resume) every `train.checkpoint_every_epochs` epochs and/or `checkpoint_every_min` minutes and at
+    the end, both written in the background (CheckpointWriter).
+
+    Every epoch's end state is copied to the CPU once; when last.pt is not due, the copy stays here,
+    so a preemption writes it before the process exits (`preempted`).
+    """
+
+    def __init__(self, out: Path, tcfg: TrainConfig, config: dict[str, Any], learner: Learner) -> None:
+        self.out, self.tcfg, self.config, self.learner = out, tcfg, config, learner
+        self.writer = CheckpointWriter()
+        self.pending: dict[str, Any] | None = None
+        self.written_at = time.monotonic()
+
+    def _due(self, epochs_done: int) -> bool:
+        every, minutes = self.tcfg.checkpoint_every_epochs, self.tcfg.checkpoint_every_min
+        return bool(every and epochs_done % every == 0) or bool(
+            minutes and time.monotonic() - self.written_at >= 60 * minutes
         )
-    history = _read_history(out / METRICS_JSONL, start_epoch)
+
+    def end_of_epoch(self, state: TrainState, improved: bool, final: bool) -> None:
+        lr = self.learner
+        ckpt = make_checkpoint(
+            state, lr.model, self.config, optimizer=lr.optimizer, scheduler=lr.scheduler, scaler=lr.scaler
+        )
+        writes = [(self.out / BEST, weights_payload(ckpt))] if improved else []
+        if final or self._due(state.epoch):
+            writes.append((self.out / LAST, ckpt))
+            self.pending, self.written_at = None, time.monotonic()
+        else:
+            self.pending = ckpt
+        if writes:
+            self.writer.submit(writes)
+
+    def preempted(self) -> None:
+        """Finish the write in flight and write the newest resume point when it is not on disk yet."""
+        self.writer.wait()
+        if self.pending is not None:
+            save_checkpoint(self.out / LAST, self.pending)
+            self.pending = None
+
+    def close(self) -> None:
+        self.writer.wait()
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class RunContext:
+    cfg: ExperimentConfig
+    fold: int | str
+    role: str
+    out: Path
+    info: dist.DistInfo
+    stop: dist.StopFlag
+    on_epoch_end: Callable[[int, Mapping[str, Any]], None] | None = None
+
+
+def run(
+    cfg: ExperimentConfig,
+    fold: int | str,
+    role: str,
+    run_dir: str | Path | None = None,
+    on_epoch_end: Callable[[int, Mapping[str, Any]], None] | None = None,
+) -> dict[str, float]:
+    """Train `role` on `fold` and return the validation metrics of the best epoch (keys val/...).
+
+    Args:
+        cfg: the experiment config.
+        fold: 0..num_folds-1 (validate on that fold of the train split) or "final" (train on the train
+            patients but a held-out slice of them, `train.final_val_frac`, which selects best.pt).
+        role: "teacher", "student" (distils from the fold's teacher best.pt) or "baseline" (the
+            student's model without distillation).
+        run_dir: where the run's files go (default ExperimentPaths.of(cfg).role_dir(fold, role)).
+        on_epoch_end: called on rank 0 as on_epoch_end(epoch, record) after each epoch's record and
+            checkpoints are written (Optuna pruning); what it raises ends the run (resumable from last.pt).
+
+    Raises:
+        TrainError: bad fold or role, or an output folder that cannot be written (nothing written).
+        Preempted: stopped by SIGUSR2/SIGTERM; call again to resume.
+    """
+    role_config(cfg, role)
+    check_fold(fold, cfg.data.num_folds)
+    out = Path(run_dir) if run_dir is not None else ExperimentPaths.of(cfg).role_dir(fold, role)
+    if run_status(out) == STATUS_COMPLETED:
+        log.info("%s: already completed (metrics.json), not training again", out)
+        done = read_json(out / RUN_METRICS) or {}
+        return {k: float(v) for k, v in (done.get("metrics") or {}).items()}
+    owns_group = not dist.is_dist()
+    info = dist.init_distributed()
+    try:
+        _on_main(lambda: _prepare_dir(out))
+        setup_logging(out, info.rank)
+        stop = dist.StopFlag(info.device).install()
+        try:
+            return _train(RunContext(cfg, fold, role, out, info, stop, on_epoch_end))
+        except Preempted as err:
+            log.warning("%s (exit status %d)", err, PREEMPTED_EXIT_CODE)
+            raise
+        finally:
+            stop.uninstall()
+            close_logging()
+    finally:
+        if owns_group:
+            dist.cleanup()
+
+
+def _train(ctx: RunContext) -> dict[str, float]:
+    t_start = time.perf_counter()
+    cfg, info = ctx.cfg, ctx.info
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    if info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    log.info(
+        "%s %s: rank %d/%d on %s, run dir %s",
+        fold_name(ctx.fold),
+        ctx.role,
+        info.rank,
+        info.world_size,
+        info.device,
+        ctx.out,
+    )
+    data = build_data(cfg, ctx.fold, info)
+    learner = build_learner(cfg, ctx.fold, ctx.role, data, info)
+    state = resume(ctx.out, learner, ctx.fold, ctx.role, role_config(cfg, ctx.role).model)
+    history = _read_history(ctx.out / RUN_EPOCHS, state.epoch)
     if info.is_main:
-        _atomic_text(out / METRICS_JSONL, "".join(json.dumps(r) + "\n" for r in history))
-        save_config(cfg, out / CONFIG_YAML)
+        atomic_write_text(ctx.out / RUN_EPOCHS, "".join(json.dumps(r) + "\n" for r in history))
+        save_config(cfg, ctx.out / RUN_CONFIG)
+    learner.wrap(info, cfg.train.compile)
+    last_preds = epoch_loop(ctx, data, learner, state, history)
+    return finish(ctx, data, learner, state, history, last_preds, time.perf_counter() - t_start)
 
-    spec = model_spec(model)
-    if info.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    train_model: torch.nn.Module = torch.compile(model) if tcfg.compile else model  # type: ignore[assignment]
-    index = reader.index.set_index("image_id")
 
-    def checkpoint_state(epochs_done: int) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "model_spec": spec,
-            "model": unwrap_model(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epochs_done,
-            "step": step,
-            "best_metric": best_metric,
-            "best_epoch": best_epoch,
-            "config": to_dict(cfg),
-            "rng": capture_rng(),
-            "fold": fold,
-            "role": role,
-        }
+def _validate(learner: Learner, data: RunData) -> tuple[dict[str, float], pd.DataFrame]:
+    """val/loss and the val/ metrics of the validation side, and its predictions (PRED_COLUMNS + loss)."""
+    from bonehpc.metrics import evaluate_predictions
 
-    # --- epochs
+    preds = evaluate(learner.model, data.val_loader, learner.device, learner.amp_dtype)
+    missing = np.setdiff1d(data.val_ids, preds["image_id"].to_numpy())
+    if len(missing):
+        raise RuntimeError(f"evaluation skipped {len(missing)} validation images (e.g. {missing[0]})")
+    preds = preds.join(data.index[["study", "body_part"]], on="image_id")
+    val = {f"val/{k}": float(v) for k, v in evaluate_predictions(preds[PRED_COLS]).items()}
+    return {"val/loss": float(preds["loss"].mean()), **val}, preds
+
+
+def _preempt(ckpts: RunCheckpoints | None, ctx: RunContext, epoch: int) -> Preempted:
+    if ckpts is not None:
+        ckpts.preempted()
+    return Preempted(ctx.out, epoch, ctx.stop.signal)
+
+
+def epoch_loop(
+    ctx: RunContext, data: RunData, learner: Learner, state: TrainState, history: list[dict[str, Any]]
+) -> pd.DataFrame | None:
+    """Step 4: train and validate epoch by epoch until the last epoch, early stop or preemption.
+
+    Rank 0 writes the epoch's record, the best predictions and the checkpoints (in the background);
+    the other ranks do not wait for those writes: there is no barrier after them, and the next
+    collective (the stop vote, or the first gradient all-reduce) comes right after rank 0 has only
+    copied the state to the CPU.
+    """
+    tcfg, rcfg, info, stop = ctx.cfg.train, role_config(ctx.cfg, ctx.role), ctx.info, ctx.stop
+    ckpts = RunCheckpoints(ctx.out, tcfg, to_dict(ctx.cfg), learner) if info.is_main else None
     last_preds: pd.DataFrame | None = None
-    for epoch in range(start_epoch, rcfg.epochs):
-        t0 = time.perf_counter()
-        seed_everything(tcfg.seed, epoch, info.rank)
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        lr_now = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(
-            train_model,
-            train_loader,
-            loss_fn,
-            optimizer,
-            scheduler,
-            scaler,
-            device,
-            amp_dtype=amp_dtype,
-            grad_clip=tcfg.grad_clip,
-            log_every=tcfg.log_every,
-            max_steps=tcfg.max_steps_per_epoch,
-            stop_flag=stop,
-            header=f"epoch {epoch}",
-        )
-        if stop.stopped:
-            raise Preempted(out, epoch, stop.signal)
-        step += int(stats.pop("train/steps"))
-        preds = evaluate(model, val_loader, device, amp_dtype)
-        missing = np.setdiff1d(val_ids, preds["image_id"].to_numpy())
-        if len(missing):
-            raise RuntimeError(f"evaluation skipped {len(missing)} validation images (e.g. {missing[0]})")
-        preds = preds.join(index[["study", "body_part"]], on="image_id")
-        val = {f"val/{k}": float(v) for k, v in evaluate_predictions(preds[PRED_COLUMNS]).items()}
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "lr": lr_now,
-            "time_s": round(time.perf_counter() - t0, 3),
-            **stats,
-            "val/loss": float(preds["loss"].mean()),
-            **val,
-        }
-        metric = record.get(tcfg.early_stop_metric)
-        if metric is None:
-            raise KeyError(f"train.early_stop_metric {tcfg.early_stop_metric!r} is not a metric: {sorted(record)}")
-        improved = math.isfinite(metric) and (best_epoch < 0 or not math.isfinite(best_metric) or metric > best_metric)
-        if improved:
-            best_metric, best_epoch = float(metric), epoch
-        history.append(record)
-        last_preds = preds
-        log.info(
-            "epoch %d: loss %.4f  val/loss %.4f  %s %.4f  val/study_auroc %.4f  (%.1fs)%s",
-            epoch,
-            record["train/loss"],
-            record["val/loss"],
-            tcfg.early_stop_metric,
-            metric,
-            record.get("val/study_auroc", float("nan")),
-            record["time_s"],
-            "  * best" if improved else "",
-        )
-        if info.is_main:
-            with open(out / METRICS_JSONL, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            state = checkpoint_state(epoch + 1)
-            if improved:
-                save_checkpoint(out / BEST, state)
-                preds[PRED_COLUMNS].to_csv(out / f".{PREDICTIONS_VAL}.tmp", index=False)
-                os.replace(out / f".{PREDICTIONS_VAL}.tmp", out / PREDICTIONS_VAL)
-            save_checkpoint(out / LAST, state)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, record)
-        dist.barrier()
-        if tcfg.patience and epoch - best_epoch >= tcfg.patience:
-            log.info("early stop: no improvement of %s for %d epochs", tcfg.early_stop_metric, tcfg.patience)
-            break
-        if epoch + 1 < rcfg.epochs and stop.agreed():
-            raise Preempted(out, epoch + 1, stop.signal)
+    try:
+        for epoch in range(state.epoch, rcfg.epochs):
+            t0 = time.perf_counter()
+            seed_everything(tcfg.seed, epoch, info.rank)
+            if hasattr(data.train_loader, "set_epoch"):
+                data.train_loader.set_epoch(epoch)
+            lr_now = learner.optimizer.param_groups[0]["lr"]
+            stats = learner.train_epoch(data.train_loader, tcfg, stop, epoch)
+            if stop.stopped:
+                raise _preempt(ckpts, ctx, epoch)
+            state.step += int(stats.pop("train/steps"))
+            val, preds = _validate(learner, data)
+            record: dict[str, Any] = {"epoch": epoch, "lr": lr_now, "time_s": round(time.perf_counter() - t0, 3)}
+            record.update(stats)
+            record.update(val)
+            metric = record.get(tcfg.early_stop_metric)
+            if metric is None:
+                raise KeyError(f"train.early_stop_metric {tcfg.early_stop_metric!r} is not a metric: {sorted(record)}")
+            improved = state.improve(metric, epoch)
+            state.epoch = epoch + 1
+            history.append(record)
+            last_preds = preds
+            log.info("%s", epoch_line(record, tcfg.early_stop_metric, improved))
+            early_stop = bool(tcfg.patience) and epoch - state.best_epoch >= tcfg.patience
+            final = early_stop or state.epoch == rcfg.epochs
+            if ckpts is not None:
+                with open(ctx.out / RUN_EPOCHS, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                if improved:
+                    atomic_write_csv(ctx.out / RUN_PREDICTIONS, preds[PRED_COLS])
+                ckpts.end_of_epoch(state, improved, final)
+                if ctx.on_epoch_end is not None:
+                    ctx.on_epoch_end(epoch, record)
+            if early_stop:
+                log.info("early stop: no improvement of %s for %d epochs", tcfg.early_stop_metric, tcfg.patience)
+                break
+            if not final and stop.agreed():
+                raise _preempt(ckpts, ctx, state.epoch)
+    finally:
+        if ckpts is not None:
+            ckpts.close()
+    return last_preds
 
-    # --- finish
-    if best_epoch < 0:
+
+def finish(
+    ctx: RunContext,
+    data: RunData,
+    learner: Learner,
+    state: TrainState,
+    history: list[dict[str, Any]],
+    last_preds: pd.DataFrame | None,
+    elapsed_s: float,
+) -> dict[str, float]:
+    """Step 5: metrics.json (written last: the run is then completed) and the best metrics."""
+    tcfg, info = ctx.cfg.train, ctx.info
+    if state.best_epoch < 0:
         # The metric was never finite (e.g. one class only in val): keep the last epoch as "best".
         log.warning("%s was never finite; best.pt is the last epoch", tcfg.early_stop_metric)
-        best_epoch = history[-1]["epoch"]
+        state.best_epoch = history[-1]["epoch"]
         if info.is_main:
-            save_checkpoint(out / BEST, checkpoint_state(best_epoch + 1))
+            save_checkpoint(ctx.out / BEST, make_checkpoint(state, learner.model, to_dict(ctx.cfg)))
             if last_preds is not None:
-                last_preds[PRED_COLUMNS].to_csv(out / PREDICTIONS_VAL, index=False)
-    best = next(r for r in history if r["epoch"] == best_epoch)
+                atomic_write_csv(ctx.out / RUN_PREDICTIONS, last_preds[PRED_COLS])
+    best = next(r for r in history if r["epoch"] == state.best_epoch)
     metrics = {k: float(v) for k, v in best.items() if k.startswith("val/")}
     summary = {
-        "fold": fold,
-        "role": role,
-        "best_epoch": best_epoch,
+        "fold": ctx.fold,
+        "role": ctx.role,
+        "best_epoch": state.best_epoch,
         "epochs_run": len(history),
-        "status": "completed",
+        "status": STATUS_COMPLETED,
         "metrics": metrics,
-        "model": net_info,
+        "selection": data.selection,
+        "distill": learner.distill,
+        "model": learner.net_info,
         "world_size": info.world_size,
-        "time_s": round(time.perf_counter() - t_start, 3),
+        "time_s": round(elapsed_s, 3),
     }
     if info.is_main:
-        _atomic_text(out / METRICS_JSON, json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(ctx.out / RUN_METRICS, summary)
     dist.barrier()
     log.info(
         "%s %s done: best epoch %d, %s %.4f",
-        fold_name(fold),
-        role,
-        best_epoch,
+        fold_name(ctx.fold),
+        ctx.role,
+        state.best_epoch,
         tcfg.early_stop_metric,
         metrics.get(tcfg.early_stop_metric, float("nan")),
     )
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line (what torchrun launches)
+if __name__ == "__main__":  # `python -m bonehpc.train ARGS` = `bonehpc train ARGS`
+    import sys
 
+    from bonehpc.cli.train import main
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bonehpc.train",
-        description="Train one fold/role. Several processes: torchrun --nproc_per_node=N -m bonehpc.train ... "
-        f"Exit status {PREEMPTED_EXIT_CODE} means preempted (SIGUSR2/SIGTERM): run it again to resume.",
-    )
-    p.add_argument("--config", "-c", help="experiment YAML (defaults < YAML < overrides)")
-    p.add_argument("--params", help="YAML of parameter overrides (e.g. tuned best params)")
-    p.add_argument("--fold", required=True, help="fold number 0..K-1, or 'final'")
-    p.add_argument("--role", required=True, choices=("teacher", "student"), help="which model to train")
-    p.add_argument("--run-dir", help="output folder (default runs/<name>/<fold>/<role>)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
-    return p
-
-
-def parse_fold(text: str) -> int | str:
-    """'final' or a non-negative int."""
-    if text == "final":
-        return "final"
-    try:
-        k = int(text)
-    except ValueError:
-        raise ValueError(f"--fold must be a fold number or 'final', got {text!r}") from None
-    fold_name(k)
-    return k
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m bonehpc.train`; returns 0, 2 (bad config) or 3 (preempted)."""
-    from bonehpc.config import ConfigError, load_config
-
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides, params=args.params)
-        fold = parse_fold(args.fold)
-    except (ConfigError, ValueError) as err:
-        sys.stderr.write(f"bonehpc.train: {err}\n")
-        return 2
-    try:
-        run(cfg, fold, args.role, args.run_dir)
-    except Preempted as err:
-        sys.stderr.write(f"bonehpc.train: {err}\n")
-        return PREEMPTED_EXIT_CODE
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,8 @@
-"""`bonehpc train` (one fold/role in this process) and `bonehpc evaluate` (holdout evaluation)."""
+"""`bonehpc train` (one fold/role in this process) and `bonehpc evaluate` (holdout evaluation).
+
+`python -m bonehpc.train ARGS` (what torchrun launches) is `main(ARGS)` here, i.e. `bonehpc train ARGS`:
+one argparse tree, one error handling (input errors: one line, exit 2; preempted: exit 3).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ import logging
 import sys
 
 from bonehpc.cli import add_config_args, load_cfg
+from bonehpc.constants import INPUT_ERROR_EXIT_CODE, PREEMPTED_EXIT_CODE
+from bonehpc.paths import parse_fold
 
 log = logging.getLogger("bonehpc.cli.train")
 
-PREEMPTED_EXIT_CODE = 3  # the same value as bonehpc.train.PREEMPTED_EXIT_CODE (not imported: torch)
+ROLES = ("teacher", "student", "baseline")  # bonehpc.train.TRAIN_ROLES (not imported here: torch)
 
 TRAIN_EPILOG = """\
 This runs one process. For several processes (GPUs) on one node use torchrun with the module entry:
@@ -18,21 +24,26 @@ This runs one process. For several processes (GPUs) on one node use torchrun wit
 On a cluster, the Slurm commands of bonehpc submit every fold/role as jobs (they call the same code).
 
 The run resumes from <run dir>/last.pt when it exists and returns at once when metrics.json says completed.
-SIGUSR2 / SIGTERM stop it at the next step boundary; the exit status is then 3 (run it again to resume).
+SIGUSR2 / SIGTERM stop it at the next step boundary; last.pt is written and the exit status is 3
+(run it again to resume). Roles: teacher, student (distils from the fold's teacher), baseline (the
+student's model trained without distillation).
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train one fold/role (teacher or distilled student) in this process",
-        description="Train the teacher or the student of one fold (or the final model on all train patients).",
+        help="train one fold/role (teacher, distilled student or baseline student) in this process",
+        description="Train the teacher, student or baseline of one fold (or the final model on the train "
+        "patients; a held-out slice of them, train.final_val_frac, selects its best epoch).",
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_args(p)
-    p.add_argument("--fold", required=True, help="fold number 0..K-1 (validate on it) or 'final' (validate on valid)")
-    p.add_argument("--role", required=True, choices=("teacher", "student"), help="which model to train")
+    p.add_argument(
+        "--fold", required=True, help="fold number 0..K-1 (validate on it) or 'final' (validate on held-out train)"
+    )
+    p.add_argument("--role", required=True, choices=ROLES, help="which model to train")
     p.add_argument("--run-dir", help="output folder (default: runs/<name>/fold<k>|final/<role>)")
     p.set_defaults(func=_train)
 
@@ -60,13 +71,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_cfg(args)
-    from bonehpc.train import Preempted, parse_fold, run
+    from bonehpc.train import Preempted, run
 
     try:
         fold = parse_fold(args.fold)
     except ValueError as err:
-        log.error("%s", err)
-        return 2
+        print(f"bonehpc train: {err}", file=sys.stderr)
+        return INPUT_ERROR_EXIT_CODE
     try:
         metrics = run(cfg, fold, args.role, args.run_dir)
     except Preempted as err:
@@ -98,11 +109,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _weights(args: argparse.Namespace) -> int:
-    import os
-
-    # bonehpc sets HF_HUB_OFFLINE=1 for jobs; this one command is meant to reach the hub, and
-    # huggingface_hub reads the variable when it is first imported (below), so lift it first.
-    os.environ["HF_HUB_OFFLINE"] = "0"
     from bonehpc.models.weights import WeightsNotFoundError, fetch_weights
 
     try:
@@ -113,3 +119,10 @@ def _weights(args: argparse.Namespace) -> int:
     print(path)
     print(f"use: teacher.pretrained=true teacher.weights={path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bonehpc.train ARGS`: the same as `bonehpc train ARGS`; returns 0, 2 (bad input) or 3 (preempted)."""
+    from bonehpc.cli import main as bonehpc_main
+
+    return bonehpc_main(["train", *(sys.argv[1:] if argv is None else argv)])

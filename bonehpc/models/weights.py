@@ -41,9 +41,7 @@ def hub_source(model_name: str) -> tuple[str | None, str | None]:
     from timm.models import get_pretrained_cfg
 
     if not timm.is_model(model_name):
-        from bonehpc.models.registry import ModelNotFoundError
-
-        raise ModelNotFoundError(f"{model_name!r} is not a timm model, so it has no published weights")
+        raise WeightsNotFoundError(f"{model_name!r} is not a timm model, so it has no published weights")
     cfg = get_pretrained_cfg(model_name)
     if cfg is None:
         return None, None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +14,21 @@ import torch
 
 from bonehpc.checkpoint import (
     CheckpointError,
+    CheckpointWriter,
+    TrainState,
+    build_model_from_checkpoint,
     capture_rng,
     find_resume,
     load_checkpoint,
+    load_training_checkpoint,
+    make_checkpoint,
     model_spec,
     restore_rng,
     save_checkpoint,
     unwrap_model,
+    weights_payload,
 )
+from bonehpc.models import create_model
 
 
 def _net() -> torch.nn.Module:
@@ -114,8 +123,111 @@ def test_corrupt_truncated_and_foreign_files_give_clear_errors(tmp_path: Path) -
     torch.save(
         {"format_version": 1, "model_spec": {}, "model": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pt"
     )
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="weights_only=True.*argparse.Namespace") as info:
         load_checkpoint(tmp_path / "pickled.pt")
+    assert "False" not in str(info.value)  # never the advice to unpickle arbitrary code
+
+
+def _one_line_error(path: Path, match: str) -> None:
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"format_version": 2}, "format_version 2 is not one this bonehpc reads"),
+        ({"format_version": "1"}, "format_version '1'"),
+        ({"format_version": 0}, "format_version 0"),
+        ({"model_spec": {"kwargs": {}}}, "model_spec must be"),
+        ({"model_spec": None}, "model_spec must be"),
+        ({"model": [1, 2]}, "'model' is not a state_dict"),
+    ],
+)
+def test_incompatible_checkpoints_are_one_line_errors(tmp_path: Path, change: dict, match: str) -> None:
+    state = {**_state(_net()), **change}
+    torch.save(state, tmp_path / "x.pt")
+    _one_line_error(tmp_path / "x.pt", match)
+
+
+def test_truncated_and_keyless_checkpoints_are_one_line_errors(tmp_path: Path) -> None:
+    p = save_checkpoint(tmp_path / "last.pt", _state(_net()))
+    data = p.read_bytes()
+    for cut in (10, len(data) // 3, len(data) - 30):
+        (tmp_path / "t.pt").write_bytes(data[:cut])
+        _one_line_error(tmp_path / "t.pt", "corrupt or truncated")
+    torch.save({"format_version": 1, "model": {}}, tmp_path / "k.pt")
+    _one_line_error(tmp_path / "k.pt", "missing model_spec")
+    state = _state(_net())
+    del state["optimizer"]
+    save_checkpoint(tmp_path / "w.pt", state)
+    with pytest.raises(CheckpointError, match="missing optimizer"):
+        load_training_checkpoint(tmp_path / "w.pt", "final", "student", "toy")
+    with pytest.raises(CheckpointError, match="belongs to final/student, not 0/teacher"):
+        load_training_checkpoint(p, 0, "teacher", "toy")
+
+
+def test_saved_checkpoints_honour_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o027)
+    try:
+        p = save_checkpoint(tmp_path / "best.pt", _state(_net()))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o640  # group members read checkpoints on shared storage
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"checkpoint_path": "/etc/passwd"}, "checkpoint_path"),
+        ({"pretrained_cfg": {"file": "x"}}, "pretrained_cfg"),
+        ({"depth": 1, "banana": 3}, "banana"),
+    ],
+)
+def test_model_spec_kwargs_must_be_documented(kwargs: dict, match: str) -> None:
+    model = create_model("hybrid_tiny", img_size=32)
+    state = {"format_version": 1, "model_spec": {"name": "hybrid_tiny", "kwargs": kwargs}, "model": model.state_dict()}
+    with pytest.raises(CheckpointError, match=f"model_spec: model 'hybrid_tiny' takes no keyword.*{match}") as info:
+        build_model_from_checkpoint(state)
+    assert "\n" not in str(info.value)
+
+
+def test_weights_that_do_not_fit_are_one_line_errors() -> None:
+    model = create_model("hybrid_tiny", img_size=32)
+    weights = model.state_dict()
+    weights.pop(next(iter(weights)))
+    state = {"format_version": 1, "model_spec": model.bonehpc_spec, "model": weights}
+    with pytest.raises(CheckpointError, match="do not fit the model: missing 1") as info:
+        build_model_from_checkpoint(state)
+    assert "\n" not in str(info.value)
+
+
+def test_weights_payload_and_background_writer(tmp_path: Path) -> None:
+    net = _net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.randn(2, 3, 6, 6)).sum().backward()
+    opt.step()
+    state = TrainState("final", "teacher", epoch=2, step=7, best_metric=0.5, best_epoch=1)
+    full = make_checkpoint(state, net, {"name": "x"}, optimizer=opt, scheduler=None, scaler=None)
+    best = weights_payload(full)
+    assert full["payload"] == "training" and best["payload"] == "weights"
+    assert not {"optimizer", "scheduler", "scaler", "rng"} & set(best)
+    assert best["model_spec"] == full["model_spec"] and best["epoch"] == 2 and best["best_epoch"] == 1
+    before = {k: v.clone() for k, v in full["model"].items()}
+    with torch.no_grad():  # the payload is a copy: training may go on while it is written
+        for p in net.parameters():
+            p.add_(1.0)
+    writer = CheckpointWriter()
+    writer.submit([(tmp_path / "best.pt", best), (tmp_path / "last.pt", full)])
+    writer.wait()
+    back = load_checkpoint(tmp_path / "best.pt")
+    assert all(torch.equal(back["model"][k], v) for k, v in before.items())
+    assert "optimizer" in load_checkpoint(tmp_path / "last.pt")
+    assert os.path.getsize(tmp_path / "best.pt") < os.path.getsize(tmp_path / "last.pt")
+    writer.submit([(tmp_path / "bad.pt", {"model": {}})])  # lacks keys: the error reaches wait()
+    with pytest.raises(CheckpointError, match="lacks format_version"):
+        writer.wait()
 
 
 def test_find_resume(tmp_path: Path) -> None:

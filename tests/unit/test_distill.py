@@ -8,11 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+from bonehpc.checkpoint import CheckpointError
 from bonehpc.distill import (
     DistillationLoss,
     build_task_loss,
     inverse_frequency_weights,
     load_frozen_teacher,
+    renormalisation,
 )
 from bonehpc.models import create_model
 
@@ -170,6 +172,7 @@ def _checkpoint(model: nn.Module, prefix: str = "") -> dict:
     return {
         "format_version": 1,
         "model_spec": model.bonehpc_spec,
+        "config": {"augment": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}},
         "model": {prefix + k: v for k, v in model.state_dict().items()},
     }
 
@@ -182,6 +185,8 @@ def test_load_frozen_teacher(tmp_path, prefix: str) -> None:
     torch.save(_checkpoint(model, prefix), path)
     teacher = load_frozen_teacher(path, "cpu")
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    # The normalisation it was trained with (its checkpoint's config), not the model's default.
+    assert teacher.mean == (0.5, 0.5, 0.5) and teacher.std == (0.25, 0.25, 0.25)
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(teacher(x), model(x))
@@ -191,5 +196,40 @@ def test_load_frozen_teacher_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="train the teacher"):
         load_frozen_teacher(tmp_path / "missing.pt")
     torch.save({"model": {}}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="model_spec"):
+    with pytest.raises(CheckpointError, match="missing format_version, model_spec"):
         load_frozen_teacher(tmp_path / "bad.pt")
+
+
+class RecordingTeacher(nn.Module):
+    """A teacher whose logits are the channel means of what it is given; it keeps its inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_teacher_gets_its_own_normalisation_in_one_affine() -> None:
+    torch.manual_seed(0)
+    raw = torch.rand(4, 3, 8, 8)  # 0..1 pixels
+    loader_mean, loader_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    teacher_mean, teacher_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # e.g. an inception-style timm model
+    batch = (raw - torch.tensor(loader_mean).view(1, 3, 1, 1)) / torch.tensor(loader_std).view(1, 3, 1, 1)
+    renorm = renormalisation(loader_mean, loader_std, teacher_mean, teacher_std)
+    assert renorm is not None
+    teacher = RecordingTeacher()
+    loss_fn = DistillationLoss(build_task_loss(), teacher, "soft", 0.5, 2.0, teacher_input=renorm)
+    loss_fn(batch, torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))
+    expected = (raw - 0.5) / 0.5
+    assert torch.allclose(teacher.seen[-1], expected, atol=1e-6)
+
+    # Same statistics: no affine, the very batch tensor (no second copy) reaches the teacher.
+    assert renormalisation(loader_mean, loader_std, loader_mean, loader_std) is None
+    same = DistillationLoss(build_task_loss(), teacher, "soft", 0.5, 2.0, teacher_input=None)
+    same(batch, torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))
+    assert teacher.seen[-1] is batch
+    assert same.input_scale is None

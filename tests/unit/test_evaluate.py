@@ -26,9 +26,12 @@ def test_holdout_final_and_ensemble(tiny_cfg) -> None:  # noqa: ANN001
 
     final = pd.read_csv(paths.holdout_dir("final_teacher") / "predictions.csv")
     assert list(final.columns) == ["image_id", "study", "body_part", "label", "prob"]
-    trained_on_valid = pd.read_csv(paths.role_dir("final", "teacher") / "predictions_val.csv")
-    assert final["image_id"].tolist() == trained_on_valid["image_id"].tolist()  # every valid image once
-    np.testing.assert_allclose(final["prob"], trained_on_valid["prob"], atol=1e-6)
+    selection = pd.read_csv(paths.role_dir("final", "teacher") / "predictions_val.csv")
+    assert not set(selection["image_id"]) & set(final["image_id"])  # best.pt was picked on train patients
+    best = paths.role_dir("final", "teacher") / "best.pt"
+    direct = predict_checkpoint(cfg, best, final["image_id"].to_numpy())
+    assert final["image_id"].tolist() == direct["image_id"].tolist()  # every valid image once
+    np.testing.assert_allclose(final["prob"], direct["prob"], atol=1e-6)
     meta = json.loads((paths.holdout_dir("final_teacher") / "metrics.json").read_text())
     assert meta["status"] == "completed" and meta["kind"] == "final" and meta["n_images"] == len(final)
     assert meta["metrics"]["study_auroc"] == pytest.approx(results["final_teacher"]["study_auroc"], nan_ok=True)

@@ -12,8 +12,10 @@ from safetensors.torch import save_file
 
 from bonehpc.models import (
     HybridNet,
+    ModelKwargsError,
     ModelNotFoundError,
     WeightsNotFoundError,
+    constructor_kwargs,
     create_model,
     fetch_weights,
     find_weights,
@@ -66,15 +68,26 @@ def test_spec_round_trip(tmp_path: Path, name: str, kwargs: dict) -> None:
     # The spec survives a weights_only checkpoint, and create_model(**spec) rebuilds the same architecture.
     torch.save({"model_spec": m.bonehpc_spec, "model": m.state_dict()}, tmp_path / "c.pt")
     ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
-    rebuilt = create_model(**ckpt["model_spec"])
+    spec = ckpt["model_spec"]
+    rebuilt = create_model(spec["name"], **spec["kwargs"])
     rebuilt.load_state_dict(ckpt["model"])  # strict: same names and shapes
     assert rebuilt.bonehpc_spec == m.bonehpc_spec
     assert rebuilt.input_size == m.input_size
     x = torch.randn(2, m.input_size[0], 64, 64)
     assert torch.allclose(rebuilt.eval()(x), m.eval()(x))
-    key = next(iter(kwargs))
-    with pytest.raises(TypeError, match="both"):
-        create_model(name, kwargs={key: kwargs[key]}, **{key: kwargs[key]})
+
+
+@pytest.mark.parametrize("name", ["hybrid_tiny", "resnet18"])
+@pytest.mark.parametrize("key", ["checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "kwargs", "banana"])
+def test_only_documented_constructor_kwargs(tmp_path: Path, name: str, key: str) -> None:
+    """timm's loader switches (checkpoint_path, pretrained_cfg...) never pass through: only the model
+    class's constructor parameters are keyword arguments of create_model."""
+    assert {"num_classes", "drop_rate", "in_chans"} <= constructor_kwargs(name)
+    assert key not in constructor_kwargs(name)
+    victim = tmp_path / "not-a-model.pth"
+    victim.write_bytes(b"foreign bytes")
+    with pytest.raises(ModelKwargsError, match=f"takes no keyword argument.*{key}"):
+        create_model(name, **{key: str(victim)})
 
 
 # ---------------------------------------------------------------------------------------------- hybrid student

@@ -23,7 +23,9 @@ from bonehpc.data.folds import read_folds
 from bonehpc.data.shards import ShardReader
 from bonehpc.metrics import evaluate_predictions
 from bonehpc.paths import ExperimentPaths
-from bonehpc.train import PREEMPTED_EXIT_CODE, main, run, split_ids
+from bonehpc.cli.train import main
+from bonehpc.constants import PREEMPTED_EXIT_CODE
+from bonehpc.train import run, split_ids
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_FILES = {"config.yaml", "metrics.jsonl", "metrics.json", "predictions_val.csv", "last.pt", "best.pt", "train.log"}
