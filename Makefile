@@ -1,6 +1,7 @@
 # bonehpc — every user-facing action is a target here.
 # Variables: CONFIG, PROFILE (slurm/clusters/<name>.yaml), MODE (auto|slurm|local|debug), ARGS (extra key=value
-# overrides), EXP, PARAMS (e.g. runs/<exp>/tune/best_params.yaml), TRIALS, PARALLEL, STUDY.
+# overrides), EXP, PARAMS (e.g. runs/<exp>/tune/best_params.yaml), TRIALS, PARALLEL, STUDY,
+# DRY_RUN=1 (submit targets: print the sbatch scripts and the dependency graph, submit nothing).
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
@@ -23,6 +24,8 @@ BENCH_ARGS ?=
 ARGS ?=
 PROFILE_ARG := $(if $(PROFILE),cluster.profile=$(PROFILE),) $(if $(MODE),cluster.mode=$(MODE),) $(ARGS)
 PARAMS_ARG := $(if $(PARAMS),--params $(PARAMS),)
+DRY_RUN ?=
+DRY_ARG := $(if $(DRY_RUN),--dry-run,)
 
 
 .PHONY: help setup demo test test-unit verify lint format typecheck pack submit-folds submit-tune \
@@ -68,7 +71,7 @@ verify: setup ## full check (SHA-256) of the shards of CONFIG
 	$(BIN)/bonehpc verify --full $$($(BIN)/bonehpc config --config $(CONFIG) $(ARGS) | $(BIN)/python -c 'import sys,yaml; print(yaml.safe_load(sys.stdin)["data"]["shards"])')
 
 submit-folds: setup ## submit the cross-validated teacher+student experiment of CONFIG (PROFILE=, PARAMS=)
-	$(BIN)/bonehpc submit folds --config $(CONFIG) $(PARAMS_ARG) $(PROFILE_ARG)
+	$(BIN)/bonehpc submit folds --config $(CONFIG) $(PARAMS_ARG) $(DRY_ARG) $(PROFILE_ARG)
 
 resubmit: setup ## resubmit only failed/cancelled/timed-out tasks of EXP
 	$(BIN)/bonehpc submit resubmit --exp $(EXP)
@@ -77,7 +80,7 @@ status: setup ## per fold and role: state, elapsed, exit code, requeues (sacct)
 	$(BIN)/bonehpc status --exp $(EXP)
 
 submit-tune: setup ## Optuna study as a Slurm array: TRIALS=N PARALLEL=P
-	$(BIN)/bonehpc submit tune --config $(CONFIG) $(PROFILE_ARG) tune.trials=$(TRIALS) tune.parallel=$(PARALLEL)
+	$(BIN)/bonehpc submit tune --config $(CONFIG) $(DRY_ARG) $(PROFILE_ARG) tune.trials=$(TRIALS) tune.parallel=$(PARALLEL)
 
 tune-status: setup ## Optuna study of EXP: trials by state, best params (-> runs/EXP/tune/best_params.yaml)
 	$(BIN)/bonehpc tune status --exp $(EXP) $(if $(STUDY),--study $(STUDY),)
