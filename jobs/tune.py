@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from typing import Any
 
 import submitit
@@ -32,6 +33,11 @@ class TuneTask(submitit.helpers.Checkpointable):
         self.workdir = workdir
 
     def __call__(self, index: int) -> list[dict[str, Any]]:
+        from bonehpc.resources import asked_cpus, asked_gpus, check_task
+
+        # the start-of-task line (a trial is one process); fails in one line on a CPU or GPU shortfall
+        line = check_task(cpus=asked_cpus(), gpus=asked_gpus(), nproc=1)
+        print(f"jobs.tune INFO - {line}", file=sys.stderr, flush=True)
         if self.workdir:
             os.chdir(self.workdir)
         from bonehpc.config import load_config
