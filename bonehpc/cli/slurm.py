@@ -27,10 +27,10 @@ def add_exp_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-root", default="runs", help="parent folder of experiments (default runs)")
 
 
-def exp_dir(args: argparse.Namespace) -> Path:
-    """The experiment folder named by --exp / --run-root."""
+def exp_dir(args: argparse.Namespace, marker: str = "config.yaml") -> Path:
+    """The experiment folder named by --exp / --run-root (--exp is taken as a folder when it holds `marker`)."""
     p = Path(args.exp)
-    if p.is_dir() and (p / "config.yaml").is_file():
+    if p.is_dir() and (p / marker).exists():
         return p
     return Path(args.run_root) / args.exp
 
@@ -105,28 +105,27 @@ def _print_submission(entry: dict) -> None:
     print(f"run dir: {entry['run_dir']}")
 
 
-def _submit_folds(args: argparse.Namespace) -> int:
-    from jobs.submit import submit_folds
-
+def _submit_graph(args: argparse.Namespace, builder: Callable[..., dict]) -> int:
+    """Run a jobs.submit builder on the command's config and print what it did; 1 when a local task failed."""
     cfg = load_cfg(args)
-    entry = run_submission(args, lambda: submit_folds(cfg))
+    entry = run_submission(args, lambda: builder(cfg))
     if entry is None:
         return 0
     _print_submission(entry)
     failed = [t for j in entry["jobs"] for t in j["tasks"] if t.get("state") == "FAILED"]
     return 1 if failed else 0
+
+
+def _submit_folds(args: argparse.Namespace) -> int:
+    from jobs.submit import submit_folds
+
+    return _submit_graph(args, submit_folds)
 
 
 def _submit_pack(args: argparse.Namespace) -> int:
     from jobs.submit import submit_pack
 
-    cfg = load_cfg(args)
-    entry = run_submission(args, lambda: submit_pack(cfg))
-    if entry is None:
-        return 0
-    _print_submission(entry)
-    failed = [t for j in entry["jobs"] for t in j["tasks"] if t.get("state") == "FAILED"]
-    return 1 if failed else 0
+    return _submit_graph(args, submit_pack)
 
 
 def _resubmit(args: argparse.Namespace) -> int:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from bonehpc.cli import add_config_args, load_cfg
-from bonehpc.cli.slurm import add_dry_run_arg, add_exp_args, run_submission, submit_subparsers
+from bonehpc.cli.slurm import add_dry_run_arg, add_exp_args, exp_dir, run_submission, submit_subparsers
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,13 +65,6 @@ def _submit_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exp_dir(args: argparse.Namespace) -> Path:
-    p = Path(args.exp)
-    if p.is_dir() and (p / "tune").is_dir():
-        return p
-    return Path(args.run_root) / args.exp
-
-
 def _status(args: argparse.Namespace) -> int:
     from bonehpc.paths import BEST_PARAMS
     from bonehpc.tune import (
@@ -86,7 +78,7 @@ def _status(args: argparse.Namespace) -> int:
     )
 
     try:
-        cfg = load_tune_config(_exp_dir(args), args.study)
+        cfg = load_tune_config(exp_dir(args, "tune"), args.study)
         study = open_study(cfg)
     except TuneError as err:
         print(f"bonehpc tune status: {err}", file=sys.stderr)
