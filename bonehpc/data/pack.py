@@ -563,49 +563,25 @@ def finalize_pack(plan: PackPlan, *, max_reject_frac: float = 0.01, elapsed_s: f
 
     Raises:
         PackError: when a shard has not been packed (names it), or more than `max_reject_frac` of the
-            images were rejected (after rejected.csv and lost_studies.csv are written; no manifest.json).
+            images were rejected, or none could be packed (after rejected.csv and lost_studies.csv are
+            written; no manifest.json).
     """
-    records = []
+    records: list[dict[str, Any]] = []
     not_done = []
     for k, s in enumerate(plan.shards):
         rec = _valid_record(plan, k)
         if rec is None:
             not_done.append(s.name)
-        records.append(rec)
+        else:
+            records.append(rec)
     if not_done:
         raise PackError(f"{len(not_done)} shards are not packed (or stale): {', '.join(not_done[:10])}")
 
     m = plan.manifest.set_index("image_id", drop=False)
-    rej = [r for rec in records if rec for r in rec["rejected"]]
-    rej_df = m.loc[
-        [r["image_id"] for r in rej], ["image_id", "path", "split", "patient", "study", "body_part", "label"]
-    ]
-    rej_df = rej_df.reset_index(drop=True)
-    rej_df["reason"] = [r["reason"] for r in rej]
-    rej_df["detail"] = [r["detail"] for r in rej]
-    rej_df = rej_df.loc[:, list(REJECTED_COLUMNS)]
+    rej_df = _rejected_table(m, [r for rec in records for r in rec["rejected"]])
     atomic_write_csv(plan.out / REJECTED_CSV, rej_df)
-
-    # Studies none of whose images made it into the shards.
-    packed_ids = [row[0] for rec in records if rec for row in rec["rows"]]
-    kept_studies = set(m.loc[packed_ids, "study"])
-    lost = []
-    for study, g in plan.manifest.groupby("study", sort=False):
-        if study not in kept_studies:
-            reasons = Counter(rej_df.loc[rej_df["study"] == study, "reason"])
-            first = g.iloc[0]
-            lost.append(
-                {
-                    "study": study,
-                    "split": first["split"],
-                    "patient": first["patient"],
-                    "body_part": first["body_part"],
-                    "label": int(first["label"]),
-                    "n_images": len(g),
-                    "reasons": ";".join(f"{k}={v}" for k, v in sorted(reasons.items())),
-                }
-            )
-    lost_df = pd.DataFrame(lost, columns=list(LOST_COLUMNS))
+    packed_ids = [row[0] for rec in records for row in rec["rows"]]
+    lost_df = _lost_studies(plan.manifest, set(m.loc[packed_ids, "study"]), rej_df)
     atomic_write_csv(plan.out / LOST_STUDIES_CSV, lost_df)
 
     counts = dict(Counter(rej_df["reason"]))
@@ -617,24 +593,62 @@ def finalize_pack(plan: PackPlan, *, max_reject_frac: float = 0.01, elapsed_s: f
         n_rejected=len(rej_df),
         rejected_by_reason=counts,
         lost_studies=list(lost_df["study"]),
-        n_shards=sum(1 for rec in records if rec and rec["rows"]),
-        bytes=sum(int(rec["bytes"]) for rec in records if rec),
+        n_shards=sum(1 for rec in records if rec["rows"]),
+        bytes=sum(int(rec["bytes"]) for rec in records),
         elapsed_s=elapsed_s,
     )
     frac = len(rej_df) / n_total
-    if frac > max_reject_frac:
+    if frac > max_reject_frac or not packed_ids:
         by_reason = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
         raise PackError(
             f"{len(rej_df)} of {n_total} images rejected ({frac:.2%} > max_reject_frac={max_reject_frac:.2%}): "
-            f"{by_reason}; every one is listed in {plan.out / REJECTED_CSV}. Fix the data or raise max_reject_frac.",
+            f"{by_reason}; every one is listed in {plan.out / REJECTED_CSV}. Fix the data or raise max_reject_frac."
+            if packed_ids
+            else f"none of the {n_total} images could be packed ({by_reason}); see {plan.out / REJECTED_CSV}",
             counts,
         )
+    _write_index_and_manifest(plan, m, records, summary, len(lost_df))
+    return summary
 
-    # index.csv: manifest columns + where each image is; shard rows in write order.
+
+def _rejected_table(m: pd.DataFrame, rejected: list[dict[str, Any]]) -> pd.DataFrame:
+    """rejected.csv: the manifest columns of each rejected image with its reason and detail."""
+    cols = ["image_id", "path", "split", "patient", "study", "body_part", "label"]
+    df = m.loc[[r["image_id"] for r in rejected], cols].reset_index(drop=True)
+    df["reason"] = [r["reason"] for r in rejected]
+    df["detail"] = [r["detail"] for r in rejected]
+    return df.loc[:, list(REJECTED_COLUMNS)]
+
+
+def _lost_studies(manifest: pd.DataFrame, kept_studies: set[str], rej_df: pd.DataFrame) -> pd.DataFrame:
+    """lost_studies.csv: studies none of whose images made it into the shards, with the reasons."""
+    lost = []
+    for study, g in manifest.groupby("study", sort=False):
+        if study in kept_studies:
+            continue
+        reasons = Counter(rej_df.loc[rej_df["study"] == study, "reason"])
+        first = g.iloc[0]
+        lost.append(
+            {
+                "study": study,
+                "split": first["split"],
+                "patient": first["patient"],
+                "body_part": first["body_part"],
+                "label": int(first["label"]),
+                "n_images": len(g),
+                "reasons": ";".join(f"{k}={v}" for k, v in sorted(reasons.items())),
+            }
+        )
+    return pd.DataFrame(lost, columns=list(LOST_COLUMNS))
+
+
+def _write_index_and_manifest(
+    plan: PackPlan, m: pd.DataFrame, records: list[dict[str, Any]], summary: PackSummary, n_lost: int
+) -> None:
+    """index.csv (manifest columns + where each image is; shard rows in write order), then manifest.json."""
     parts = []
     shard_entries = []
     for rec in records:
-        assert rec is not None
         if not rec["rows"]:
             continue
         rows = np.asarray(rec["rows"], dtype=np.int64).reshape(-1, 3)
@@ -665,15 +679,14 @@ def finalize_pack(plan: PackPlan, *, max_reject_frac: float = 0.01, elapsed_s: f
             "source_manifest_sha256": plan.manifest_sha256,
             "index_sha256": sha256_file(plan.out / INDEX_CSV),
             "n_images": len(index),
-            "n_planned": n_total,
-            "n_rejected": len(rej_df),
-            "rejected_by_reason": counts,
-            "n_lost_studies": len(lost_df),
+            "n_planned": summary.n_planned,
+            "n_rejected": summary.n_rejected,
+            "rejected_by_reason": summary.rejected_by_reason,
+            "n_lost_studies": n_lost,
             "synthetic": _synthetic_summary(plan.root),
             "shards": shard_entries,
         },
     )
-    return summary
 
 
 def _synthetic_summary(root: Path) -> dict[str, Any] | None:

@@ -427,39 +427,58 @@ def render_image(
     canvas.att += np.minimum(tissue.att, 1.0) * rng.uniform(0.22, 0.38)
 
     if fx is not None and fracture is not None and finding in ("plate", "cast"):
-        m, unit, normal, w, d = fx
-        length = max(float(np.linalg.norm(d)), 4 * w) * fracture.extent
-        if finding == "plate":
-            side = normal * 0.7 * w
-            p0, p1 = m - unit * length / 2 + side, m + unit * length / 2 + side
-            ops = [("line", p0, p1, 0.45 * w, 1.0)]
-            for s in np.linspace(0.06, 0.94, fracture.screws):
-                if abs(s - 0.5) < 0.06:
-                    continue  # no screw through the fracture gap
-                h = p0 + (p1 - p0) * s
-                ops.append(("line", h + normal * 0.2 * w, h - normal * 1.6 * w, 0.2 * w, 1.0))
-                head = h + normal * 0.3 * w
-                ops.append(("line", head - unit * 0.18 * w, head + unit * 0.18 * w, 0.3 * w, 1.0))
-            canvas.add(ops, 6.0, _bbox([p0, p1], 2 * w), blur=0.5)
-        else:
-            cw = 3.4 * w * tissue_scale
-            p0, p1 = m - unit * length * 0.7, m + unit * length * 0.7
-            ops = [("line", p0, p1, cw, 1.0)]
-            edge = normal * cw / 2
-            rim = [("line", p0 + edge, p1 + edge, 0.3 * w, 1.0), ("line", p0 - edge, p1 - edge, 0.3 * w, 1.0)]
-            bbox = _bbox([p0, p1], cw)
-            cast = _Canvas(height, width)
-            cast.add(ops, 0.9, bbox, blur=0.06 * w)
-            cast.add(rim, 0.9, bbox, blur=0.06 * w)
-            # Fibreglass cast: a fine mesh modulates the plaster density.
-            yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-            period = max(2.5, 0.25 * w)
-            mesh = 1.0 + 0.25 * np.sin(xx * (2 * math.pi / period)) * np.sin(yy * (2 * math.pi / period))
-            canvas.att += cast.att * mesh
+        _add_hardware(canvas, fx, fracture, finding, tissue_scale)
+    img = _expose(canvas.att, rng, long_side)
+    img, field_box = _collimate(img, rng)
+    img = _lead_marker(img, rng, field_box, short_side)
+    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
-    # Detector response, exposure, heel effect, noise.
+
+def _add_hardware(
+    canvas: _Canvas,
+    fx: tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray],
+    fracture: Fracture,
+    finding: str,
+    tissue_scale: float,
+) -> None:
+    """A plate with screws, or a fibreglass cast, over the fracture `fx` (middle, axis, normal, width, bone)."""
+    height, width = canvas.att.shape
+    m, unit, normal, w, d = fx
+    length = max(float(np.linalg.norm(d)), 4 * w) * fracture.extent
+    if finding == "plate":
+        side = normal * 0.7 * w
+        p0, p1 = m - unit * length / 2 + side, m + unit * length / 2 + side
+        ops = [("line", p0, p1, 0.45 * w, 1.0)]
+        for s in np.linspace(0.06, 0.94, fracture.screws):
+            if abs(s - 0.5) < 0.06:
+                continue  # no screw through the fracture gap
+            h = p0 + (p1 - p0) * s
+            ops.append(("line", h + normal * 0.2 * w, h - normal * 1.6 * w, 0.2 * w, 1.0))
+            head = h + normal * 0.3 * w
+            ops.append(("line", head - unit * 0.18 * w, head + unit * 0.18 * w, 0.3 * w, 1.0))
+        canvas.add(ops, 6.0, _bbox([p0, p1], 2 * w), blur=0.5)
+    else:
+        cw = 3.4 * w * tissue_scale
+        p0, p1 = m - unit * length * 0.7, m + unit * length * 0.7
+        ops = [("line", p0, p1, cw, 1.0)]
+        edge = normal * cw / 2
+        rim = [("line", p0 + edge, p1 + edge, 0.3 * w, 1.0), ("line", p0 - edge, p1 - edge, 0.3 * w, 1.0)]
+        bbox = _bbox([p0, p1], cw)
+        cast = _Canvas(height, width)
+        cast.add(ops, 0.9, bbox, blur=0.06 * w)
+        cast.add(rim, 0.9, bbox, blur=0.06 * w)
+        # Fibreglass cast: a fine mesh modulates the plaster density.
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        period = max(2.5, 0.25 * w)
+        mesh = 1.0 + 0.25 * np.sin(xx * (2 * math.pi / period)) * np.sin(yy * (2 * math.pi / period))
+        canvas.att += cast.att * mesh
+
+
+def _expose(att: np.ndarray, rng: np.random.Generator, long_side: int) -> np.ndarray:
+    """Attenuation -> float image in 0..1: detector response, exposure, heel effect, noise, blur."""
+    height, width = att.shape
     gain = rng.uniform(0.8, 1.3)
-    img = 1.0 - np.exp(-gain * canvas.att)
+    img = 1.0 - np.exp(-gain * att)
     background = rng.uniform(0.01, 0.08)
     img = background + (1 - background) * img
     vertical = rng.random() < 0.5
@@ -468,8 +487,12 @@ def render_image(
     img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25)
     img += rng.normal(0, rng.uniform(0.012, 0.035), img.shape).astype(np.float32) * (0.4 + 0.6 * img)
     img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), max(0.3, 0.0015 * long_side))
+    return img
 
-    # Collimation: outside the field the plate is either unexposed (bright) or burnt out (dark).
+
+def _collimate(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Sometimes a collimated border (unexposed or burnt out); returns the image and the open field x0, y0, x1, y1."""
+    height, width = img.shape
     x0, y0, x1, y1 = 0, 0, width, height
     if rng.random() < 0.35:
         x0, x1 = int(rng.uniform(0.02, 0.12) * width), width - int(rng.uniform(0.02, 0.12) * width)
@@ -478,8 +501,16 @@ def render_image(
         mask[y0:y1, x0:x1] = False
         level = rng.uniform(0.7, 0.92) if rng.random() < 0.6 else rng.uniform(0.0, 0.06)
         img[mask] = level + rng.normal(0, 0.01, int(mask.sum()))
+    return img, (x0, y0, x1, y1)
 
-    # L/R lead marker (also on normal images, so bright compact objects alone do not mean abnormal).
+
+def _lead_marker(
+    img: np.ndarray, rng: np.random.Generator, field_box: tuple[int, int, int, int], short_side: int
+) -> np.ndarray:
+    """An L/R lead marker inside the open field (also on normal images: bright compact objects alone do not
+    mean abnormal)."""
+    height, width = img.shape
+    x0, y0, x1, y1 = field_box
     if rng.random() < 0.85:
         letter = "L" if rng.random() < 0.5 else "R"
         target = rng.uniform(0.07, 0.11) * short_side
@@ -502,8 +533,7 @@ def render_image(
             cv2.rectangle(ink, (mx - 2, my - th - 2), (mx + tw + 2, my + 3), 204, max(1, thick // 2))
         cv2.putText(ink, letter, (mx, my), cv2.FONT_HERSHEY_SIMPLEX, font_scale, 255, thick, cv2.LINE_AA)
         img = np.maximum(img, ink.astype(np.float32) * (value / 255.0))
-
-    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return img
 
 
 def _image_size(part: str, max_side: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -650,24 +680,9 @@ def generate(
     study_rows: dict[str, list[str]] = {s: [] for s in SPLITS}
     n_images = 0
     for plan in plans:
-        study_dir = staging.parent / plan.folder.replace(MURA_DIR, staging.name, 1)
-        study_dir.mkdir(parents=True, exist_ok=True)
-        study_rng = np.random.default_rng(np.random.SeedSequence(list(plan.seed_key) + [0]))
-        fracture = random_fracture(plan.part, plan.finding, study_rng) if plan.label else None
-        for view in range(1, plan.views + 1):
-            rng = np.random.default_rng(np.random.SeedSequence(list(plan.seed_key) + [view]))
-            height, width = _image_size(plan.part, max_side, rng)
-            img = render_image(plan.part, height, width, rng, view=view, fracture=fracture, finding=plan.finding)
-            if rng.random() < rgb_frac:
-                img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-            ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-            if not ok:  # pragma: no cover - cv2 only fails here on out-of-memory
-                raise RuntimeError(f"PNG encoding failed for {plan.folder}image{view}.png")
-            path = f"{plan.folder}image{view}.png"
-            data = buf.tobytes()
-            (study_dir / f"image{view}.png").write_bytes(damage(data, bad[path]) if path in bad else data)
-            image_rows[plan.split].append(path)
-            n_images += 1
+        paths = _write_study(staging, plan, max_side, rgb_frac, bad)
+        image_rows[plan.split] += paths
+        n_images += len(paths)
         study_rows[plan.split].append(f"{plan.folder},{plan.label}")
     for split in SPLITS:
         (staging / f"{split}_image_paths.csv").write_text("".join(r + "\n" for r in image_rows[split]))
@@ -697,6 +712,29 @@ def generate(
         time.perf_counter() - start,
     )
     return final
+
+
+def _write_study(staging: Path, plan: StudyPlan, max_side: int, rgb_frac: float, bad: dict[str, str]) -> list[str]:
+    """Draw and write the images of one study under `staging` (damaged where `bad` says); returns their paths."""
+    study_dir = staging.parent / plan.folder.replace(MURA_DIR, staging.name, 1)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    study_rng = np.random.default_rng(np.random.SeedSequence(list(plan.seed_key) + [0]))
+    fracture = random_fracture(plan.part, plan.finding, study_rng) if plan.label else None
+    paths = []
+    for view in range(1, plan.views + 1):
+        rng = np.random.default_rng(np.random.SeedSequence(list(plan.seed_key) + [view]))
+        height, width = _image_size(plan.part, max_side, rng)
+        img = render_image(plan.part, height, width, rng, view=view, fracture=fracture, finding=plan.finding)
+        if rng.random() < rgb_frac:
+            img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+        ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:  # pragma: no cover - cv2 only fails here on out-of-memory
+            raise RuntimeError(f"PNG encoding failed for {plan.folder}image{view}.png")
+        path = f"{plan.folder}image{view}.png"
+        data = buf.tobytes()
+        (study_dir / f"image{view}.png").write_bytes(damage(data, bad[path]) if path in bad else data)
+        paths.append(path)
+    return paths
 
 
 def _write_marker(folder: Path, plans: list[StudyPlan], bad: dict[str, str], **settings: Any) -> None:
