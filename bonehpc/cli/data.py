@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_folds)
 
 
-def _fail(what: str, err: Exception) -> int:
+def _fail(what: str, err: Exception | str) -> int:
     print(f"bonehpc: {what}: {err}", file=sys.stderr)
     return 2
 

@@ -478,7 +478,7 @@ def _expose(att: np.ndarray, rng: np.random.Generator, long_side: int) -> np.nda
     """Attenuation -> float image in 0..1: detector response, exposure, heel effect, noise, blur."""
     height, width = att.shape
     gain = rng.uniform(0.8, 1.3)
-    img = 1.0 - np.exp(-gain * att)
+    img: np.ndarray = 1.0 - np.exp(-gain * att)
     background = rng.uniform(0.01, 0.08)
     img = background + (1 - background) * img
     vertical = rng.random() < 0.5
