@@ -224,6 +224,15 @@ def _ro_synth(c: Ctx) -> tuple[list[str], str]:
     return ["synth", "--out", str(ro / "synth"), "--patients", "4", "--max-side", "32"], r"ro/synth"
 
 
+def _synth_out_is_file(c: Ctx) -> tuple[list[str], str]:
+    (c.tmp / "synth").write_text("not a folder")
+    return ["synth", "--out", str(c.tmp / "synth"), "--patients", "4"], r"synth is a file"
+
+
+def _synth_bad_frac(c: Ctx) -> tuple[list[str], str]:
+    return ["synth", "--out", str(c.tmp / "synth"), "--patients", "4", "--bad-frac", "2"], r"bad_frac: must be in"
+
+
 def _out_is_file(c: Ctx) -> tuple[list[str], str]:
     (c.tmp / "shards").write_text("not a folder")
     return _pack_args(c), r"--out .*shards is a file"
@@ -370,6 +379,8 @@ CASES = [
     Case("manifest-out-read-only", "DATA", _ro_manifest),
     Case("synth-out-read-only", "DATA", _ro_synth),
     Case("pack-out-is-file", "DATA", _out_is_file),
+    Case("synth-out-is-file", "DATA", _synth_out_is_file),
+    Case("synth-bad-frac-2", "DATA", _synth_bad_frac),
     Case("pack-size-0", "DATA", _flag("--pack-size", "0", r"pack_size must be in 1\.\.4096, got 0")),
     Case("pack-size-neg", "DATA", _flag("--pack-size", "-5", r"pack_size must be in 1\.\.4096, got -5")),
     Case("pack-size-huge", "DATA", _flag("--pack-size", "20000", r"pack_size must be in 1\.\.4096, got 20000")),
