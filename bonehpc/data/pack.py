@@ -42,15 +42,7 @@ import numpy as np
 import pandas as pd
 
 from bonehpc import __version__
-from bonehpc.data.images import (  # noqa: F401 - REJECT_REASONS, letterbox_geometry, to_gray8: re-exported
-    FITS,
-    REJECT_REASONS,
-    RejectedImageError,
-    fit_square,
-    letterbox_geometry,
-    read_gray8,
-    to_gray8,
-)
+from bonehpc.data.images import FITS, RejectedImageError, fit_square, read_gray8
 from bonehpc.data.shards import (
     FORMAT_VERSION,
     INDEX_CSV,
@@ -316,6 +308,8 @@ def plan_pack(
         raise PackInputError(f"the manifest of {root} lists no images")
     if manifest is not None and check:
         check_manifest(df, "the given manifest")  # paths inside the root, split, labels: as from the CSVs
+    if check:
+        check_free_space(out_dir, len(df), pack_size, compression)
     df = df.loc[:, list(MANIFEST_COLUMNS)].reset_index(drop=True)
     n_shards = -(-len(df) // images_per_shard)
     shards = []

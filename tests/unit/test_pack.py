@@ -17,21 +17,18 @@ from PIL import Image
 
 from bonehpc.cli import main as cli_main
 from bonehpc.data import pack as pack_module
+from bonehpc.data.images import RejectedImageError, fit_square, letterbox_geometry, read_gray8
 from bonehpc.data.mura import ManifestError, build_manifest, write_manifest
 from bonehpc.data.pack import (
     PackError,
     PackInputError,
-    RejectedImageError,
     _open_out,
     finalize_pack,
-    fit_square,
-    letterbox_geometry,
     load_plan,
     pack_dataset,
     pack_lock,
     pack_shard,
     plan_pack,
-    read_gray8,
 )
 from bonehpc.data.shards import ShardError, ShardReader, ShardWriter, verify_shards
 from bonehpc.data.synthetic import generate
