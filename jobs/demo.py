@@ -69,7 +69,7 @@ def run_demo(
     from bonehpc.data.folds import apply_folds, fold_summary, read_folds
     from bonehpc.data.mura import locate, read_manifest, summarize
     from bonehpc.data.pack import pack_dataset
-    from bonehpc.data.synthetic import generate
+    from bonehpc.data.synthetic import DEFAULT_BAD_FRAC, generate
     from jobs.submit import prepare_experiment, submit_folds
 
     t_all = time.perf_counter()
@@ -79,7 +79,7 @@ def run_demo(
         locate(root)
         print(f"reusing {root / 'MURA-v1.1'} (delete it to regenerate)")
     except Exception:  # noqa: BLE001 - no tree yet: make one
-        generate(root, patients=patients, seed=seed)
+        generate(root, patients=patients, seed=seed, bad_frac=DEFAULT_BAD_FRAC)  # a few unusable files, as real data
         print(f"generated {patients} patients (seed {seed}) in {time.perf_counter() - t0:.1f} s")
 
     step(f"2/6 HDF5 shards at {cfg.data.pack_size} px in {cfg.data.shards} (unusable images rejected and listed)")
