@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from bonehpc.checkpoint import build_model_from_checkpoint, load_checkpoint
+from bonehpc.fsio import atomic_write_json, tmp_name_for
+from bonehpc.paths import BEST_CKPT, LAST_CKPT
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,45 @@ def _image_size(state: dict[str, Any]) -> int:
     return size
 
 
+def resolve_checkpoint(model: str | Path) -> Path:
+    """The checkpoint to export: `model` itself, or the best.pt of a run folder.
+
+    Raises:
+        ExportError: a folder without best.pt (names the file to pass instead: last.pt, or a run's best.pt).
+    """
+    m = Path(model)
+    if not m.is_dir():
+        return m  # load_checkpoint says "not found" for a missing file
+    if (m / BEST_CKPT).is_file():
+        return m / BEST_CKPT
+    if (m / LAST_CKPT).is_file():
+        raise ExportError(
+            f"{m} has no {BEST_CKPT} (the run has not finished); pass --model {m / LAST_CKPT} to export it"
+        )
+    runs = sorted(m.glob(f"*/*/{BEST_CKPT}"))[:3]
+    hint = f"; e.g. --model {runs[0]}" if runs else ""
+    raise ExportError(f"{m} is a folder without {BEST_CKPT}: pass a checkpoint file or a run folder{hint}")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output that is a folder, an existing file bonehpc export did not write, or not writable."""
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a folder; give the path of an .onnx file")
+    info = Path(f"{out}.json")
+    if out.exists():
+        try:
+            ours = json.loads(info.read_text(encoding="utf-8")).get("path") == str(out)
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise ExportError(f"{out} exists and was not written by bonehpc export; it is left alone")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(f"--out {out}: cannot write in {folder}")
+
+
 def export_onnx(
     checkpoint: str | Path,
     out_path: str | Path,
@@ -51,8 +93,8 @@ def export_onnx(
     """Export a checkpoint's model to ONNX with a dynamic batch axis, then check it against PyTorch.
 
     Args:
-        checkpoint: a bonehpc checkpoint (best.pt / last.pt).
-        out_path: where to write the .onnx file (written next to it under a temporary name first).
+        checkpoint: a bonehpc checkpoint (best.pt / last.pt), or a run folder (its best.pt).
+        out_path: where to write the .onnx file; it appears there only once the parity check passed.
         opset: ONNX opset version (>= 18, see the module docstring).
         check: run `check_parity` on batches of 1 and 3 random images.
         atol: largest allowed absolute logit difference in the parity check.
@@ -62,14 +104,37 @@ def export_onnx(
         ``<out_path>.json``.
 
     Raises:
-        ExportError: export failed or the parity check exceeded atol.
+        ExportError: bad --model / --out, export failed or the parity check exceeded atol (nothing is left
+            at out_path then).
     """
-    state = load_checkpoint(checkpoint)
+    ckpt = resolve_checkpoint(checkpoint)
+    out = Path(out_path)
+    _check_out(out)
+    state = load_checkpoint(ckpt)
     model = build_model_from_checkpoint(state).float().eval()
     size = _image_size(state)
-    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = tmp_name_for(out)
+    try:
+        _export(model, size, tmp, opset, ckpt)
+        info: dict[str, Any] = {
+            "path": str(out),
+            "opset": opset,
+            "image_size": size,
+            "model": state["model_spec"]["name"],
+            "checkpoint": str(ckpt),
+        }
+        if check:
+            info["max_abs_diff"] = check_parity(model, tmp, size, atol=atol)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_json(f"{out}.json", info)
+    log.info("exported %s -> %s (%s)", ckpt, out, info)
+    return info
+
+
+def _export(model: torch.nn.Module, size: int, dest: Path, opset: int, ckpt: Path) -> None:
     example = torch.zeros(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     # The exporter's helpers log every graph pass at INFO; keep the caller's log readable.
@@ -81,7 +146,7 @@ def export_onnx(
         torch.onnx.export(
             model,
             (example,),
-            str(tmp),
+            str(dest),
             dynamo=True,
             opset_version=opset,
             input_names=[INPUT_NAME],
@@ -91,24 +156,10 @@ def export_onnx(
             verbose=False,
         )
     except Exception as err:
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"ONNX export of {checkpoint} failed: {type(err).__name__}: {err}") from err
+        raise ExportError(f"ONNX export of {ckpt} failed: {type(err).__name__}: {err}") from err
     finally:
         for lg, level in zip(quiet, levels, strict=True):
             lg.setLevel(level)
-    tmp.replace(out)
-    info: dict[str, Any] = {
-        "path": str(out),
-        "opset": opset,
-        "image_size": size,
-        "model": state["model_spec"]["name"],
-        "checkpoint": str(checkpoint),
-    }
-    if check:
-        info["max_abs_diff"] = check_parity(model, out, size, atol=atol)
-    Path(f"{out}.json").write_text(json.dumps(info, indent=2) + "\n")
-    log.info("exported %s -> %s (%s)", checkpoint, out, info)
-    return info
 
 
 def check_parity(

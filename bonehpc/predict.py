@@ -1,18 +1,28 @@
 """Inference on new X-rays: image and study probabilities from a checkpoint, a run or a fold ensemble, plus Grad-CAM.
 
 Preprocessing is the evaluation path of training, step for step: the packer's reader and square fit
-(`bonehpc.data.pack.read_gray8` / `fit_square`: OpenCV decode to 8-bit gray, letterbox or stretch to the
+(`bonehpc.data.images.read_gray8` / `fit_square`: OpenCV decode to 8-bit gray, letterbox or stretch to the
 pack size stored in the checkpoint's config), then
 the eval preset (`bonehpc.augment`: resize to data.image_size, gray -> 3 channels, normalise). A study is
-the folder that holds its images; its probability is the mean of its images' probabilities and it is
-called abnormal when that mean is > 0.5 (MURA protocol). Images that cannot be read are listed with a
-reason, never fatal.
+the folder that holds its images; studies come from `bonehpc.metrics.study_table` (the one aggregation:
+probability = mean of its images' probabilities, abnormal when > 0.5, MURA protocol). Images that cannot
+be read are listed with a reason, never fatal.
+
+Calibration is opt-in (`calibrate=True`, CLI ``--calibrate``): each member's image probability p becomes
+sigmoid(logit(p) / T) with the temperature T of its role that `bonehpc evaluate` fitted on the experiment's
+out-of-fold predictions (`bonehpc.metrics.CALIBRATION_FILE`); it changes no image's call at 0.5.
+
+Bad arguments (unknown or absent device, an output path that is a folder or not writable, a Grad-CAM
+folder that is a file, an empty CSV, an existing output bonehpc did not write) are a PredictError before
+anything is computed; outputs are written atomically, so a failure leaves no half-written file.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -26,11 +36,16 @@ from bonehpc.augment import build_preset
 from bonehpc.augment.albu import apply_albu, build_albu_transform
 from bonehpc.checkpoint import BEST, build_model_from_checkpoint, load_checkpoint
 from bonehpc.config import ExperimentConfig, from_dict
+from bonehpc.constants import THRESHOLD
+from bonehpc.data.images import RejectedImageError, fit_square, letterbox_geometry, read_gray8
+from bonehpc.fsio import atomic_write_bytes, atomic_write_csv
+from bonehpc.metrics import CALIBRATION_FILE, apply_temperature, read_temperatures, study_table
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-THRESHOLD = 0.5
+IMAGE_COLUMNS = ["path", "study", "status", "reason", "prob"]
+STUDY_COLUMNS = ["study", "n_images", "n_unreadable", "prob", "pred", "status"]
 
 
 class PredictError(ValueError):
@@ -45,6 +60,7 @@ class Predictor:
     cfg: ExperimentConfig
     sources: list[Path]
     device: torch.device
+    temperature: float | None = None  # applied to every member's image probability when set
 
 
 def _member_paths(model: Path, role: str) -> list[Path]:
@@ -72,16 +88,63 @@ def _member_paths(model: Path, role: str) -> list[Path]:
     return folds
 
 
-def load_predictor(model: str | Path, role: str = "student", device: str | torch.device = "cpu") -> Predictor:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A usable torch device, or a PredictError naming the problem (unknown name, no GPU, no such GPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise PredictError(f"device {str(device)!r} is not a torch device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PredictError(f"device {dev}: no CUDA GPU is available on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PredictError(f"device {dev}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise PredictError(f"device {dev}: only cpu and cuda devices are supported")
+    return dev
+
+
+def _experiment_of(model: Path) -> Path | None:
+    """The experiment folder that holds a model path (itself, or up to three levels above), by its calibration."""
+    for folder in [model, *model.parents][:4]:
+        if (folder / CALIBRATION_FILE).is_file():
+            return folder
+    return None
+
+
+def _temperature(model: Path, paths: list[Path], role: str) -> float:
+    """The out-of-fold temperature of the model's role (the run folder's name for a single checkpoint)."""
+    exp = _experiment_of(model)
+    if exp is None:
+        raise PredictError(
+            f"--calibrate: no {CALIBRATION_FILE} at {model} or the folders above it (`bonehpc evaluate` writes one "
+            "in the experiment folder); run without --calibrate"
+        )
+    run_role = paths[0].parent.name if len(paths) == 1 else role
+    temps = read_temperatures(exp)
+    if run_role not in temps:
+        raise PredictError(f"--calibrate: {exp / CALIBRATION_FILE} has no temperature for role {run_role!r}")
+    return temps[run_role]
+
+
+def load_predictor(
+    model: str | Path, role: str = "student", device: str | torch.device = "cpu", calibrate: bool = False
+) -> Predictor:
     """Load a checkpoint, a run folder (its best.pt) or an experiment folder (the fold ensemble of `role`).
 
+    Args:
+        calibrate: apply the out-of-fold temperature of the role saved in the experiment (PredictError when
+            there is none).
+
     Raises:
-        PredictError: nothing usable at that path, or ensemble members disagree on preprocessing.
+        PredictError: nothing usable at that path, ensemble members disagree on preprocessing, a bad device,
+            or no temperature to calibrate with.
     """
-    if role not in ("teacher", "student"):
-        raise PredictError(f"role must be teacher or student, got {role!r}")
-    dev = torch.device(device)
+    if role not in ("teacher", "student", "baseline"):
+        raise PredictError(f"role must be teacher, student or baseline, got {role!r}")
+    dev = resolve_device(device)
     paths = _member_paths(Path(model), role)
+    temperature = _temperature(Path(model), paths, role) if calibrate else None
     models, cfg = [], None
     for p in paths:
         state = load_checkpoint(p, map_location="cpu")
@@ -101,13 +164,14 @@ def load_predictor(model: str | Path, role: str = "student", device: str | torch
         models.append(build_model_from_checkpoint(state).float().to(dev).eval())
     assert cfg is not None
     log.info(
-        "loaded %d model(s) from %s (pack %d px -> input %d px)",
+        "loaded %d model(s) from %s (pack %d px -> input %d px%s)",
         len(models),
         model,
         cfg.data.pack_size,
         cfg.data.image_size,
+        f", temperature {temperature:.3f}" if temperature else "",
     )
-    return Predictor(models, cfg, paths, dev)
+    return Predictor(models, cfg, paths, dev, temperature)
 
 
 def list_inputs(inputs: str | Path) -> list[Path]:
@@ -127,7 +191,12 @@ def list_inputs(inputs: str | Path) -> list[Path]:
         raise PredictError(f"input not found: {src} (expected a folder of images or a CSV of paths)")
     if src.suffix.lower() != ".csv":
         raise PredictError(f"{src}: input must be a folder or a .csv of image paths")
-    df = pd.read_csv(src, header=None, dtype=str)
+    try:
+        df = pd.read_csv(src, header=None, dtype=str)
+    except pd.errors.EmptyDataError:
+        raise PredictError(f"{src}: empty CSV (no image paths)") from None
+    except (UnicodeDecodeError, pd.errors.ParserError, OSError) as err:
+        raise PredictError(f"{src}: not a readable CSV of image paths ({type(err).__name__})") from None
     if df.empty:
         raise PredictError(f"{src}: empty CSV")
     first = [str(x).strip().lower() for x in df.iloc[0]]
@@ -149,14 +218,63 @@ def list_inputs(inputs: str | Path) -> list[Path]:
 
 
 def _read(path: Path, cfg: ExperimentConfig) -> tuple[np.ndarray | None, str]:
-    """The image as the packer stores it (same reader, same square fit at data.pack_size), or (None, reason)."""
-    from bonehpc.data.pack import RejectedImageError, fit_square, read_gray8
-
+    """The image at its own resolution as the packer reads it (8-bit gray), or (None, reason)."""
     try:
-        gray = read_gray8(path)
+        return read_gray8(path, cfg.data.min_side), ""
     except RejectedImageError as err:
         return None, f"{err.reason}: {err.detail}"
-    return fit_square(gray, cfg.data.pack_size, cfg.data.fit), ""
+
+
+def _writable(path: Path, what: str) -> None:
+    """PredictError unless `path` can be created (its folder, or the nearest existing folder above it, is
+    writable). Permission bits decide for a normal user; root, whom they do not stop, gets a real probe (an
+    immutable folder or a read-only mount stops root too), so call this last, right before writing."""
+    f = path.parent
+    while not f.exists() and f != f.parent:
+        f = f.parent
+    if not f.is_dir():
+        raise PredictError(f"{what} {path}: {f} is a file, not a folder")
+    if not os.access(f, os.W_OK | os.X_OK):
+        raise PredictError(f"{what} {path}: cannot write in {f} (permission denied or read-only)")
+    if os.geteuid() == 0:
+        try:
+            fd, name = tempfile.mkstemp(prefix=".bonehpc-probe-", dir=f)
+            os.close(fd)
+            os.unlink(name)
+        except OSError as err:
+            raise PredictError(f"{what} {path}: cannot write in {f} ({err.strerror})") from None
+
+
+def _ours(path: Path, header: list[str]) -> bool:
+    """True when `path` starts with the header bonehpc predict writes."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.readline().strip()
+    except OSError:
+        return False
+    return first.split(",")[: len(header)] == header
+
+
+def check_outputs(out_csv: Path, gradcam_dir: Path | None) -> None:
+    """Refuse outputs that must not be written (a folder, a file bonehpc did not write, a Grad-CAM path that is
+    a file) before any work; `check_writable` comes last."""
+    for path, header in ((out_csv, IMAGE_COLUMNS), (studies_csv_path(out_csv), STUDY_COLUMNS)):
+        if path.is_dir():
+            raise PredictError(f"--out {path} is a folder; give the path of a CSV file")
+        if path.exists() and not _ours(path, header):
+            raise PredictError(
+                f"{path} exists and was not written by bonehpc predict; it is left alone (remove it or choose "
+                "another --out)"
+            )
+    if gradcam_dir is not None and gradcam_dir.exists() and not gradcam_dir.is_dir():
+        raise PredictError(f"--gradcam {gradcam_dir} is a file; give a folder for the overlays")
+
+
+def check_writable(out_csv: Path, gradcam_dir: Path | None) -> None:
+    """PredictError when an output cannot be written (read-only folder, immutable folder, read-only mount)."""
+    _writable(out_csv, "--out")
+    if gradcam_dir is not None:
+        _writable(gradcam_dir / "overlay.png", "--gradcam")
 
 
 def _cam_layer(model: nn.Module) -> nn.Module:
@@ -205,9 +323,24 @@ def gradcam(model: nn.Module, images: torch.Tensor, layer: nn.Module | None = No
     return (cam / peak).cpu().numpy()
 
 
-def _overlay(gray: np.ndarray, cam: np.ndarray) -> np.ndarray:
+def cam_on_source(cam: np.ndarray, shape: tuple[int, int], pack_size: int, fit: str) -> np.ndarray:
+    """A Grad-CAM map of the model input (the whole pack square, resized) mapped onto the source image:
+    float [H, W] at the source's own resolution (the letterbox padding is cut away)."""
+    h, w = shape
+    square = cv2.resize(cam.astype(np.float32), (pack_size, pack_size), interpolation=cv2.INTER_LINEAR)
+    if fit == "letterbox":
+        nh, nw, top, left = letterbox_geometry(h, w, pack_size)
+        square = square[top : top + nh, left : left + nw]
+    return np.clip(cv2.resize(square, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+
+
+def side_by_side(gray: np.ndarray, cam: np.ndarray, gap: int = 8) -> np.ndarray:
+    """BGR image: the source (left) and the Grad-CAM overlay on it (right), both at the source's resolution."""
+    src = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
     heat = cv2.applyColorMap((cam * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    return cv2.addWeighted(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), 0.6, heat, 0.4, 0)
+    overlay = cv2.addWeighted(src, 0.6, heat, 0.4, 0)
+    spacer = np.full((gray.shape[0], gap, 3), 255, np.uint8)
+    return np.concatenate([src, spacer, overlay], axis=1)
 
 
 def _safe(text: str) -> str:
@@ -227,6 +360,7 @@ def predict(
     device: str | torch.device = "cpu",
     gradcam_dir: str | Path | None = None,
     role: str = "student",
+    calibrate: bool = False,
 ) -> pd.DataFrame:
     """Abnormal probabilities per image and per study; writes out_csv and <out_csv stem>_studies.csv.
 
@@ -236,69 +370,79 @@ def predict(
         inputs: a folder of images (searched recursively) or a CSV of image paths (MURA format accepted).
         out_csv: per-image CSV: path, study, status (ok | unreadable), reason, prob, pred.
         batch_size: images per forward pass.
-        device: torch device.
-        gradcam_dir: when set, Grad-CAM overlays (PNG) of every image of the studies called abnormal.
-        role: teacher or student, for an experiment folder.
+        device: torch device (cpu, cuda, cuda:N).
+        gradcam_dir: when set, Grad-CAM overlays (PNG, source and overlay side by side at the source's
+            resolution) of every image of the studies called abnormal.
+        role: teacher, student or baseline, for an experiment folder.
+        calibrate: apply the experiment's out-of-fold temperature (see the module docstring).
 
     Returns:
         The per-image DataFrame (the study table is in ``.attrs["studies"]``).
+
+    Raises:
+        PredictError: bad arguments or inputs (checked before any work; nothing is written).
     """
     if batch_size <= 0:
         raise PredictError(f"batch_size must be > 0, got {batch_size}")
-    pred = load_predictor(model, role, device)
+    out = Path(out_csv)
+    cams = Path(gradcam_dir) if gradcam_dir is not None else None
+    check_outputs(out, cams)
+    resolve_device(device)
+    pred = load_predictor(model, role, device, calibrate=calibrate)
     files = list_inputs(inputs)
-    transform = build_albu_transform(build_preset(pred.cfg, train=False))
-    rows: list[dict[str, object]] = []
-    squares: dict[int, np.ndarray] = {}
-    batch: list[tuple[int, torch.Tensor]] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        x = torch.stack([t for _, t in batch]).to(pred.device)
-        with torch.inference_mode():
-            probs = torch.stack([torch.softmax(m(x).float(), dim=1)[:, 1] for m in pred.models]).mean(0)
-        for (i, _), p in zip(batch, probs.cpu().numpy(), strict=True):
-            rows[i]["prob"] = float(p)
-        batch.clear()
-
-    for path in files:
-        img, reason = _read(path, pred.cfg)
-        rows.append(
-            {
-                "path": str(path),
-                "study": study_of(path),
-                "status": "unreadable" if img is None else "ok",
-                "reason": reason,
-                "prob": np.nan,
-            }
-        )
-        if img is None:
-            log.warning("unreadable image %s: %s", path, reason)
-            continue
-        i = len(rows) - 1
-        if gradcam_dir is not None:
-            squares[i] = img
-        batch.append((i, apply_albu(transform, img)))
-        if len(batch) >= batch_size:
-            flush()
-    flush()
-
-    df = pd.DataFrame(rows, columns=["path", "study", "status", "reason", "prob"])
-    df["pred"] = (df["prob"] > THRESHOLD).astype(int).where(df["status"] == "ok")
+    check_writable(out, cams)  # last: root's probe touches the folder
+    df = _score(pred, files, batch_size)
     studies = _studies(df)
     bad = int((df.status != "ok").sum())
     if bad:
-        log.warning("%d of %d images could not be read; they are listed in %s with the reason", bad, len(df), out_csv)
-    if gradcam_dir is not None:
+        log.warning("%d of %d images could not be read; they are listed in %s with the reason", bad, len(df), out)
+    if cams is not None:
         df["gradcam"] = ""
-        _write_gradcams(pred, df, studies, squares, transform, Path(gradcam_dir), batch_size)
-    out = Path(out_csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out, index=False)
-    studies.to_csv(studies_csv_path(out), index=False)
+        _write_gradcams(pred, df, studies, cams, batch_size)
+    atomic_write_csv(out, df)
+    atomic_write_csv(studies_csv_path(out), studies)
     df.attrs["studies"] = studies
     log.info("%d images (%d unreadable), %d studies -> %s", len(df), bad, len(studies), out)
+    return df
+
+
+def _probs(pred: Predictor, x: torch.Tensor) -> np.ndarray:
+    """Abnormal probability per image: the members' (temperature-scaled) probabilities averaged."""
+    with torch.inference_mode():
+        each = torch.stack([torch.softmax(m(x).float(), dim=1)[:, 1] for m in pred.models]).cpu().numpy()
+    if pred.temperature is not None:
+        each = apply_temperature(each, pred.temperature)
+    return each.mean(axis=0)
+
+
+def _score(pred: Predictor, files: list[Path], batch_size: int) -> pd.DataFrame:
+    """One row per input file (IMAGE_COLUMNS + pred), unreadable files listed with their reason."""
+    transform = build_albu_transform(build_preset(pred.cfg, train=False))
+    rows: list[dict[str, object]] = []
+    batch: list[tuple[int, torch.Tensor]] = []
+
+    def flush() -> None:
+        if batch:
+            probs = _probs(pred, torch.stack([t for _, t in batch]).to(pred.device))
+            for (i, _), p in zip(batch, probs, strict=True):
+                rows[i]["prob"] = float(p)
+            batch.clear()
+
+    for path in files:
+        img, reason = _read(path, pred.cfg)
+        status = "unreadable" if img is None else "ok"
+        rows.append({"path": str(path), "study": study_of(path), "status": status, "reason": reason, "prob": np.nan})
+        if img is None:
+            log.warning("unreadable image %s: %s", path, reason)
+            continue
+        batch.append(
+            (len(rows) - 1, apply_albu(transform, fit_square(img, pred.cfg.data.pack_size, pred.cfg.data.fit)))
+        )
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    df = pd.DataFrame(rows, columns=IMAGE_COLUMNS)
+    df["pred"] = (df["prob"] > THRESHOLD).astype(int).where(df["status"] == "ok")
     return df
 
 
@@ -309,39 +453,37 @@ def studies_csv_path(out_csv: str | Path) -> Path:
 
 
 def _studies(df: pd.DataFrame) -> pd.DataFrame:
+    """STUDY_COLUMNS per study folder: `metrics.study_table` of the readable images, plus the unreadable count."""
     ok = df[df.status == "ok"]
-    g = ok.groupby("study", sort=True)["prob"]
-    st = pd.DataFrame({"n_images": g.size(), "prob": g.mean()})
+    if len(ok):
+        st = study_table(ok[["study", "prob"]]).set_index("study")
+    else:
+        st = pd.DataFrame(columns=["prob", "n_images", "pred"], index=pd.Index([], name="study"))
     st = st.reindex(sorted(df["study"].unique()))
     st["n_unreadable"] = df[df.status != "ok"].groupby("study").size().reindex(st.index).fillna(0).astype(int)
     st["n_images"] = st["n_images"].fillna(0).astype(int)
     st["status"] = np.where(st["n_images"] > 0, "ok", "no readable image")
-    st["pred"] = (st["prob"] > THRESHOLD).astype(int).where(st["n_images"] > 0)
-    return st.rename_axis("study").reset_index()[["study", "n_images", "n_unreadable", "prob", "pred", "status"]]
+    st["pred"] = st["pred"].where(st["n_images"] > 0)
+    return st.rename_axis("study").reset_index()[STUDY_COLUMNS]
 
 
-def _write_gradcams(
-    pred: Predictor,
-    df: pd.DataFrame,
-    studies: pd.DataFrame,
-    squares: dict[int, np.ndarray],
-    transform: object,
-    out_dir: Path,
-    batch_size: int,
-) -> None:
+def _write_gradcams(pred: Predictor, df: pd.DataFrame, studies: pd.DataFrame, out_dir: Path, batch_size: int) -> None:
     flagged = set(studies.loc[studies["pred"] == 1, "study"])
-    idx = [i for i in df.index[(df.status == "ok") & df.study.isin(flagged)] if i in squares]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    size = pred.cfg.data.image_size
+    idx = list(df.index[(df.status == "ok") & df.study.isin(flagged)])
+    transform = build_albu_transform(build_preset(pred.cfg, train=False))
+    pack, fit = pred.cfg.data.pack_size, pred.cfg.data.fit
     for start in range(0, len(idx), batch_size):
         chunk = idx[start : start + batch_size]
-        x = torch.stack([apply_albu(transform, squares[i]) for i in chunk]).to(pred.device)  # type: ignore[arg-type]
+        sources = [read_gray8(str(df.at[i, "path"]), pred.cfg.data.min_side) for i in chunk]  # read before: ok
+        x = torch.stack([apply_albu(transform, fit_square(g, pack, fit)) for g in sources]).to(pred.device)
         cams = np.mean([gradcam(m, x) for m in pred.models], axis=0)
-        for i, cam in zip(chunk, cams, strict=True):
-            gray = cv2.resize(squares[i], (size, size), interpolation=cv2.INTER_LINEAR)
+        for i, cam, gray in zip(chunk, cams, sources, strict=True):
             # the study's last folders (body part / patient / study) keep names short and unique enough
             study = "_".join(PurePath(str(df.at[i, "study"])).parts[-3:])
-            name = f"{_safe(study)}__{_safe(Path(str(df.at[i, 'path'])).stem)}.png"
-            cv2.imwrite(str(out_dir / name), _overlay(gray, cam))
-            df.at[i, "gradcam"] = str(out_dir / name)
+            path = out_dir / f"{_safe(study)}__{_safe(Path(str(df.at[i, 'path'])).stem)}.png"
+            ok, png = cv2.imencode(".png", side_by_side(gray, cam_on_source(cam, gray.shape, pack, fit)))
+            if not ok:
+                raise PredictError(f"{path}: PNG encoding failed")
+            atomic_write_bytes(path, png.tobytes())
+            df.at[i, "gradcam"] = str(path)
     log.info("Grad-CAM overlays of %d images in %d abnormal studies -> %s", len(idx), len(flagged), out_dir)

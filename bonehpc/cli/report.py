@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 log = logging.getLogger("bonehpc.cli.report")
@@ -33,23 +34,44 @@ def register(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="checkpoint (.pt), run folder (uses best.pt) or experiment folder (fold ensemble of --role)",
     )
-    p.add_argument("--role", default="student", choices=("teacher", "student"), help="role for an experiment folder")
+    p.add_argument(
+        "--role", default="student", choices=("teacher", "student", "baseline"), help="role for an experiment folder"
+    )
     p.add_argument("--input", required=True, help="folder of PNG/JPEG images (recursive) or a CSV of image paths")
     p.add_argument("--out", default="preds.csv", help="per-image output CSV (default preds.csv)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
-    p.add_argument("--gradcam", metavar="DIR", help="write Grad-CAM overlays of abnormal studies' images here")
+    p.add_argument(
+        "--gradcam",
+        metavar="DIR",
+        help="write Grad-CAM overlays of abnormal studies' images here (source and overlay side by side, at the "
+        "source's resolution)",
+    )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="apply the temperature that `bonehpc evaluate` fitted on the experiment's out-of-fold predictions "
+        "(calibration.json in the experiment folder; off by default: probabilities are the model's own)",
+    )
     p.set_defaults(func=_predict)
 
     e = sub.add_parser(
         "export",
         help="export a checkpoint to ONNX (dynamic batch) and check it against PyTorch with onnxruntime",
     )
-    e.add_argument("--model", required=True, help="checkpoint file (best.pt / last.pt)")
+    e.add_argument("--model", required=True, help="checkpoint file (best.pt / last.pt) or a run folder (its best.pt)")
     e.add_argument("--out", required=True, help="output .onnx path")
     e.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the lowest torch 2.14 emits)")
     e.add_argument("--atol", type=float, default=1e-4, help="max allowed |logit difference| (default 1e-4)")
     e.set_defaults(func=_export)
+
+
+def _input_error(command: str, message: str) -> int:
+    """One line on stderr, exit code INPUT_ERROR_EXIT_CODE (as bonehpc.cli.main does for bonehpc's errors)."""
+    from bonehpc.constants import INPUT_ERROR_EXIT_CODE
+
+    print(f"bonehpc {command}: {message.splitlines()[0] if message else 'error'}", file=sys.stderr)
+    return INPUT_ERROR_EXIT_CODE
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -57,8 +79,7 @@ def _report(args: argparse.Namespace) -> int:
 
     exp_dir = Path(args.run_root) / args.exp
     if not exp_dir.is_dir():
-        log.error("experiment folder not found: %s", exp_dir)
-        return 2
+        return _input_error("report", f"experiment folder not found: {exp_dir}")
     index = build_report(exp_dir)
     print(index)
     return 0
@@ -69,10 +90,18 @@ def _predict(args: argparse.Namespace) -> int:
     from bonehpc.predict import PredictError, predict, studies_csv_path
 
     try:
-        df = predict(args.model, args.input, args.out, args.batch_size, args.device, args.gradcam, role=args.role)
+        df = predict(
+            args.model,
+            args.input,
+            args.out,
+            args.batch_size,
+            args.device,
+            args.gradcam,
+            role=args.role,
+            calibrate=args.calibrate,
+        )
     except (PredictError, CheckpointError) as err:
-        log.error("%s", err)
-        return 2
+        return _input_error("predict", str(err))
     st = df.attrs["studies"]
     bad = int((df.status != "ok").sum())
     print(
@@ -89,8 +118,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         info = export_onnx(args.model, args.out, opset=args.opset, atol=args.atol)
     except (ExportError, CheckpointError) as err:
-        log.error("%s", err)
-        return 2
+        return _input_error("export", str(err))
     print(
         f"{info['path']}: opset {info['opset']}, input [B, 3, {info['image_size']}, {info['image_size']}], "
         f"max |logit diff| vs PyTorch {info['max_abs_diff']:.2e}"

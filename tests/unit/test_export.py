@@ -54,3 +54,38 @@ def test_export_errors_and_cli(tiny_experiment: Path, tmp_path: Path) -> None:
     assert main(["export", "--model", str(tiny_experiment / "final" / "student" / "best.pt"), "--out", str(out)]) == 0
     assert out.is_file()
     assert main(["export", "--model", str(tmp_path / "nope.pt"), "--out", str(out)]) == 2
+    assert not (tmp_path / "strict.onnx").exists()  # a failed parity check leaves nothing at --out
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_export_run_folder_and_hostile_outputs(
+    tiny_experiment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from bonehpc.cli import main
+
+    run = tiny_experiment / "final" / "teacher"
+    info = export_onnx(run, tmp_path / "run.onnx", check=False)
+    assert info["checkpoint"] == str(run / "best.pt")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(run / "best.pt", unfinished / "last.pt")
+    with pytest.raises(ExportError, match="pass --model .*last.pt"):
+        export_onnx(unfinished, tmp_path / "u.onnx")
+    with pytest.raises(ExportError, match=r"e\.g\. --model .*best\.pt"):
+        export_onnx(tiny_experiment, tmp_path / "e.onnx")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "theirs.onnx").write_bytes(b"someone else's model")
+    for args, match in (
+        (["--model", str(run), "--out", str(tmp_path / "adir")], "is a folder"),
+        (["--model", str(run), "--out", str(tmp_path / "theirs.onnx")], "not written by bonehpc export"),
+        (["--model", str(unfinished), "--out", str(tmp_path / "u.onnx")], "last.pt"),
+    ):
+        capsys.readouterr()
+        assert main(["export", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and match in err, err
+    assert (tmp_path / "theirs.onnx").read_bytes() == b"someone else's model"
+    # re-exporting over our own output is allowed
+    assert export_onnx(run, tmp_path / "run.onnx", check=False)["path"] == str(tmp_path / "run.onnx")

@@ -125,8 +125,27 @@ def test_gradcam_overlays_for_abnormal_studies(tiny_experiment: Path, synth_root
     assert len(written) == len(expected)
     assert set(df.loc[expected.index, "gradcam"]) == {str(p) for p in written}
     assert (df.loc[~df.index.isin(expected.index), "gradcam"] == "").all()
-    img = cv2.imread(str(written[0]))
-    assert img.shape == (64, 64, 3)
+    # source and overlay side by side, each at the source image's own resolution (not the 64 px model input)
+    for png in written[:3]:
+        i = df.index[df.gradcam == str(png)][0]
+        src = cv2.imread(df.at[i, "path"], cv2.IMREAD_GRAYSCALE)
+        img = cv2.imread(str(png))
+        h, w = src.shape
+        assert img.shape == (h, 2 * w + 8, 3) and max(h, w) > 64
+        np.testing.assert_array_equal(img[:, :w, 0], src)  # the left half is the original, untouched
+
+
+def test_cam_on_source_undoes_the_letterbox() -> None:
+    from bonehpc.predict import cam_on_source
+
+    # a 100 x 50 (h x w) image letterboxed into a 64 px square sits in columns 16..47
+    cam = np.zeros((32, 32), np.float32)
+    cam[:, 8:24] = 1.0  # the image's part of the (downsized) model input is hot, the padding is cold
+    out = cam_on_source(cam, (100, 50), 64, "letterbox")
+    assert out.shape == (100, 50)
+    assert out[:, 3:-3].min() > 0.99  # hot everywhere inside the image: the padding was cut away
+    stretched = cam_on_source(cam, (100, 50), 64, "stretch")
+    assert stretched.shape == (100, 50) and stretched[:, 0].max() < 0.01
 
 
 def test_bad_model_or_input_is_a_clear_error(tiny_experiment: Path, tmp_path: Path) -> None:
@@ -164,3 +183,128 @@ def test_csv_with_path_column_and_cli(tiny_experiment: Path, image_folder: Path,
         ]
     )
     assert rc == 0 and out.is_file() and studies_csv_path(out).is_file()
+
+
+def test_one_study_aggregation_in_predict_and_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """metrics.study_table is the aggregation of the report and of predict (and of the metrics themselves)."""
+    import bonehpc.metrics
+    import bonehpc.predict
+    import bonehpc.report
+
+    calls: list[str] = []
+    real = bonehpc.metrics.study_table
+
+    def spy(df: pd.DataFrame) -> pd.DataFrame:
+        calls.append("x")
+        return real(df)
+
+    for mod in (bonehpc.metrics, bonehpc.predict):
+        monkeypatch.setattr(mod, "study_table", spy)
+    monkeypatch.setattr(bonehpc.report.M, "study_table", spy)
+    images = pd.DataFrame(
+        {
+            "image_id": [0, 1, 2],
+            "path": ["a/1.png", "a/2.png", "b/1.png"],
+            "study": ["a/", "a/", "b/"],
+            "body_part": "HAND",
+            "label": [1, 1, 0],
+            "status": "ok",
+            "reason": "",
+            "prob": [0.2, 0.9, 0.4],
+        }
+    )
+    st_predict = bonehpc.predict._studies(images)
+    st_report = bonehpc.report.study_level(images)
+    bonehpc.metrics.evaluate_predictions(images)
+    assert len(calls) == 3
+    assert st_predict["prob"].tolist() == st_report["prob"].tolist() == pytest.approx([0.55, 0.4])
+    assert st_predict["pred"].tolist() == st_report["pred"].tolist() == [1, 0]
+
+
+def _hostile(tiny_experiment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """Run `bonehpc predict` with args; it must exit 2 with one line on stderr and write nothing."""
+    from bonehpc.cli import main
+
+    before = sorted(p for p in tmp_path.rglob("*"))
+    ckpt = tiny_experiment / "final" / "student" / "best.pt"
+    capsys.readouterr()
+    rc = main(["predict", "--model", str(ckpt), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("bonehpc predict: "), err
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written, not even a temporary file
+    return err
+
+
+def test_hostile_arguments_end_in_one_line_and_exit_2(
+    tiny_experiment: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    work = tmp_path / "work"
+    work.mkdir()
+    inp = ["--input", str(image_folder)]
+    (work / "empty.csv").write_bytes(b"")
+    assert "empty CSV" in _hostile(tiny_experiment, work, capsys, "--input", str(work / "empty.csv"))
+    assert "not a torch device" in _hostile(tiny_experiment, work, capsys, *inp, "--device", "banana")
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in _hostile(tiny_experiment, work, capsys, *inp, "--device", "cuda:0")
+    (work / "adir").mkdir()
+    assert "is a folder" in _hostile(tiny_experiment, work, capsys, *inp, "--out", str(work / "adir"))
+    (work / "afile").write_text("x")
+    err = _hostile(tiny_experiment, work, capsys, *inp, "--out", str(work / "p.csv"), "--gradcam", str(work / "afile"))
+    assert "is a file" in err
+    (work / "theirs.csv").write_text("patient,notes\n1,keep me\n")
+    assert "not written by bonehpc predict" in _hostile(
+        tiny_experiment, work, capsys, *inp, "--out", str(work / "theirs.csv")
+    )
+    assert (work / "theirs.csv").read_text() == "patient,notes\n1,keep me\n"
+    # a folder nobody may write to (also for root): a read-only file system
+    assert "cannot write in /proc" in _hostile(tiny_experiment, work, capsys, *inp, "--out", "/proc/bonehpc/p.csv")
+
+
+def test_read_only_output_folder(tiny_experiment: Path, image_folder: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    import os
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    immutable = False
+    try:
+        if os.geteuid() == 0:  # root ignores the mode: make the folder immutable instead
+            if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(ro)], check=False).returncode:
+                pytest.skip("root without a working chattr: cannot make a read-only folder")
+            immutable = True
+        err = _hostile(tiny_experiment, tmp_path, capsys, "--input", str(image_folder), "--out", str(ro / "p.csv"))
+        assert "cannot write in" in err and "ro/p.csv" in err
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(ro)], check=False)
+        ro.chmod(0o755)
+
+
+def test_calibrated_predictions_use_the_out_of_fold_temperature(
+    tiny_experiment: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from bonehpc.metrics import apply_temperature
+
+    calib = json.loads((tiny_experiment / "calibration.json").read_text())
+    t = calib["roles"]["teacher"]["temperature"]
+    ckpt = tiny_experiment / "fold0" / "teacher" / "best.pt"
+    raw = predict(ckpt, image_folder, tmp_path / "raw.csv")
+    cal = predict(ckpt, image_folder, tmp_path / "cal.csv", calibrate=True)
+    ok = raw.status == "ok"
+    np.testing.assert_allclose(cal.loc[ok, "prob"], apply_temperature(raw.loc[ok, "prob"].to_numpy(), t), atol=1e-5)
+    assert (cal.loc[ok, "pred"] == raw.loc[ok, "pred"]).all()  # a temperature never moves a call at 0.5
+    with pytest.raises(PredictError, match="calibration.json"):
+        predict(_copy(ckpt, tmp_path), image_folder, tmp_path / "x.csv", calibrate=True)
+
+
+def _copy(ckpt: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "lonely" / "best.pt"
+    dst.parent.mkdir()
+    shutil.copy(ckpt, dst)
+    return dst
