@@ -316,7 +316,8 @@ class TuneConfig:
             "distill.kind": {"type": "categorical", "choices": ["soft", "hard"]},
         }
     )
-    """Search space: dotted config key -> {type: float|int|categorical, low, high, log, step, choices}."""
+    """Search space: dotted config key -> {type: float|int|categorical, low, high, log, step, choices};
+    distill.kind may include none (the student without KD as one of the choices)."""
 
     def __post_init__(self) -> None:
         _positive("tune.trials", self.trials)

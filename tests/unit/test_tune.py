@@ -126,6 +126,7 @@ def test_trial_config_applies_params_and_tune_epochs(tmp_path: Path) -> None:
     out = trial_config(cfg, {"student.lr": 0.002, "distill.kind": "hard", "train.batch_size": 16})
     assert (out.student.lr, out.distill.kind, out.train.batch_size, out.student.epochs) == (0.002, "hard", 16, 3)
     assert cfg.student.lr != 0.002  # the experiment config is not modified
+    assert trial_config(cfg, {"distill.kind": "none"}).distill.kind == "none"  # the no-KD student as a choice
     with pytest.raises(ConfigError, match="student.lrr"):
         trial_config(cfg, {"student.lrr": 0.1})
     bad = _cfg(tmp_path, 'tune.space={"student.nope": {"type": "float", "low": 0.1, "high": 0.2}}')
