@@ -63,6 +63,7 @@ from bonehpc.engine import evaluate, train_one_epoch
 from bonehpc.fsio import atomic_write_csv, atomic_write_json, atomic_write_text
 from bonehpc.log import close_logging, setup_logging
 from bonehpc.paths import (
+    ROLES,
     RUN_CONFIG,
     RUN_EPOCHS,
     RUN_METRICS,
@@ -76,7 +77,6 @@ from bonehpc.paths import (
 
 log = logging.getLogger("bonehpc.train")  # not __name__: it is "__main__" under `python -m`
 
-TRAIN_ROLES = ("teacher", "student", "baseline")
 PRED_COLS = list(PRED_COLUMNS)
 
 T = TypeVar("T")
@@ -136,9 +136,9 @@ def amp_dtype_of(amp: str, device: torch.device) -> torch.dtype | None:
 
 def role_config(cfg: ExperimentConfig, role: str) -> RoleConfig:
     """The RoleConfig a role trains (baseline: the student's model and optimisation)."""
-    if role not in TRAIN_ROLES:
-        raise TrainError(f"role {role!r} is not one of {', '.join(TRAIN_ROLES)}")
-    return cfg.student if role == "baseline" else cfg.role(role)
+    if role not in ROLES:
+        raise TrainError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    return cfg.role(role)
 
 
 def check_fold(fold: int | str, num_folds: int) -> None:

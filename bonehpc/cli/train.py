@@ -12,11 +12,10 @@ import sys
 
 from bonehpc.cli import add_config_args, load_cfg
 from bonehpc.constants import INPUT_ERROR_EXIT_CODE, PREEMPTED_EXIT_CODE
-from bonehpc.paths import parse_fold
+from bonehpc.paths import ROLES, parse_fold
 
 log = logging.getLogger("bonehpc.cli.train")
 
-ROLES = ("teacher", "student", "baseline")  # bonehpc.train.TRAIN_ROLES (not imported here: torch)
 
 TRAIN_EPILOG = """\
 This runs one process. For several processes (GPUs) on one node use torchrun with the module entry:

@@ -18,13 +18,13 @@ import torch
 from tinyexp import tiny_overrides
 
 from bonehpc.checkpoint import load_checkpoint
+from bonehpc.cli.train import main
 from bonehpc.config import apply_overrides, load_config, save_config
+from bonehpc.constants import PREEMPTED_EXIT_CODE
 from bonehpc.data.folds import read_folds
 from bonehpc.data.shards import ShardReader
 from bonehpc.metrics import evaluate_predictions
 from bonehpc.paths import ExperimentPaths
-from bonehpc.cli.train import main
-from bonehpc.constants import PREEMPTED_EXIT_CODE
 from bonehpc.train import run, split_ids
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,6 +84,8 @@ def _check_run_dir(d: Path, role: str, val_ids: np.ndarray) -> dict:
     assert recomputed["study_auroc"] == pytest.approx(summary["metrics"]["val/study_auroc"], nan_ok=True)
     ckpt = load_checkpoint(d / "best.pt")  # weights_only=True
     assert ckpt["role"] == role and ckpt["fold"] == 0 and ckpt["epoch"] == 1
+    assert ckpt["payload"] == "weights" and "optimizer" not in ckpt and "rng" not in ckpt  # no optimizer state
+    assert load_checkpoint(d / "last.pt")["payload"] == "training"
     assert ckpt["model_spec"]["name"] == summary["model"]["name"]
     assert "train" in (d / "train.log").read_text()
     return rec
@@ -171,13 +173,18 @@ def _comparable(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
-def test_preempted_run_resumes_to_the_same_result(tiny_cfg, tmp_path: Path) -> None:  # noqa: ANN001
-    """SIGUSR2 during epoch 2 -> exit status 3; the restart ends exactly like an uninterrupted run."""
+@pytest.mark.parametrize("every", [1, 0])
+def test_preempted_run_resumes_to_the_same_result(tiny_cfg, tmp_path: Path, every: int) -> None:  # noqa: ANN001
+    """SIGUSR2 during epoch 2 -> exit status 3; the restart ends exactly like an uninterrupted run.
+
+    every=0: last.pt is not written at the end of epoch 1 (only at the end); the preemption writes it.
+    """
     overrides = {
         "teacher.model": "hybrid_tiny",
         "teacher.epochs": 2,
         "teacher.warmup_epochs": 0.5,
         "train.num_threads": 2,
+        "train.checkpoint_every_epochs": every,
     }
     cfg = apply_overrides(tiny_cfg, overrides)
     cfg_path = save_config(cfg, tmp_path / "cfg.yaml")
@@ -214,3 +221,162 @@ def test_preempted_run_resumes_to_the_same_result(tiny_cfg, tmp_path: Path) -> N
     assert a["step"] == b["step"]
     for k, v in b["model"].items():
         assert torch.equal(a["model"][k], v), k
+
+
+# ---------------------------------------------------------------------------------------------- selection, roles
+
+
+def test_no_valid_split_image_is_evaluated_while_training(tiny_cfg, monkeypatch) -> None:  # noqa: ANN001
+    """Fold and final runs of every role: the eval loader never holds an image of the official valid split
+    (the holdout); the final run selects on held-out train patients and records how."""
+    import bonehpc.train as train_mod
+
+    seen: list[np.ndarray] = []
+    real_evaluate = train_mod.evaluate
+
+    def spy(model, loader, device, amp_dtype):  # noqa: ANN001, ANN202
+        preds = real_evaluate(model, loader, device, amp_dtype)
+        seen.append(preds["image_id"].to_numpy())
+        return preds
+
+    monkeypatch.setattr(train_mod, "evaluate", spy)
+    cfg = apply_overrides(tiny_cfg, {"teacher.model": "hybrid_tiny", "train.max_steps_per_epoch": 1})
+    index = ShardReader(cfg.data.shards).index
+    valid = set(index.loc[index["split"] == "valid", "image_id"])
+    train = index[index["split"] == "train"]
+    for fold, role in ((0, "teacher"), ("final", "teacher"), ("final", "student"), ("final", "baseline")):
+        run(cfg, fold, role)
+    assert len(seen) == 4 and all(len(ids) for ids in seen)
+    assert not set(np.concatenate(seen).tolist()) & valid
+
+    paths = ExperimentPaths.of(cfg)
+    summary = json.loads((paths.role_dir("final", "teacher") / "metrics.json").read_text())
+    sel = summary["selection"]
+    assert sel["method"].startswith("held-out train patients") and sel["val_frac"] == cfg.train.final_val_frac
+    slice_ids = pd.read_csv(paths.role_dir("final", "teacher") / "predictions_val.csv")["image_id"]
+    assert sel["images"] == len(slice_ids) and set(slice_ids) <= set(train["image_id"])
+    held = set(train.loc[train["image_id"].isin(slice_ids), "patient"])
+    assert sel["patients"] == len(held)
+    # Patient-grouped: every image of a held-out patient is in the slice, none of the others.
+    assert set(train.loc[train["patient"].isin(held), "image_id"]) == set(slice_ids)
+    # The student and the baseline select on the same slice as the teacher.
+    for role in ("student", "baseline"):
+        other = pd.read_csv(paths.role_dir("final", role) / "predictions_val.csv")["image_id"]
+        assert sorted(other) == sorted(slice_ids)
+    fold_sel = json.loads((paths.role_dir(0, "teacher") / "metrics.json").read_text())["selection"]
+    assert fold_sel["method"] == "cross-validation fold" and fold_sel["fold"] == 0
+
+
+def test_baseline_is_the_student_without_a_teacher(tiny_cfg) -> None:  # noqa: ANN001
+    """No teacher exists for fold 1: the baseline trains anyway (it loads none), with no KD term."""
+    run(tiny_cfg, 1, "baseline")
+    d = ExperimentPaths.of(tiny_cfg).role_dir(1, "baseline")
+    (rec,) = _records(d / "metrics.jsonl")
+    assert rec["train/kd_loss"] == 0.0 and rec["train/loss"] == pytest.approx(rec["train/task_loss"])
+    summary = json.loads((d / "metrics.json").read_text())
+    assert summary["distill"] == "none" and summary["model"]["name"] == tiny_cfg.student.model
+    assert load_checkpoint(d / "best.pt")["role"] == "baseline"
+    assert not ExperimentPaths.of(tiny_cfg).role_dir(1, "teacher").exists()
+
+
+def test_folds_come_from_the_shard_index(tiny_cfg) -> None:  # noqa: ANN001
+    """folds.csv is made from the packed images; a fold patient with no packed image is left out, not fatal."""
+    index = ShardReader(tiny_cfg.data.shards).index
+    folds = pd.concat([_folds_of(tiny_cfg, index), pd.DataFrame({"patient": ["lost_in_packing"], "fold": [0]})])
+    train_ids, val_ids = split_ids(index, folds, 0, tiny_cfg.data.num_folds)
+    train = index[index["split"] == "train"]
+    assert sorted([*train_ids, *val_ids]) == sorted(train["image_id"])
+
+
+def _folds_of(cfg, index: pd.DataFrame) -> pd.DataFrame:  # noqa: ANN001
+    from bonehpc.data.folds import make_folds
+
+    return make_folds(index, cfg.data.num_folds, cfg.data.fold_seed)
+
+
+def test_fold_out_of_range_fails_before_writing_anything(tiny_cfg, tmp_path: Path) -> None:  # noqa: ANN001
+    """`python -m bonehpc.train --fold 5` with 2 folds: one line, exit 2, no folds.csv, no run folder."""
+    cfg_path = save_config(tiny_cfg, tmp_path / "cfg.yaml")
+    cmd = [sys.executable, "-m", "bonehpc.train", "--config", str(cfg_path), "--fold", "5", "--role", "teacher"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "fold 5 is not in 0..1" in lines[0], proc.stderr
+    assert not ExperimentPaths.of(tiny_cfg).root.exists()
+
+
+def test_unwritable_run_folder_is_one_line_exit_2(tiny_cfg, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    if os.geteuid() == 0:
+        out = Path("/sys/bonehpc-test/run")  # sysfs refuses new folders even to root
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        out = ro / "run"
+    cfg_path = save_config(tiny_cfg, tmp_path / "cfg.yaml")
+    rc = main(["--config", str(cfg_path), "--fold", "0", "--role", "teacher", "--run-dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "not writable" in err[0] and str(out) in err[0], err
+    assert not ExperimentPaths.of(tiny_cfg).folds.exists()
+
+
+def test_epoch_line_prints_each_metric_once() -> None:
+    from bonehpc.train import epoch_line
+
+    record = {
+        "epoch": 3,
+        "train/loss": 0.5,
+        "val/loss": 0.4,
+        "val/study_auroc": 0.75,
+        "val/study_kappa": 0.3,
+        "time_s": 2,
+    }
+    line = epoch_line(record, "val/study_auroc", improved=True)
+    assert line.count("val/study_auroc") == 1 and "val/study_kappa" not in line and line.endswith("* best")
+    line = epoch_line(record, "val/study_kappa", improved=False)
+    assert line.count("val/study_auroc") == 1 and line.count("val/study_kappa 0.3000") == 1
+
+
+def test_last_checkpoint_cadence(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """last.pt every N epochs and/or M minutes; a skipped epoch's state is kept for a preemption."""
+    import bonehpc.train as train_mod
+    from bonehpc.checkpoint import TrainState
+    from bonehpc.config import TrainConfig
+    from bonehpc.models import create_model
+
+    model = create_model("hybrid_tiny", img_size=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    learner = train_mod.Learner(
+        model, model, {}, None, "none", opt, train_mod.build_scheduler(opt, 1, 10),
+        torch.amp.GradScaler("cpu", enabled=False), None, torch.device("cpu"),
+    )  # fmt: skip
+    clock = [0.0]
+    monkeypatch.setattr(train_mod.time, "monotonic", lambda: clock[0])
+    state = TrainState(0, "teacher")
+
+    def epoch(ckpts: train_mod.RunCheckpoints, improved: bool = False, final: bool = False) -> int | None:
+        state.epoch += 1
+        ckpts.end_of_epoch(state, improved, final)
+        ckpts.close()
+        return load_checkpoint(tmp_path / "last.pt")["epoch"] if (tmp_path / "last.pt").exists() else None
+
+    ckpts = train_mod.RunCheckpoints(tmp_path, TrainConfig(checkpoint_every_epochs=2), {}, learner)
+    assert epoch(ckpts, improved=True) is None and (tmp_path / "best.pt").is_file()
+    assert ckpts.pending is not None and ckpts.pending["epoch"] == 1
+    assert epoch(ckpts) == 2 and ckpts.pending is None
+    assert epoch(ckpts) == 2
+    assert epoch(ckpts, final=True) == 4  # the last epoch always writes last.pt
+
+    (tmp_path / "last.pt").unlink()
+    state.epoch = 0
+    ckpts = train_mod.RunCheckpoints(
+        tmp_path, TrainConfig(checkpoint_every_epochs=0, checkpoint_every_min=5), {}, learner
+    )
+    clock[0] = 299.0
+    assert epoch(ckpts) is None
+    clock[0] = 301.0
+    assert epoch(ckpts) == 2
+    clock[0] = 400.0
+    assert epoch(ckpts) == 2
+    ckpts.preempted()  # the newest state reaches the disk before the process exits
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
