@@ -47,6 +47,7 @@ demo: setup ## run the whole pipeline on synthetic MURA-layout data, locally, on
 	$(BIN)/bonehpc demo --config $(CONFIG) $(PROFILE_ARG)
 
 test: setup ## all tests: unit + integration on the real dev Slurm cluster (brought up and down here)
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }  # the report's browser test
 	bash slurm/dev/with-cluster.sh $(BIN)/python -m pytest -q tests
 
 test-unit: setup ## unit tests only (no Slurm)

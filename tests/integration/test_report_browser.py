@@ -15,7 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_report import build_tiny_experiment  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium not installed (`make test` installs it: apt-get install -y chromium)"
+)
 
 FLAGS = (
     "--headless",
@@ -69,6 +71,10 @@ def test_report_renders_in_headless_chromium(tiny_experiment: Path, tmp_path: Pa
     assert m, "the load probe did not run"
     assert int(m.group(1)) == n_img and int(m.group(2)) == n_img, f"images decoded: {m.group(0)}"
     assert all(s.startswith("data:image/png;base64,") for s in re.findall(r'<img[^>]*\ssrc="([^"]*)"', dom.stdout))
+    # the confidence-interval tables are in the rendered DOM
+    for table in ("holdout_ci", "cv_pooled_ci", "body_part_kappa_ci", "teacher_minus_student_ci", "calibration_ece"):
+        assert f'id="{table}"' in dom.stdout, table
+    assert "95 % CI" in dom.stdout
 
     shot = tmp_path / "report.png"
     res = _chromium([f"--screenshot={shot}", "--window-size=1280,2400", index.as_uri()], tmp_path / "p2")
