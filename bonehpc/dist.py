@@ -6,11 +6,13 @@ them the trainer runs as a single process and every helper here degrades to a no
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import signal
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,3 +195,45 @@ class StopFlag:
 
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
+
+
+# Helper processes (loader workers) -----------------------------------------------------------------
+# Slurm sends the preemption signal to every process of the step, loader workers included. Only the
+# rank process acts on it (StopFlag, at a step boundary); a worker that died of it would crash the run
+# before the rank saves.
+
+
+def ignore_preempt_signals() -> None:
+    """Ignore SIGUSR2/SIGTERM in this process (call at the start of a loader worker).
+
+    A worker that ignores TERM cannot be stopped with TERM either: its owner shuts it down through its
+    own channel (the loaders' ``close``), and SIGKILL still works.
+    """
+    for s in PREEMPT_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def preempt_signals_blocked() -> Iterator[None]:
+    """Block SIGUSR2/SIGTERM in this thread while it starts helper processes; restore the mask after.
+
+    A child inherits the signal mask over fork and exec (fork, spawn and forkserver start methods
+    alike, and the fork server's own children), so workers that libraries start for us (DALI's
+    Python workers, the multiprocessing fork server) never receive these signals, even before their
+    own code runs. Nothing is lost in this process: a signal that arrives meanwhile goes to another
+    thread or stays pending until the mask is restored, and then reaches the StopFlag handler.
+
+    The multiprocessing resource tracker (also a process of the step) is started here, inside the
+    mask; starting it unblocks SIGTERM in the calling thread (CPython's
+    ``resource_tracker.ensure_running``), so the mask is applied again afterwards: otherwise the fork
+    server, started after the tracker, would die of TERM.
+    """
+    from multiprocessing import resource_tracker
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPT_SIGNALS)
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPT_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -2,7 +2,10 @@
 
 The pipeline takes per-sample tuples ``(image uint8 [S, S, 1], label int64 [1], image_id int64 [1])``
 from a Python source (in parallel worker processes for the loaders), and runs the preset's steps as
-DALI operators. On a GPU the image moves to the device right after the source and every operator runs
+DALI operators. The random draws (rotation angle, flip) come from DALI's random operators, or, with
+``sample_draws``, from the source itself (more outputs, see `sample_draws_of`), which makes the result
+independent of the pipeline's history (the loaders use this: a rebuilt or resumed pipeline repeats an
+epoch exactly). On a GPU the image moves to the device right after the source and every operator runs
 there; the output is fp16 in HWC layout, which torch sees as a channels_last NCHW tensor after a
 ``permute`` (no copy) - the one loader shape that kept ResNet-50 at ~99 % of its model-only speed on
 an H100 (see shared docs/gpu-anchors.md). Without a GPU, ``device_id=None`` selects DALI's CPU-only
@@ -32,6 +35,12 @@ def dali_available() -> bool:
     return True
 
 
+def sample_draws_of(preset: Preset) -> tuple[str, ...]:
+    """The per-sample draws a ``sample_draws`` source returns after (image, label, id), in order:
+    ``angle`` (float32 scalar, degrees) when the preset rotates, ``flip`` (int32 0/1) when it flips."""
+    return (("angle",) if preset.rotate_deg > 0 else ()) + (("flip",) if preset.hflip_p > 0 else ())
+
+
 def _dali_modules() -> tuple[Any, Any, Any]:
     """nvidia.dali, .fn and .types, typed loosely (DALI's stubs lack the enum members and Optional ids)."""
     return (
@@ -41,7 +50,16 @@ def _dali_modules() -> tuple[Any, Any, Any]:
     )
 
 
-def preset_ops(preset: Preset, image: Any, *, gpu: bool, output_dtype: str, output_layout: str) -> Any:
+def preset_ops(
+    preset: Preset,
+    image: Any,
+    *,
+    gpu: bool,
+    output_dtype: str,
+    output_layout: str,
+    angle: Any = None,
+    mirror: Any = None,
+) -> Any:
     """Apply a preset to a DALI data node of uint8 HWC (1 channel) images; call inside a pipeline.
 
     Args:
@@ -50,6 +68,8 @@ def preset_ops(preset: Preset, image: Any, *, gpu: bool, output_dtype: str, outp
         gpu: run the operators on the GPU.
         output_dtype: float32 or float16.
         output_layout: CHW or HWC.
+        angle: per-sample rotation angles (float32 scalars, CPU); None: drawn by DALI.
+        mirror: per-sample flips (int32 0/1 scalars, CPU); None: drawn by DALI.
 
     Returns:
         The normalised 3-channel DataNode.
@@ -71,12 +91,16 @@ def preset_ops(preset: Preset, image: Any, *, gpu: bool, output_dtype: str, outp
         antialias=False,  # matches cv2.INTER_LINEAR (see presets module docstring)
     )
     if preset.rotate_deg > 0:
-        angle = fn.random.uniform(range=(-preset.rotate_deg, preset.rotate_deg))
+        if angle is None:
+            angle = fn.random.uniform(range=(-preset.rotate_deg, preset.rotate_deg))
         x = fn.rotate(x, device=device, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
     x = fn.color_space_conversion(x, device=device, image_type=types.GRAY, output_type=types.RGB)
     # The flip is folded into crop_mirror_normalize (no extra pass); flipping after the rotation has the
     # same distribution as before it because the angle range is symmetric.
-    mirror: Any = fn.random.coin_flip(probability=preset.hflip_p) if preset.hflip_p > 0 else 0
+    if preset.hflip_p <= 0:
+        mirror = 0
+    elif mirror is None:
+        mirror = fn.random.coin_flip(probability=preset.hflip_p)
     return fn.crop_mirror_normalize(
         x,
         device=device,
@@ -90,7 +114,7 @@ def preset_ops(preset: Preset, image: Any, *, gpu: bool, output_dtype: str, outp
 
 def build_dali_pipeline(
     preset: Preset,
-    source: Callable[[Any], tuple[Any, Any, Any]],
+    source: Callable[[Any], tuple[Any, ...]],
     *,
     batch_size: int,
     device_id: int | None,
@@ -102,6 +126,7 @@ def build_dali_pipeline(
     output_dtype: str = "float32",
     output_layout: str = "CHW",
     prefetch_queue_depth: int = 2,
+    sample_draws: bool = False,
 ) -> Any:
     """A DALI pipeline: per-sample source -> preset -> (images, labels, ids).
 
@@ -121,6 +146,8 @@ def build_dali_pipeline(
         output_dtype: float32 or float16.
         output_layout: CHW or HWC.
         prefetch_queue_depth: batches prepared ahead.
+        sample_draws: the source returns more outputs per sample, the draws named by
+            `sample_draws_of` (rotation angle, flip), used instead of DALI's random operators.
 
     Returns:
         The (not yet built) pipeline.
@@ -140,17 +167,30 @@ def build_dali_pipeline(
         **kwargs,
     )
     def pipe() -> tuple[Any, Any, Any]:
-        image, label, image_id = fn.external_source(
+        draws = sample_draws_of(preset) if sample_draws else ()
+        dtypes = {"angle": types.FLOAT, "flip": types.INT32}
+        outputs = fn.external_source(
             source=source,
-            num_outputs=3,
+            num_outputs=3 + len(draws),
             batch=False,
             parallel=parallel,
-            layout=["HWC", "", ""],
-            dtype=[types.UINT8, types.INT64, types.INT64],
+            layout=["HWC", "", ""] + [""] * len(draws),
+            dtype=[types.UINT8, types.INT64, types.INT64] + [dtypes[d] for d in draws],
         )
+        image, label, image_id = outputs[:3]
+        drawn = dict(zip(draws, outputs[3:], strict=True))
+        angle, mirror = drawn.get("angle"), drawn.get("flip")
         if gpu:
             image = image.gpu()
-        out = preset_ops(preset, image, gpu=gpu, output_dtype=output_dtype, output_layout=output_layout)
+        out = preset_ops(
+            preset,
+            image,
+            gpu=gpu,
+            output_dtype=output_dtype,
+            output_layout=output_layout,
+            angle=angle,
+            mirror=mirror,
+        )
         return out, label, image_id
 
     return pipe()

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from bonehpc import dist
+from bonehpc.augment.dali import sample_draws_of
 from bonehpc.augment.presets import Preset, build_preset
 from bonehpc.config import ExperimentConfig
 from bonehpc.data.shards import ShardReader
@@ -225,9 +227,11 @@ class _PlanSampler(Sampler):
 
 
 def _worker_init(seed: int, rank: int, worker_id: int) -> None:
-    """Seed every RNG of a DataLoader worker from (seed, rank, worker) and keep it to one cv2 thread."""
+    """Set up a DataLoader worker: ignore the preemption signals (the rank process handles them), seed
+    every RNG from (seed, rank, worker) and keep it to one cv2 thread."""
     import cv2
 
+    dist.ignore_preempt_signals()
     cv2.setNumThreads(1)
     s = _derive_seed(_WORKER, seed, rank, worker_id)
     random.seed(s)
@@ -279,7 +283,12 @@ class TorchLoader(BatchLoader):
         )
 
     def _iter(self) -> Iterator[Batch]:
-        for images, labels, ids in self.dataloader:
+        # Workers (and the fork server they come from) start here, on the first epoch: with the
+        # preemption signals blocked, so that they inherit the mask and survive Slurm's signal to the
+        # whole step before their worker_init_fn runs.
+        with dist.preempt_signals_blocked():
+            batches = iter(self.dataloader)
+        for images, labels, ids in batches:
             images = images.to(self.device, non_blocking=True)
             # Cast and relayout in one copy (two separate calls would copy the batch twice on the GPU).
             fmt = torch.channels_last if self.channels_last else torch.preserve_format
@@ -299,25 +308,44 @@ class TorchLoader(BatchLoader):
 class _DaliSource:
     """Per-sample callable for DALI's parallel external_source; picklable (runs in DALI's workers).
 
-    DALI drops a batch that StopIteration cuts short, so an epoch always ends on a batch boundary: a
-    partial last batch (evaluation) is filled up by repeating ids, and the loader trims it again.
+    Returns the image, its label and id, and the sample's augmentation draws (rotation angle, flip)
+    seeded by ``(seed, rank, epoch, position)`` like the torch backend: an epoch's batches depend on
+    the epoch only, not on how long the pipeline has run, so a resumed run sees the same images as an
+    uninterrupted one. DALI drops a batch that StopIteration cuts short, so an epoch always ends on a
+    batch boundary: a partial last batch (evaluation) is filled up by repeating ids, and the loader
+    trims it again.
     """
 
-    def __init__(self, reader: ShardReader, plan: EpochPlan, labels: dict[int, int], epoch_offset: int) -> None:
-        self.reader, self.plan, self.labels, self.epoch_offset = reader, plan, labels, epoch_offset
+    def __init__(
+        self, reader: ShardReader, plan: EpochPlan, labels: dict[int, int], preset: Preset, epoch_offset: int
+    ) -> None:
+        self.reader, self.plan, self.labels, self.preset = reader, plan, labels, preset
+        self.epoch_offset = epoch_offset
         self.n_samples = plan.steps * plan.batch_size
+        self.draws = sample_draws_of(preset)
+        self._pid = 0  # the process that last ran this callable
 
-    def __call__(self, info: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(self, info: Any) -> tuple[np.ndarray, ...]:
+        """(image [S, S, 1], label [1], id [1], then the preset's draws: see `sample_draws_of`)."""
+        if self._pid != os.getpid():  # first sample in this worker process
+            dist.ignore_preempt_signals()
+            self._pid = os.getpid()
         if info.idx_in_epoch >= self.n_samples:
             raise StopIteration
-        order = self.plan.rank_ids(self.epoch_offset + info.epoch_idx)
-        image_id = int(order[info.idx_in_epoch % len(order)])
-        image = self.reader.read(image_id)
-        return (
-            image[..., None],
+        epoch, pos = self.epoch_offset + info.epoch_idx, info.idx_in_epoch
+        order = self.plan.rank_ids(epoch)
+        image_id = int(order[pos % len(order)])
+        out = (
+            self.reader.read(image_id)[..., None],
             np.array([self.labels[image_id]], dtype=np.int64),
             np.array([image_id], dtype=np.int64),
         )
+        if not self.draws:
+            return out
+        rng = np.random.default_rng(_derive_seed(_DALI, self.plan.seed, self.plan.rank, epoch, pos))
+        angle = np.array(rng.uniform(-self.preset.rotate_deg, self.preset.rotate_deg), dtype=np.float32)
+        flip = np.array(rng.random() < self.preset.hflip_p, dtype=np.int32)
+        return out + tuple(angle if d == "angle" else flip for d in self.draws)
 
 
 def _cuda_driver_initialized() -> bool:
@@ -329,10 +357,13 @@ def _cuda_driver_initialized() -> bool:
 class DaliLoader(BatchLoader):
     """DALI pipeline (GPU, or CPU-only mode without CUDA) fed by a parallel per-sample shard reader.
 
-    The pipeline is built at construction so that, when no CUDA context exists yet, its Python workers
-    fork before one does (DALI's rule for fork); later rebuilds, or builds after CUDA started, spawn.
-    A pipeline counts its own epochs: it is rebuilt only when `set_epoch` jumps (e.g. on resume) or when
-    an epoch was left unfinished (a ``break`` in the caller), so normal epochs reuse the workers.
+    The pipeline is built once, at construction, so that, when no CUDA context exists yet, its Python
+    workers fork before one does (DALI's rule for fork); a build after CUDA started spawns them. The
+    pipeline counts its own epochs and is reused for every epoch, also when the caller stops right
+    after an epoch's last batch (``islice(loader, len(loader))``: the end of the epoch is taken from
+    DALI at the start of the next one). It is rebuilt only when `set_epoch` jumps (on resume) or when
+    an epoch was left unfinished; since the augmentation draws come from the source, a rebuilt
+    pipeline gives the same batches. ``builds`` counts the pipelines built.
     """
 
     backend = "dali"
@@ -347,10 +378,12 @@ class DaliLoader(BatchLoader):
         self.channels_last = self.gpu and cfg.train.channels_last
         self.dtype = _input_dtype(cfg, device)
         self.num_threads = max(1, min(4, len(os.sched_getaffinity(0))))
+        self.builds = 0
         self._pipe: Any = None
         self._iterator: Any = None
         self._pipe_epoch = -1  # the epoch the current pipeline produces next
-        self._dirty = False
+        self._dirty = False  # an epoch was left unfinished: the pipeline must be rebuilt
+        self._pending_end = False  # the last batch of an epoch is out, DALI has not reported the end yet
         if plan.steps > 0:
             self._build(self.epoch)
 
@@ -369,7 +402,7 @@ class DaliLoader(BatchLoader):
         half = self.gpu and self.dtype != torch.float32
         pipe = build_dali_pipeline(
             self.preset,
-            _DaliSource(self.reader, self.plan, self.labels, epoch),
+            _DaliSource(self.reader, self.plan, self.labels, self.preset, epoch),
             batch_size=self.plan.batch_size,
             device_id=device_id,
             seed=_derive_seed(_DALI, self.plan.seed, self.plan.rank, epoch) % (2**31),
@@ -377,29 +410,50 @@ class DaliLoader(BatchLoader):
             parallel=True,
             py_num_workers=max(1, self.cfg.data.num_workers),
             py_start_method=start,
+            sample_draws=True,
             # fp16 HWC on the GPU: a channels_last NCHW view after permute, no copy (bf16 is a cast later).
             output_dtype="float16" if half else "float32",
             output_layout="HWC" if self.channels_last else "CHW",
         )
-        pipe.build()
+        # The workers start here; with the preemption signals blocked they never receive Slurm's
+        # signal to the whole step (and the source ignores it too, once in each worker).
+        with dist.preempt_signals_blocked():
+            pipe.build()
         self._pipe = pipe
         self._iterator = DALIGenericIterator(
             pipe, ["images", "labels", "ids"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
         )
+        self.builds += 1
         self._pipe_epoch = epoch
-        self._dirty = False
+        self._dirty = self._pending_end = False
         log.debug("DALI pipeline built (epoch %d, workers %s, device_id %s)", epoch, start, device_id)
 
+    def _end_epoch(self) -> None:
+        """Take the end of the epoch from DALI (its auto_reset then starts the next epoch)."""
+        self._pending_end = False
+        try:
+            next(self._iterator)
+        except StopIteration:
+            self._pipe_epoch += 1
+        else:  # more batches than planned (never expected): start over with a new pipeline
+            self._dirty = True
+
     def _iter(self) -> Iterator[Batch]:
+        if self._pending_end:
+            self._end_epoch()
         wanted = self.epoch if self.plan.train else self._pipe_epoch
         if self._iterator is None or self._dirty or wanted != self._pipe_epoch:
             self._build(self.epoch)
-        self._dirty = True  # until the epoch is read to its end
-        last = self.plan.per_rank - (self.plan.steps - 1) * self.plan.batch_size  # real images in the last batch
-        for step, out in enumerate(self._iterator):
-            d = out[0]
-            if step == self.plan.steps - 1 and last < self.plan.batch_size:
-                d = {k: v[:last] for k, v in d.items()}  # drop the fill-up of the partial last batch
+        self._dirty = True  # until the epoch's last batch is out
+        steps, bs = self.plan.steps, self.plan.batch_size
+        last = self.plan.per_rank - (steps - 1) * bs  # real images in the last batch
+        for step in range(steps):
+            d = next(self._iterator)[0]
+            if step == steps - 1:
+                # The caller may stop after this batch (islice): the next epoch still reuses the pipeline.
+                self._dirty, self._pending_end = False, True
+                if last < bs:
+                    d = {k: v[:last] for k, v in d.items()}  # drop the fill-up of the partial last batch
             images = d["images"]
             if self.channels_last:
                 images = images.permute(0, 3, 1, 2)  # NHWC memory seen as channels_last NCHW
@@ -410,8 +464,7 @@ class DaliLoader(BatchLoader):
                 d["labels"].view(-1).to(self.device, non_blocking=True),
                 d["ids"].view(-1).to(self.device, non_blocking=True),
             )
-        self._dirty = False
-        self._pipe_epoch += 1
+        self._end_epoch()
 
     def close(self) -> None:
         self._iterator = None

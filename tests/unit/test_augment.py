@@ -162,6 +162,36 @@ def test_rotation_angles_cover_the_range(backend: str) -> None:
     assert counts.min() >= n // 6, counts
 
 
+def test_dali_applies_the_draws_of_the_source() -> None:
+    """With sample_draws (the loaders' path) the angle and flip come from the source, sample by sample."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    from bonehpc.augment.dali import build_dali_pipeline, sample_draws_of
+
+    p = preset("train", hflip_p=0.5, rotate_deg=10.0)
+    assert sample_draws_of(p) == ("angle", "flip") and sample_draws_of(preset()) == ()
+    assert sample_draws_of(preset("train", hflip_p=0.5)) == ("flip",)
+    rng = np.random.default_rng(2)
+    n = 16
+    images = [bar_pattern(rng) for _ in range(n)]
+    angles = np.linspace(-9.0, 9.0, n).astype(np.float32)
+    flips = (np.arange(n) % 2).astype(np.int32)
+
+    def source(info):
+        if info.idx_in_epoch >= n:
+            raise StopIteration
+        i = info.idx_in_epoch
+        return images[i][..., None], np.array([0], np.int64), np.array([i], np.int64), angles[i], flips[i]
+
+    pipe = build_dali_pipeline(p, source, batch_size=n, device_id=None, seed=0, parallel=False, sample_draws=True)
+    out = next(iter(DALIGenericIterator(pipe, ["x", "y", "id"])))[0]["x"].numpy()
+    measured = np.array([bar_angle(x) for x in out])
+    # A horizontal flip after the rotation mirrors the bar's angle; DALI's sign convention is fixed.
+    want = angles * np.where(flips == 1, -1.0, 1.0)
+    sign = np.sign(np.dot(measured, want))
+    np.testing.assert_allclose(measured, sign * want, atol=1.5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_dali_gpu_fp16_nhwc(shard_images: list[np.ndarray]) -> None:

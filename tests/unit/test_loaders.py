@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from itertools import islice
 
 import numpy as np
 import pytest
@@ -140,6 +148,29 @@ def test_dali_epoch_left_unfinished_restarts_cleanly(reader: ShardReader) -> Non
     fresh.close()
 
 
+def test_dali_pipeline_is_built_once_per_run(reader: ShardReader) -> None:
+    """Epochs taken as the trainer takes them (islice of len(loader)) reuse one pipeline; a loader that
+    starts at a later epoch (a resumed run) gives that epoch's batches exactly."""
+    cfg = make_cfg("dali", "train.max_steps_per_epoch=3", "augment.rotate_deg=10", "augment.hflip_p=0.5")
+    ld = build_loader(cfg, reader, reader.image_ids, train=True, device=CPU, seed=3)
+    epochs = []
+    for epoch in range(3):
+        ld.set_epoch(epoch)
+        epochs.append(list(islice(ld, len(ld))))
+        assert len(epochs[-1]) == len(ld) == 3
+    assert ld.builds == 1
+    assert epochs[1][0][2].tolist() != epochs[2][0][2].tolist()  # reshuffled: the epochs really advanced
+    resumed = build_loader(cfg, reader, reader.image_ids, train=True, device=CPU, seed=3)
+    resumed.set_epoch(2)
+    got = list(resumed)
+    assert resumed.builds == 2  # the one at construction (epoch 0) and the jump to epoch 2
+    for (x, y, i), (wx, wy, wi) in zip(got, epochs[2], strict=True):
+        assert i.tolist() == wi.tolist() and y.tolist() == wy.tolist()
+        assert torch.equal(x, wx)  # same augmentation draws too
+    ld.close()
+    resumed.close()
+
+
 def test_dali_spawns_workers_once_the_cuda_driver_is_up(reader: ShardReader, monkeypatch: pytest.MonkeyPatch) -> None:
     """After torch.cuda.is_available() on a GPU machine DALI refuses fork: spawned workers give the same batches."""
     import bonehpc.data.loaders as loaders
@@ -202,3 +233,97 @@ def test_gpu_batches_are_half_channels_last(backend: str, reader: ShardReader) -
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert y.is_cuda and y.dtype == torch.int64 and i.is_cuda and i.dtype == torch.int64
     ld.close()
+
+
+# Preemption: Slurm signals every process of the step ---------------------------------------------
+
+_CHILD = """
+import json, os, signal, sys
+import torch
+import bonehpc.data.loaders as loaders
+from bonehpc import dist
+from bonehpc.config import load_config
+from bonehpc.data.shards import ShardReader
+
+got = []
+
+class Flag(dist.StopFlag):
+    def _handle(self, signum, frame):
+        got.append(signum)
+        super()._handle(signum, frame)
+
+if __name__ == "__main__":
+    shards, backend, start = sys.argv[1:4]
+    if start == "spawn":
+        loaders._cuda_driver_initialized = lambda: True  # as on a GPU node: DALI spawns its workers
+    cfg = load_config(None, [f"data.backend={backend}", "data.image_size=32", "data.pack_size=64",
+                             "data.num_workers=2", "train.batch_size=4"])
+    reader = ShardReader(shards)
+    ld = loaders.build_loader(cfg, reader, reader.image_ids, train=True, device=torch.device("cpu"), seed=0)
+    stop = Flag().install()  # after the workers started: they must not depend on inheriting it
+    it = iter(ld)
+    n = len([next(it)])
+    print("READY", flush=True)
+    sys.stdin.readline()  # the test signals the process group, checks the workers, then says go
+    n += sum(1 for _ in it)
+    ld.set_epoch(1)
+    m = sum(1 for _ in ld)
+    print(json.dumps({"signals": got, "flag": stop.is_set, "epoch0": n, "epoch1": m, "steps": len(ld)}), flush=True)
+    ld.close()
+"""
+
+
+def _group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(d))
+    return sorted(pids)
+
+
+def _readline(p: subprocess.Popen, timeout_s: float) -> str:
+    ready, _, _ = select.select([p.stdout], [], [], timeout_s)
+    if not ready:
+        p.kill()
+        raise AssertionError(f"no output from the loader process in {timeout_s:.0f} s")
+    return p.stdout.readline()
+
+
+@pytest.mark.parametrize(("backend", "start"), [("torch", "forkserver"), ("dali", "fork"), ("dali", "spawn")])
+def test_workers_survive_preemption_signals_to_the_process_group(shards_dir, backend: str, start: str) -> None:
+    """USR2 then TERM to every process of the group, as Slurm does: the rank process records them (its
+    StopFlag), its loader workers (and the fork server, resource tracker) live on and the epoch goes on."""
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    p = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(shards_dir), backend, start],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, like a Slurm step
+    )
+    try:
+        assert _readline(p, 180).strip() == "READY"
+        before = _group(p.pid)
+        assert len(before) >= 3, before  # the rank process and its 2 workers at least
+        os.killpg(p.pid, signal.SIGUSR2)
+        time.sleep(0.3)
+        os.killpg(p.pid, signal.SIGTERM)
+        time.sleep(1.0)
+        assert _group(p.pid) == before  # nobody died
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        res = json.loads(_readline(p, 180))
+        assert p.wait(timeout=60) == 0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert res["signals"] == [signal.SIGUSR2, signal.SIGTERM] and res["flag"]
+    assert res["epoch0"] == res["epoch1"] == res["steps"] > 1
