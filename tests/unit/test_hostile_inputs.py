@@ -356,6 +356,19 @@ def _train_truncated_last(c: Ctx) -> tuple[list[str], str]:
     return ["train", "--fold", "0", "--role", "teacher", "--run-dir", str(run), *c.tiny()], r"last.pt"
 
 
+def _train_changed_shard_byte(c: Ctx) -> tuple[list[str], str]:
+    shards = c.tmp / "shards"
+    shutil.copytree(c.world.shards, shards)
+    shard = next(shards.glob("shard-*.h5"))
+    with open(shard, "r+b") as fh:  # one pixel byte: invisible to the quick check, caught by the default full one
+        fh.seek(shard.stat().st_size // 2)
+        b = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    argv = ["train", "--fold", "0", "--role", "teacher", *c.tiny(), f"data.shards={shards}"]
+    return argv, rf"{shard.name}: SHA-256 differs"
+
+
 def _demo_one_patient(c: Ctx) -> tuple[list[str], str]:
     return ["demo", "--patients", "1", f"run_root={c.tmp / 'runs'}", f"data.mura_root={c.tmp / 'd'}"], r"patients"
 
@@ -408,6 +421,7 @@ CASES = [
     # TRAIN
     Case("train-fold-5-of-2", "TRAIN", _train_fold5),
     Case("train-out-read-only", "TRAIN", _train_ro),
+    Case("train-shard-byte-changed", "TRAIN", _train_changed_shard_byte, outputs=("runs",)),
     Case("train-truncated-last-pt", "TRAIN", _train_truncated_last, outputs=("run", "runs")),
     # ARCH
     Case("demo-1-patient", "ARCH", _demo_one_patient),
