@@ -1,7 +1,9 @@
 """Knowledge distillation as a loss wrapper: plain training (none) and soft / hard distillation share one loop.
 
 The frozen teacher sees the very same augmented batch tensor as the student, inside the caller's autocast, so
-the two are consistent; only the student gets gradients.
+the two are consistent; only the student gets gradients. When the teacher expects another input normalisation
+than the loader's (`renormalisation`), one fused affine on the batch converts it; when they match, the batch
+tensor itself goes to the teacher (no copy).
 
     none:  loss = task(student, y)
     soft:  kd = T^2 * KL(softmax(teacher / T) || softmax(student / T))   (batch mean)
@@ -79,8 +81,8 @@ def load_frozen_teacher(checkpoint_path: str | os.PathLike[str], device: str | t
     model = build_model_from_checkpoint(ckpt)
     augment = (ckpt.get("config") or {}).get("augment") or {}
     if "mean" in augment and "std" in augment:
-        model.mean = tuple(float(v) for v in augment["mean"])
-        model.std = tuple(float(v) for v in augment["std"])
+        model.mean = tuple(float(v) for v in augment["mean"])  # type: ignore[assignment]
+        model.std = tuple(float(v) for v in augment["std"])  # type: ignore[assignment]
     log.info("teacher %s loaded from %s", ckpt["model_spec"]["name"], path)
     return freeze(model.to(device))
 
@@ -120,6 +122,9 @@ class DistillationLoss(nn.Module):
             normalisation than the batches have (one fused affine per batch); None: the batch as it is.
     """
 
+    input_scale: torch.Tensor | None
+    input_shift: torch.Tensor | None
+
     def __init__(
         self,
         task_loss: nn.Module,
@@ -158,7 +163,7 @@ class DistillationLoss(nn.Module):
         if self.teacher is None:
             raise RuntimeError("no teacher (distillation kind none)")
         with torch.no_grad():
-            if self.input_scale is not None:
+            if self.input_scale is not None and self.input_shift is not None:
                 dtype = images.dtype
                 images = torch.addcmul(self.input_shift.to(dtype), images, self.input_scale.to(dtype))
             return self.teacher(images).float()

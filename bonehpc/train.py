@@ -409,7 +409,8 @@ def _build_loss(cfg: ExperimentConfig, fold: int | str, role: str, task_loss: to
     teacher = load_frozen_teacher(teacher_ckpt, device)
     if device.type == "cuda" and cfg.train.channels_last:  # same layout as the batches it sees
         teacher.to(memory_format=torch.channels_last)
-    renorm = renormalisation(cfg.augment.mean, cfg.augment.std, teacher.mean, teacher.std)
+    teacher_mean, teacher_std = teacher.mean, teacher.std  # plain attributes set by create_model
+    renorm = renormalisation(cfg.augment.mean, cfg.augment.std, teacher_mean, teacher_std)  # type: ignore[arg-type]
     if renorm is not None:
         log.info(
             "teacher input renormalised from mean/std %s/%s to %s/%s",

@@ -1,7 +1,8 @@
 """Pretrained weights, offline: find them in a local file or a pre-filled Hugging Face cache, fetch them once.
 
-Jobs never download: `HF_HUB_OFFLINE=1` is set by `bonehpc/__init__.py`, and asking for weights that are not on
-the machine raises `WeightsNotFoundError` at once (a hub lookup would otherwise retry for ~47 s and then fail).
+Jobs never download: `HF_HUB_OFFLINE=1` is set by the entry points (`bonehpc.offline_env`), and asking for
+weights that are not on the machine raises `WeightsNotFoundError` at once (a hub lookup would otherwise retry
+for ~47 s and then fail).
 `fetch_weights` is for a machine with internet (a login node): it fills a shared cache folder whose file path
 then goes into the config (``teacher.weights=...``).
 """
