@@ -301,6 +301,8 @@ def check_manifest(df: pd.DataFrame, source: str | Path) -> None:
             problems.append(f"{where}: {', '.join(bad)}")
     if df["image_id"].duplicated().any():
         problems.append(f"image_id {int(df.loc[df['image_id'].duplicated(), 'image_id'].iloc[0])} repeats")
+    if df["path"].duplicated().any():
+        problems.append(f"path {df.loc[df['path'].duplicated(), 'path'].iloc[0]!r} repeats")
     if problems:
         raise ManifestError(f"{source}: {len(problems)} bad row(s): {_listing(problems, 5)}")
     warn_unknown_parts(df)

@@ -297,3 +297,9 @@ def test_check_manifest_accepts_a_built_one(manifest: pd.DataFrame) -> None:
     bad.loc[3, "study"] = "MURA-v1.1/train/XR_HAND/patient99999/study1_negative/"
     with pytest.raises(ManifestError, match="built: 1 bad row.*data row 4: study="):
         check_manifest(bad, "built")
+    twice = manifest.copy()
+    twice.loc[1, ["path", "study", "view", "body_part", "patient", "split", "label"]] = manifest.loc[
+        0, ["path", "study", "view", "body_part", "patient", "split", "label"]
+    ]
+    with pytest.raises(ManifestError, match="path .* repeats"):
+        check_manifest(twice, "built")
