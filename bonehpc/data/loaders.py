@@ -165,6 +165,10 @@ class BatchLoader:
     def __len__(self) -> int:
         return self.plan.steps
 
+    @property
+    def _kind(self) -> str:
+        return "train" if self.plan.train else "eval"
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (training loaders reshuffle: the order depends on the seed and the epoch)."""
         self.epoch = int(epoch)
@@ -181,9 +185,8 @@ class BatchLoader:
         """Release worker processes and pipelines (also done at garbage collection)."""
 
     def __repr__(self) -> str:
-        kind = "train" if self.plan.train else "eval"
         return (
-            f"{type(self).__name__}(backend={self.backend}, {kind}, steps={len(self)}, "
+            f"{type(self).__name__}(backend={self.backend}, {self._kind}, steps={len(self)}, "
             f"batch={self.plan.batch_size}, rank={self.plan.rank}/{self.plan.world_size}, device={self.device})"
         )
 
@@ -286,6 +289,8 @@ class TorchLoader(BatchLoader):
         # Workers (and the fork server they come from) start here, on the first epoch: with the
         # preemption signals blocked, so that they inherit the mask and survive Slurm's signal to the
         # whole step before their worker_init_fn runs.
+        if self.dataloader.num_workers and self.dataloader._iterator is None:
+            log.info("torch loader (%s): starting %d workers", self._kind, self.dataloader.num_workers)
         with dist.preempt_signals_blocked():
             batches = iter(self.dataloader)
         for images, labels, ids in batches:
@@ -426,7 +431,15 @@ class DaliLoader(BatchLoader):
         self.builds += 1
         self._pipe_epoch = epoch
         self._dirty = self._pending_end = False
-        log.debug("DALI pipeline built (epoch %d, workers %s, device_id %s)", epoch, start, device_id)
+        log.info(
+            "DALI pipeline %d built (%s, epoch %d): %d Python workers (%s), device_id %s",
+            self.builds,
+            self._kind,
+            epoch,
+            max(1, self.cfg.data.num_workers),
+            start,
+            device_id,
+        )
 
     def _end_epoch(self) -> None:
         """Take the end of the epoch from DALI (its auto_reset then starts the next epoch)."""
