@@ -8,7 +8,8 @@ Writes `holdout/<model>/predictions.csv` (image_id, study, body_part, label, pro
 `holdout/<model>/metrics.json` for model in final_teacher, final_student (the `final/<role>/best.pt`
 checkpoints) and ensemble_teacher, ensemble_student (mean probability of the fold models of a
 role, over the folds whose best.pt exists; the folds used and missing are recorded); with the
-optional no-KD "baseline" role of `bonehpc.paths.ROLES`, final_baseline and ensemble_baseline too.
+optional no-KD baseline (distill.baseline: `bonehpc.paths.experiment_roles`), final_baseline and
+ensemble_baseline too.
 Before any holdout prediction it fits one temperature per role on the folds' out-of-fold predictions
 (`bonehpc.metrics.write_calibration` -> `calibration.json` at the experiment root).
 """
@@ -31,7 +32,7 @@ from bonehpc.config import ExperimentConfig
 from bonehpc.constants import PRED_COLUMNS
 from bonehpc.engine import evaluate
 from bonehpc.fsio import atomic_write_csv, atomic_write_json
-from bonehpc.paths import HOLDOUT_METRICS, HOLDOUT_PREDICTIONS, ROLES, ExperimentPaths
+from bonehpc.paths import HOLDOUT_METRICS, HOLDOUT_PREDICTIONS, ExperimentPaths, experiment_roles
 
 log = logging.getLogger("bonehpc.evaluate")  # not __name__: it is "__main__" under `python -m`
 
@@ -92,7 +93,7 @@ def evaluate_holdout(cfg: ExperimentConfig) -> dict[str, dict[str, float]]:
     paths = ExperimentPaths.of(cfg)
     if dist.is_main():
         # fitted on the folds' out-of-fold predictions only, before anything looks at the holdout
-        calib = write_calibration(paths.root, ROLES, cfg.data.num_folds)
+        calib = write_calibration(paths.root, experiment_roles(cfg), cfg.data.num_folds)
         for role, c in calib["roles"].items():
             log.info(
                 "temperature of %s: %.3f (out-of-fold image ECE %.4f -> %.4f)",
@@ -106,7 +107,7 @@ def evaluate_holdout(cfg: ExperimentConfig) -> dict[str, dict[str, float]]:
     if len(valid) == 0:
         raise ValueError(f"{cfg.data.shards}: no image of the official valid split, nothing to evaluate")
     results: dict[str, dict[str, float]] = {}
-    for role in ROLES:
+    for role in experiment_roles(cfg):
         # The final model of the role: trained on every train patient.
         ckpt = paths.role_dir("final", role) / BEST
         if ckpt.is_file():

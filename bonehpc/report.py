@@ -35,14 +35,12 @@ from bonehpc import report_plots as plots
 from bonehpc.config import ExperimentConfig, from_dict, read_yaml
 from bonehpc.constants import PRED_COLUMNS, THRESHOLD
 from bonehpc.fsio import atomic_write_bytes, atomic_write_text
-from bonehpc.paths import HOLDOUT_MODELS, ROLES, ExperimentPaths
+from bonehpc.paths import CORE_ROLES, HOLDOUT_MODELS, ROLES, ExperimentPaths, experiment_roles
 
 log = logging.getLogger(__name__)
 
 METRICS = ("accuracy", "precision", "recall", "f1", "auroc", "kappa")
 LEVELS = ("image", "study")
-# Roles every experiment has; any other role of paths.ROLES (the no-KD "baseline") is optional.
-CORE_ROLES = ("teacher", "student")
 # The seed project's published numbers (image level only, no kappa): quoted, never recomputed.
 SEED_CV = {"accuracy": 0.822, "precision": 0.838, "recall": 0.716, "f1": 0.772}
 SEED_HOLDOUT_ACCURACY = 0.8274
@@ -297,7 +295,7 @@ def load_experiment(exp_dir: str | Path) -> Experiment:
     folds = sorted(set(range(k)) | set(on_disk))
     acct, acct_problem = _accounting(root)
     sacct = _sacct_states(acct)
-    roles = experiment_roles(root)
+    roles = report_roles(root, cfg)
     runs = {}
     fold_keys: list[int | str] = [*folds, "final"]
     for fold in fold_keys:
@@ -320,11 +318,12 @@ def load_experiment(exp_dir: str | Path) -> Experiment:
     return Experiment(root, name, cfg, raw, problem, folds, runs, holdout, acct, acct_problem, roles)
 
 
-def experiment_roles(root: Path) -> tuple[str, ...]:
-    """teacher and student, plus each optional role of paths.ROLES (the no-KD baseline) that has a run or a
-    holdout folder here: an experiment without a baseline is not reported as missing one."""
-    extra = [r for r in ROLES if r not in CORE_ROLES and (any(root.glob(f"*/{r}")) or any(root.glob(f"holdout/*_{r}")))]
-    return (*CORE_ROLES, *extra)
+def report_roles(root: Path, cfg: ExperimentConfig | None) -> tuple[str, ...]:
+    """The roles the config trains (paths.experiment_roles: the no-KD baseline when distill.baseline), plus
+    any optional role of paths.ROLES that has a run or holdout folder here: an experiment without a baseline
+    is not reported as missing one."""
+    wanted = experiment_roles(cfg) if cfg is not None else CORE_ROLES
+    return tuple(r for r in ROLES if r in wanted or any(root.glob(f"*/{r}")) or any(root.glob(f"holdout/*_{r}")))
 
 
 # ----------------------------------------------------------------------------------------------
