@@ -37,6 +37,7 @@ HOLDOUT_METRICS = "metrics.json"
 # Files of an experiment folder.
 REPORT_INDEX = "index.html"
 BEST_PARAMS = "best_params.yaml"
+JOBS_REGISTRY = "jobs.json"  # bonehpc.registry: every submission of the experiment (and of its tuning study)
 TUNE_JOURNAL = "journal.log"
 
 STATUS_COMPLETED = "completed"
@@ -122,7 +123,7 @@ class ExperimentPaths:
 
     @property
     def jobs(self) -> Path:
-        return self.root / "jobs.json"
+        return self.root / JOBS_REGISTRY
 
     @property
     def submitit(self) -> Path:

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 from bonehpc.config import ConfigError, to_dict
 from bonehpc.fsio import atomic_write_json
+from bonehpc.paths import JOBS_REGISTRY
 
 if TYPE_CHECKING:
     from bonehpc.config import ExperimentConfig
 
 REGISTRY_VERSION = 1
-REGISTRY_FILE = "jobs.json"
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
@@ -58,7 +58,7 @@ def git_sha(cwd: str | Path | None = None) -> str:
 
 def read_registry(folder: str | Path) -> dict[str, Any]:
     """`<folder>/jobs.json` ({"submissions": []} when there is none)."""
-    path = Path(folder) / REGISTRY_FILE
+    path = Path(folder) / JOBS_REGISTRY
     if not path.is_file():
         return {"version": REGISTRY_VERSION, "submissions": []}
     try:
@@ -94,7 +94,7 @@ def append_submission(folder: str | Path, experiment: str, entry: dict[str, Any]
     registry.setdefault("version", REGISTRY_VERSION)
     registry.setdefault("experiment", experiment)
     registry["submissions"].append(entry)
-    atomic_write_json(Path(folder) / REGISTRY_FILE, registry, indent=1)
+    atomic_write_json(Path(folder) / JOBS_REGISTRY, registry, indent=1)
 
 
 def registry_tasks(registry: dict[str, Any]) -> list[dict[str, Any]]:

@@ -138,10 +138,11 @@ def _resubmit(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from bonehpc.accounting import experiment_status, totals
+    from bonehpc.paths import ExperimentPaths
 
     d = exp_dir(args)
-    if not (d / "jobs.json").is_file():
-        print(f"bonehpc status: {d}/jobs.json not found (nothing submitted for this experiment)", file=sys.stderr)
+    if not ExperimentPaths(d).jobs.is_file():
+        print(f"bonehpc status: {ExperimentPaths(d).jobs} not found (nothing submitted here)", file=sys.stderr)
         return 2
     df = experiment_status(d)
     tot = totals(df)
