@@ -27,6 +27,7 @@ import math
 import pickle
 import random
 import re
+import shutil
 import threading
 import zipfile
 from dataclasses import asdict, dataclass
@@ -205,7 +206,15 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path}: checkpoint state lacks {', '.join(missing)}")
-    return atomic_write(path, lambda f: torch.save(state, f))
+    try:
+        return atomic_write(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as err:
+        # A full disk surfaces from torch's zip writer as "[enforce fail at inline_container.cc] ...".
+        try:
+            free = f"{shutil.disk_usage(Path(path).parent).free / 1e6:.1f} MB free there"
+        except OSError:
+            free = "free space unknown"
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({free}; {_first_line(err)})") from None
 
 
 class CheckpointWriter:

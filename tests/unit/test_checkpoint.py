@@ -241,3 +241,19 @@ def test_find_resume(tmp_path: Path) -> None:
 def test_model_without_spec_is_refused() -> None:
     with pytest.raises(CheckpointError, match="create_model"):
         model_spec(torch.nn.Linear(2, 2))
+
+
+def test_write_failure_is_one_line_and_leaves_the_old_file(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A full disk (torch's zip writer raises a RuntimeError mid-write) names the file and the free space."""
+    p = save_checkpoint(tmp_path / "last.pt", _state(_net()))
+    before = p.read_bytes()
+
+    def full_disk(obj, f) -> None:  # noqa: ANN001
+        f.write(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 832 vs 726\nmore")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"last\.pt: cannot write the checkpoint \(.* MB free there; ") as info:
+        save_checkpoint(p, _state(_net()))
+    assert "\n" not in str(info.value)
+    assert p.read_bytes() == before and sorted(x.name for x in tmp_path.iterdir()) == ["last.pt"]
