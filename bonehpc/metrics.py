@@ -224,7 +224,9 @@ def fit_temperature(y: np.ndarray, p: np.ndarray) -> float:
 def read_temperatures(exp_root: str | Path) -> dict[str, float]:
     """role -> temperature from the experiment's CALIBRATION_FILE (empty when there is none)."""
     doc = read_json(Path(exp_root) / CALIBRATION_FILE) or {}
-    roles = doc.get("roles") if isinstance(doc.get("roles"), dict) else {}
+    roles = doc.get("roles")
+    if not isinstance(roles, dict):
+        return {}
     return {str(r): float(v["temperature"]) for r, v in roles.items() if isinstance(v, dict) and "temperature" in v}
 
 

@@ -875,9 +875,9 @@ def kd_gain_per_fold(exp: Experiment) -> pd.DataFrame:
         row: dict[str, Any] = {"fold": f"fold{k}"}
         for role in ("teacher", "student", "baseline"):
             r = exp.runs.get((f"fold{k}", role))
-            done = r is not None and r.state == "completed"
             for metric in ("kappa", "auroc"):
-                row[f"{role} {metric}"] = r.metrics.get(f"study_{metric}", math.nan) if done else math.nan
+                done = r is not None and r.state == "completed"
+                row[f"{role} {metric}"] = r.metrics.get(f"study_{metric}", math.nan) if r and done else math.nan
         for metric in ("kappa", "auroc"):
             row[f"KD gain {metric} (student − baseline)"] = row[f"student {metric}"] - row[f"baseline {metric}"]
         rows.append(row)
