@@ -340,6 +340,52 @@ def test_dead_worker_of_another_task_is_found_and_its_trial_retried(tmp_path: Pa
     assert not trial_dir(cfg, 1).exists()
 
 
+def test_owner_of_a_slurm_trial_is_asked_of_the_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bonehpc.tune import owner_attrs
+
+    for var in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    other = {"slurm_job": "77_3", "host": "gpu12", "pid": 4242, "pid_start": "99"}
+    assert owner_alive(other, {"77_3": "RUNNING"}) is True
+    assert owner_alive(other, {"77_3": "REQUEUED"}) is True  # it may still run
+    assert owner_alive(other, {"77_3": "NODE_FAIL"}) is False
+    assert owner_alive(other, {"77_3": "CANCELLED"}) is False
+    assert owner_alive(other, {}) is None  # neither sacct nor squeue knows it: never taken from a live worker
+    assert owner_alive({"slurm_job": "77_3"}, {"77_3": "FAILED"}) is None  # attributes not all written yet
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    earlier_run = {**owner_attrs(), "pid": 1}  # this requeued task's previous process
+    assert owner_alive(earlier_run, {"77_3": "RUNNING"}) is False
+    assert owner_alive(owner_attrs(), {"77_3": "RUNNING"}) is True
+    assert owner_alive({"slurm_job": "", "host": "elsewhere", "pid": 1, "pid_start": "1"}, {}) is None
+
+
+def test_dead_slurm_owner_found_through_accounting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bonehpc.accounting as accounting
+    from bonehpc.tune import fail_dead_trials
+
+    cfg = _cfg(tmp_path, "tune.folds=[0]")
+    _fake_teachers(cfg)
+    prepare(cfg)
+    study = open_study(cfg)
+    for job in ("10_0", "10_1"):
+        trial = study.ask()
+        for key, value in {"slurm_job": job, "host": "n1", "pid": 7, "pid_start": "5"}.items():
+            trial.set_user_attr(key, value)
+    asked: list[set[str]] = []
+
+    def states(ids: Any) -> dict[str, str]:
+        asked.append(set(ids))
+        return {"10_0": "TIMEOUT", "10_1": "RUNNING"}
+
+    monkeypatch.setattr(accounting, "job_states", states)
+    assert fail_dead_trials(cfg, study) == [0]
+    assert asked == [{"10_0", "10_1"}]  # one query for every running trial
+    trials = open_study(cfg).trials
+    assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "WAITING"]
+    assert trials[2].system_attrs["failed_trial"] == 0
+
+
 def test_task_runs_retries_enqueued_after_its_own_trial(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "tune.folds=[0]", "tune.pruner=none")
     _fake_teachers(cfg)
