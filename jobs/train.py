@@ -26,6 +26,7 @@ from typing import Any
 import submitit
 
 from bonehpc.constants import PREEMPTED_EXIT_CODE
+from bonehpc.paths import run_completed
 from bonehpc.resources import (
     DEFAULT_SAVE_WAIT_S,
     asked_cpus,
@@ -165,9 +166,9 @@ class TrainTask(submitit.helpers.Checkpointable):
 
     def _metrics_path(self, fold: int | str) -> Path:
         from bonehpc.config import load_config
-        from bonehpc.paths import ExperimentPaths
+        from bonehpc.paths import RUN_METRICS, ExperimentPaths
 
-        return ExperimentPaths.of(load_config(self.cfg_path)).role_dir(fold, self.role) / "metrics.json"
+        return ExperimentPaths.of(load_config(self.cfg_path)).role_dir(fold, self.role) / RUN_METRICS
 
     def _launch_env(self, nproc: int) -> dict[str, str]:
         """The trainers' environment: OpenMP threads = this task's CPUs / processes (unless set by the user)."""
@@ -183,7 +184,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         if self.workdir:
             os.chdir(self.workdir)
         metrics_path = self._metrics_path(fold)
-        if metrics_path.is_file() and json.loads(metrics_path.read_text()).get("status") == "completed":
+        if run_completed(metrics_path.parent):
             log.info("%s of %s already completed; nothing to do", self.role, fold)
             return json.loads(metrics_path.read_text())
         gpus = asked_gpus()
