@@ -55,14 +55,25 @@ def _env_int(name: str, default: int) -> int:
 def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group described by the torchrun environment (env://), or run alone.
 
-    The backend is NCCL when CUDA is available and gloo otherwise; the device is
-    cuda:(local_rank % device_count) or cpu. Calling it again returns the current group.
+    The backend is NCCL when CUDA is available and gloo otherwise; the device is cuda:local_rank or
+    cpu. Calling it again returns the current group.
+
+    Raises:
+        RuntimeError: more trainers on this node than GPUs it sees (two trainers would share a GPU
+            and run at half speed each, or run out of memory, without a word).
     """
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", rank)
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+            raise RuntimeError(
+                f"local rank {local_rank} has no GPU of its own: torch sees {count} "
+                f"(CUDA_VISIBLE_DEVICES={visible}); start at most {count} trainers per node"
+            )
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

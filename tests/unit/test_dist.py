@@ -37,6 +37,17 @@ def test_single_process_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         dist.init_distributed()
 
 
+def test_a_local_rank_without_its_own_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(
+        RuntimeError, match=r"local rank 2 has no GPU of its own: torch sees 2 \(CUDA_VISIBLE_DEVICES=4,5\)"
+    ):
+        dist.init_distributed()
+
+
 def test_stop_flag_records_the_signal_and_restores_handlers() -> None:
     before = signal.getsignal(signal.SIGUSR2)
     with dist.StopFlag() as stop:
