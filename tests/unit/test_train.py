@@ -87,7 +87,9 @@ def _check_run_dir(d: Path, role: str, val_ids: np.ndarray) -> dict:
     assert ckpt["payload"] == "weights" and "optimizer" not in ckpt and "rng" not in ckpt  # no optimizer state
     assert load_checkpoint(d / "last.pt")["payload"] == "training"
     assert ckpt["model_spec"]["name"] == summary["model"]["name"]
-    assert "train" in (d / "train.log").read_text()
+    log_text = (d / "train.log").read_text()
+    assert "train" in log_text
+    assert "shards verified: OK " in log_text and "VerifyReport(" not in log_text  # the readable summary
     return rec
 
 
@@ -380,3 +382,15 @@ def test_last_checkpoint_cadence(tmp_path: Path, monkeypatch) -> None:  # noqa: 
     assert epoch(ckpts) == 2
     ckpts.preempted()  # the newest state reaches the disk before the process exits
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
+
+
+def test_corrupt_resume_point_is_one_line_exit_2(tiny_cfg, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    cfg_path = save_config(tiny_cfg, tmp_path / "cfg.yaml")
+    rc = main(["--config", str(cfg_path), "--fold", "0", "--role", "teacher", "--run-dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "CheckpointError" in err[0] and "last.pt: corrupt or truncated" in err[0]
+    assert (out / "last.pt").read_bytes() == b"PK\x03\x04 truncated"  # not ours to delete or replace
