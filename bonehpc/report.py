@@ -1081,6 +1081,19 @@ def section_tuning(exp: Experiment) -> Section:
     return sec
 
 
+def failure_lines(acct: pd.DataFrame) -> list[str]:
+    """One line per failed task: fold, role, state and the last exception line of its log (bonehpc.accounting's
+    "error" column, from bonehpc.resources.task_failure_line)."""
+    if "error" not in acct:
+        return []
+    out = []
+    for r in acct.itertuples(index=False):
+        err = getattr(r, "error", None)
+        if isinstance(err, str) and err.strip():
+            out.append(f"{getattr(r, 'fold', '?')} {getattr(r, 'role', '?')} {getattr(r, 'state', '?')}: {err.strip()}")
+    return out
+
+
 def section_slurm(exp: Experiment) -> Section:
     sec = Section("Slurm accounting (sacct)", "slurm")
     if exp.acct is None:
@@ -1097,6 +1110,8 @@ def section_slurm(exp: Experiment) -> Section:
             f"GPU-hours total: {_fmt(float(gh.sum())) if gh is not None else 'n/a'}."
         )
         sec.table(df, "slurm_jobs", "Per job: state, elapsed, exit code, requeues, node, GPU-hours.")
+        for line in failure_lines(df):
+            sec.p(line, "missing")
     jobs = exp.root / "jobs.json"
     if jobs.is_file():
         sec.p(f"Submitted jobs (jobs.json):\n{jobs.read_text()[:20000]}", "pre")

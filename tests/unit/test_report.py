@@ -376,3 +376,16 @@ def test_kd_gain_with_a_baseline_role(built: Path, tmp_path: Path) -> None:
     runs = pd.read_csv(exp / "report" / "runs.csv")
     assert {"baseline", "final_baseline"} <= set(runs["role"])
     assert "section failed" not in (exp / "report" / "index.html").read_text()
+
+
+def test_failed_tasks_show_their_last_exception_line() -> None:
+    from bonehpc.report import failure_lines
+
+    acct = pd.DataFrame(
+        [
+            {"fold": "fold0", "role": "teacher", "state": "COMPLETED", "error": None},
+            {"fold": "fold1", "role": "student", "state": "FAILED", "error": "ValueError: bad shard"},
+        ]
+    )
+    assert failure_lines(acct) == ["fold1 student FAILED: ValueError: bad shard"]
+    assert failure_lines(acct.drop(columns="error")) == []
