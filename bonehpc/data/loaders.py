@@ -13,8 +13,13 @@ Sharding and shuffling are done here, the same way for every backend (`EpochPlan
   most one), every image is visited exactly once across ranks, the last batch may be partial, nothing is
   padded. Ranks may differ by one step; gather predictions with a variable-size gather.
 
-Augmentation randomness is seeded per rank (and, for the torch backend, per sample from
-``(seed, rank, epoch, position)``), so the same seed gives the same batches.
+Augmentation draws are seeded per sample from ``(seed, rank, epoch, position)`` on both real backends,
+so the same seed gives the same batches, and a resumed run sees the same epochs as an uninterrupted one.
+
+Preemption: Slurm signals every process of a step. Loader workers (and the helper processes
+multiprocessing starts for them) start with SIGUSR2/SIGTERM blocked and ignore them
+(`bonehpc.dist.preempt_signals_blocked`, `bonehpc.dist.ignore_preempt_signals`); only the rank process
+acts on them, at a step boundary. They are shut down by ``close()`` (or when the loader is collected).
 """
 
 from __future__ import annotations
