@@ -384,7 +384,11 @@ def _pm(mean: float, std: float) -> str:
     return "—" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
 
 
-def _cv_display(per_fold: pd.DataFrame, summary: pd.DataFrame, level: str) -> pd.DataFrame:
+def _cv_display(
+    per_fold: pd.DataFrame, summary: pd.DataFrame, level: str, pooled: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Per-fold rows, the mean ± std row and (study level, `pooled` = oof_ci) the pooled out-of-fold row with
+    its bootstrap CIs, per role."""
     out = []
     for role in dict.fromkeys(per_fold["role"]):
         sub = per_fold[(per_fold.role == role) & (per_fold.level == level)]
@@ -401,6 +405,16 @@ def _cv_display(per_fold: pd.DataFrame, summary: pd.DataFrame, level: str) -> pd
         row = {"model": role, "fold": f"mean ± std ({nf}/{len(sub)} folds)"}
         row.update({k: _pm(s.loc[k, "mean"], s.loc[k, "std"]) for k in METRICS})
         out.append(row)
+        if pooled is not None and len(pooled) and level == "study":
+            ci = pooled[(pooled.model == role) & (pooled.body_part == "ALL")].set_index("metric")
+            if len(ci):
+                row = {
+                    "model": role,
+                    "fold": "pooled out-of-fold [95 % CI]",
+                    "studies": _fmt(int(ci["n_studies"].iloc[0])),
+                }
+                row.update({k: _ci(*ci.loc[k, ["estimate", "ci_low", "ci_high"]]) for k in ci.index})
+                out.append(row)
     unit = "studies" if level == "study" else "images"
     return pd.DataFrame(out).reindex(columns=["model", "fold", unit, *METRICS]).fillna("")
 
@@ -504,7 +518,7 @@ def section_cv(exp: Experiment) -> Section:
     for level in LEVELS:
         unit = "studies" if level == "study" else "images"
         sec.table(
-            _cv_display(per_fold, summary, level),
+            _cv_display(per_fold, summary, level, oof_ci(exp)),
             f"cv_{level}_display",
             f"{level.capitalize()}-level validation metrics per fold (unit: {unit}).",
         )
