@@ -29,7 +29,7 @@ import torch
 from bonehpc import dist
 from bonehpc.checkpoint import BEST, build_model_from_checkpoint, load_checkpoint
 from bonehpc.config import ExperimentConfig
-from bonehpc.constants import PRED_COLUMNS
+from bonehpc.constants import INPUT_ERROR_EXIT_CODE, PRED_COLUMNS
 from bonehpc.engine import evaluate
 from bonehpc.fsio import atomic_write_csv, atomic_write_json
 from bonehpc.paths import HOLDOUT_METRICS, HOLDOUT_PREDICTIONS, ExperimentPaths, experiment_roles
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         fold = parse_fold(args.fold)
     except (ConfigError, ValueError) as err:
         sys.stderr.write(f"bonehpc.evaluate: {err}\n")
-        return 2
+        return INPUT_ERROR_EXIT_CODE
     try:
         if args.checkpoint:
             from bonehpc.data.folds import read_folds
