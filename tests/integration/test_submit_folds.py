@@ -192,11 +192,12 @@ def test_requeued_training_resumes_with_same_metrics(slurm_cluster, synth_root, 
 
 
 def test_preempted_by_urgent_partition_resumes(slurm_cluster, synth_root, shards_dir, tmp_path) -> None:
-    # a profile whose task fills the node, with a time limit long enough that submitit calls the signal a
-    # preemption (not a timeout: it does not use up max_num_timeout)
+    # the urgent job below asks the whole node (8 declared CPUs), so it preempts the task; the task asks 2 (the
+    # VM's real cores: with TaskPluginParam=Cores a step cannot be laid out on more). The time limit is long
+    # enough that submitit calls the signal a preemption (not a timeout: it does not use up max_num_timeout)
     profile = tmp_path / "fill.yaml"
     profile.write_text(
-        "partition: debug\ncpus_per_task: 8\nmem_gb: 3\ntime_min: 30\nsignal_delay_s: 60\nsave_wait_s: 15\n"
+        "partition: debug\ncpus_per_task: 2\nmem_gb: 3\ntime_min: 30\nsignal_delay_s: 60\nsave_wait_s: 15\n"
     )
     cfg = _cfg(
         tmp_path / "runs", synth_root, shards_dir, "pre", f"teacher.epochs={EPOCHS}", f"cluster.profile={profile}"
