@@ -57,6 +57,22 @@ def fold_table(paths: ExperimentPaths, folds: list[int | str], roles: tuple[str,
     return pd.DataFrame(rows)
 
 
+def print_metrics(cfg: ExperimentConfig, paths: ExperimentPaths) -> None:
+    """The fold table (every role of the experiment) and the holdout metrics of each model that has them."""
+    table = fold_table(paths, fold_keys(cfg.data.num_folds), experiment_roles(cfg))
+    with pd.option_context("display.float_format", _fmt, "display.width", 160):
+        print(table.to_string(index=False))
+    holdout = {}
+    for model in HOLDOUT_MODELS:
+        m = read_json(paths.holdout_dir(model) / HOLDOUT_METRICS)
+        if m is not None:
+            m = m.get("metrics", m)
+            holdout[model] = {k: m.get(k, m.get(f"val/{k}")) for k in ("study_auroc", "study_kappa", "image_auroc")}
+    if holdout:
+        print("holdout (official valid split):")
+        print(pd.DataFrame(holdout).T.to_string(float_format=_fmt))
+
+
 def run_demo(
     cfg: ExperimentConfig,
     *,
@@ -110,18 +126,7 @@ def run_demo(
         for task in job.get("tasks", [])
         if task.get("state") not in (None, "COMPLETED")
     ]
-    table = fold_table(paths, fold_keys(cfg.data.num_folds), experiment_roles(cfg))
-    with pd.option_context("display.float_format", _fmt, "display.width", 160):
-        print(table.to_string(index=False))
-    holdout = {}
-    for model in HOLDOUT_MODELS:
-        m = read_json(paths.holdout_dir(model) / HOLDOUT_METRICS)
-        if m is not None:
-            m = m.get("metrics", m)
-            holdout[model] = {k: m.get(k, m.get(f"val/{k}")) for k in ("study_auroc", "study_kappa", "image_auroc")}
-    if holdout:
-        print("holdout (official valid split):")
-        print(pd.DataFrame(holdout).T.to_string(float_format=_fmt))
+    print_metrics(cfg, paths)
 
     step("5/6 report")
     report = paths.report / REPORT_INDEX
