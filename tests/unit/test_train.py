@@ -270,9 +270,17 @@ def test_no_valid_split_image_is_evaluated_while_training(tiny_cfg, monkeypatch)
 
 
 def test_baseline_is_the_student_without_a_teacher(tiny_cfg) -> None:  # noqa: ANN001
-    """No teacher exists for fold 1: the baseline trains anyway (it loads none), with no KD term."""
-    run(tiny_cfg, 1, "baseline")
+    """No teacher exists for fold 1: the baseline trains anyway (it loads none), with no KD term.
+
+    Under umask 0o027 every file of the run is group-readable, 0o640 (shared storage)."""
+    old = os.umask(0o027)
+    try:
+        run(tiny_cfg, 1, "baseline")
+    finally:
+        os.umask(old)
     d = ExperimentPaths.of(tiny_cfg).role_dir(1, "baseline")
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in d.iterdir()}
+    assert set(modes.values()) == {"0o640"} and {"best.pt", "last.pt", "metrics.json"} <= set(modes), modes
     (rec,) = _records(d / "metrics.jsonl")
     assert rec["train/kd_loss"] == 0.0 and rec["train/loss"] == pytest.approx(rec["train/task_loss"])
     summary = json.loads((d / "metrics.json").read_text())
