@@ -132,19 +132,26 @@ def make_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     scaler: torch.amp.GradScaler | None = None,
+    copy: bool = True,
 ) -> dict[str, Any]:
-    """A checkpoint on the CPU: "training" with an optimizer (to resume), else "weights" (model only)."""
+    """A checkpoint: "training" with an optimizer (to resume), else "weights" (model only).
+
+    copy=True: every tensor is a CPU copy (what a background write or a kept snapshot needs; from a GPU
+    it is the device-to-host copy torch.save would make anyway). copy=False: the live tensors, for a
+    write that finishes before training goes on (saves a memcpy of the whole state on CPU runs).
+    """
+    take = _cpu_copy if copy else (lambda x: x)
     ckpt: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "payload": PAYLOAD_WEIGHTS if optimizer is None else PAYLOAD_TRAINING,
         "model_spec": model_spec(model),
-        "model": _cpu_copy(unwrap_model(model).state_dict()),
+        "model": take(unwrap_model(model).state_dict()),
         "config": config,
         **asdict(state),
     }
     if optimizer is not None:
-        ckpt["optimizer"] = _cpu_copy(optimizer.state_dict())
-        ckpt["scheduler"] = _cpu_copy(scheduler.state_dict()) if scheduler is not None else None
+        ckpt["optimizer"] = take(optimizer.state_dict())
+        ckpt["scheduler"] = take(scheduler.state_dict()) if scheduler is not None else None
         ckpt["scaler"] = scaler.state_dict() if scaler is not None else None
         ckpt["rng"] = capture_rng()
     return ckpt

@@ -499,10 +499,13 @@ def resume(out: Path, learner: Learner, fold: int | str, role: str, model_name: 
 class RunCheckpoints:
     """Rank 0's checkpoints: best.pt (weights only) when the metric improves, last.pt (everything to
     resume) every `train.checkpoint_every_epochs` epochs and/or `checkpoint_every_min` minutes and at
-    the end, both written in the background (CheckpointWriter).
+    the end.
 
-    Every epoch's end state is copied to the CPU once; when last.pt is not due, the copy stays here,
-    so a preemption writes it before the process exits (`preempted`).
+    On a GPU the epoch's end state is copied to the host once (the copy torch.save would make anyway)
+    and written in the background (CheckpointWriter), so neither this rank nor the ranks that wait for
+    it at the next collective wait for the file system. On a CPU the copy would cost about as much as
+    a local write, so due files are written at once from the live state. When last.pt is not due, a
+    CPU copy of the state stays here and a preemption writes it before the process exits (`preempted`).
     """
 
     def __init__(self, out: Path, tcfg: TrainConfig, config: dict[str, Any], learner: Learner) -> None:
@@ -518,18 +521,28 @@ class RunCheckpoints:
         )
 
     def end_of_epoch(self, state: TrainState, improved: bool, final: bool) -> None:
-        lr = self.learner
+        lr, due = self.learner, final or self._due(state.epoch)
+        background = lr.device.type == "cuda"
         ckpt = make_checkpoint(
-            state, lr.model, self.config, optimizer=lr.optimizer, scheduler=lr.scheduler, scaler=lr.scaler
+            state,
+            lr.model,
+            self.config,
+            optimizer=lr.optimizer,
+            scheduler=lr.scheduler,
+            scaler=lr.scaler,
+            copy=background or not due,
         )
         writes = [(self.out / BEST, weights_payload(ckpt))] if improved else []
-        if final or self._due(state.epoch):
+        if due:
             writes.append((self.out / LAST, ckpt))
             self.pending, self.written_at = None, time.monotonic()
         else:
             self.pending = ckpt
-        if writes:
+        if background and writes:
             self.writer.submit(writes)
+        elif writes:
+            for path, payload in writes:
+                save_checkpoint(path, payload)
 
     def preempted(self) -> None:
         """Finish the write in flight and write the newest resume point when it is not on disk yet."""

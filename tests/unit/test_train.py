@@ -347,8 +347,11 @@ def test_epoch_line_prints_each_metric_once() -> None:
     assert line.count("val/study_auroc") == 1 and line.count("val/study_kappa 0.3000") == 1
 
 
-def test_last_checkpoint_cadence(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    """last.pt every N epochs and/or M minutes; a skipped epoch's state is kept for a preemption."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_last_checkpoint_cadence(tmp_path: Path, monkeypatch, device: str) -> None:  # noqa: ANN001
+    """last.pt every N epochs and/or M minutes; a skipped epoch's state is kept for a preemption.
+
+    device "cuda" (only the label: the tensors stay on the CPU) takes the background-writer path."""
     import bonehpc.train as train_mod
     from bonehpc.checkpoint import TrainState
     from bonehpc.config import TrainConfig
@@ -358,7 +361,7 @@ def test_last_checkpoint_cadence(tmp_path: Path, monkeypatch) -> None:  # noqa: 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     learner = train_mod.Learner(
         model, model, {}, None, "none", opt, train_mod.build_scheduler(opt, 1, 10),
-        torch.amp.GradScaler("cpu", enabled=False), None, torch.device("cpu"),
+        torch.amp.GradScaler("cpu", enabled=False), None, torch.device(device),
     )  # fmt: skip
     clock = [0.0]
     monkeypatch.setattr(train_mod.time, "monotonic", lambda: clock[0])
