@@ -663,8 +663,11 @@ def _validate(learner: Learner, data: RunData) -> tuple[dict[str, float], pd.Dat
 
 
 def _preempt(ckpts: RunCheckpoints | None, ctx: RunContext, epoch: int) -> Preempted:
+    """Every rank calls this at the same step (the stop flag is agreed); rank 0 puts last.pt on disk."""
     if ckpts is not None:
         ckpts.preempted()
+    # No rank exits before last.pt is written: torchrun stops the other workers when one exits.
+    dist.barrier()
     return Preempted(ctx.out, epoch, ctx.stop.signal)
 
 

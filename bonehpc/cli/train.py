@@ -79,8 +79,7 @@ def _train(args: argparse.Namespace) -> int:
         return INPUT_ERROR_EXIT_CODE
     try:
         metrics = run(cfg, fold, args.role, args.run_dir)
-    except Preempted as err:
-        log.warning("%s", err)
+    except Preempted:  # run() logged it
         return PREEMPTED_EXIT_CODE
     log.info("best val metrics: %s", {k: round(v, 4) for k, v in metrics.items() if "/" not in k[4:]})
     return 0
