@@ -34,8 +34,8 @@ from bonehpc.resources import (
     check_task,
     cpu_affinity,
     last_error_line,
-    omp_threads,
     rendezvous_port,
+    thread_env,
 )
 
 log = logging.getLogger(__name__)
@@ -174,10 +174,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         """The trainers' environment: OpenMP threads = this task's CPUs / processes (unless set by the user)."""
         from bonehpc.config import load_config
 
-        env = dict(os.environ)
         threads = load_config(self.cfg_path).train.num_threads
-        env["OMP_NUM_THREADS"] = omp_threads(len(cpu_affinity()), nproc, os.environ, threads)
-        return env
+        return {**os.environ, **thread_env(len(cpu_affinity()), nproc, os.environ, threads)}
 
     def __call__(self, fold: int | str) -> dict[str, Any]:
         _task_logging()
@@ -197,7 +195,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         )
         cmd = torchrun_command(self.cfg_path, fold, self.role, nproc, sys.executable, self.module)
         env = self._launch_env(nproc)
-        log.info("starting (OMP_NUM_THREADS=%s): %s", env["OMP_NUM_THREADS"], " ".join(cmd))
+        omp = " ".join(f"{k}={env[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in env)
+        log.info("starting (%s): %s", omp, " ".join(cmd))
         self._proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_ignore_usr2)
         previous_term = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:

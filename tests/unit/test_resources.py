@@ -20,6 +20,7 @@ from bonehpc.resources import (
     omp_threads,
     rendezvous_port,
     task_failure_line,
+    thread_env,
 )
 
 
@@ -81,6 +82,13 @@ def test_omp_threads_share_the_cpus_and_respect_the_user() -> None:
     assert omp_threads(2, 4, env={}) == "1"
     assert omp_threads(32, 4, env={}, num_threads=3) == "3"  # train.num_threads
     assert omp_threads(32, 4, env={"OMP_NUM_THREADS": "5"}, num_threads=3) == "5"  # the user's export wins
+
+
+def test_thread_env_passive_waiting_only_outside_slurm() -> None:
+    assert thread_env(2, 1, env={}) == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert thread_env(2, 2, env={}) == {"OMP_NUM_THREADS": "1"}  # one thread: nothing to wait for
+    assert thread_env(32, 4, env={"SLURM_JOB_ID": "7"}) == {"OMP_NUM_THREADS": "8"}  # the task owns its cores
+    assert thread_env(2, 1, env={"OMP_WAIT_POLICY": "ACTIVE"}) == {"OMP_NUM_THREADS": "2"}
 
 
 def test_rendezvous_port_below_the_ephemeral_range_and_distinct_for_neighbouring_jobs() -> None:
