@@ -20,7 +20,9 @@ Confidence intervals (`bootstrap_weights`, `weighted_metrics`, `ci_table`, `pair
 together: MURA has several studies per patient, and they are not independent). A resample is a row of
 multiplicities (how often each patient was drawn), so every metric of every resample comes out of a few
 matrix products, with no Python loop over resamples. The same seeded resamples serve every model and every
-body part, which makes teacher-vs-student differences a paired bootstrap.
+body part, which makes teacher-vs-student differences a paired bootstrap. Resamples in which a metric is
+undefined (e.g. no abnormal study of a small body part drawn) are left out of its interval, and no interval
+is given (NaN) when that is more than half of them.
 """
 
 from __future__ import annotations
