@@ -303,7 +303,7 @@ def submit_pack(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dic
     The plan is made here (bonehpc.data.pack.plan_pack saves it next to the shards); shards already packed
     are skipped by the tasks, so submitting again resumes. Recorded in runs/<exp>/jobs.json as kind pack.
     """
-    from bonehpc.data.pack import plan_pack
+    from bonehpc.data.pack import check_out_folder, pack_lock, plan_pack
 
     paths = ExperimentPaths.of(cfg)
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -311,14 +311,19 @@ def submit_pack(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dic
     if ctx.mode == "slurm":
         preflight.check_resources(ctx.profile, {"pack": 0})
     d = cfg.data
-    plan = plan_pack(
-        d.mura_root,
-        d.shards,
-        pack_size=d.pack_size,
-        fit=d.fit,
-        compression=d.compression,
-        images_per_shard=d.images_per_shard,
-    )
+    out_dir = Path(d.shards).resolve()
+    check_out_folder(out_dir)  # before the lock creates <out>/.pack in a folder that may not be ours
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with pack_lock(out_dir):  # a local `bonehpc pack` into the same folder cannot re-plan under us
+        plan = plan_pack(
+            d.mura_root,
+            out_dir,
+            pack_size=d.pack_size,
+            fit=d.fit,
+            compression=d.compression,
+            images_per_shard=d.images_per_shard,
+            min_side=d.min_side,
+        )
     out = str(Path(d.shards).resolve())
     shards = list(range(len(plan.shards)))
     arr = slurm.submit(ctx, "pack", PackShardTask(out), shards, label=lambda i: f"shard{i}")
