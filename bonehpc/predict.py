@@ -402,6 +402,7 @@ def predict(
     atomic_write_csv(out, df)
     atomic_write_csv(studies_csv_path(out), studies)
     df.attrs["studies"] = studies
+    df.attrs["temperature"] = pred.temperature  # None: the models' own probabilities
     log.info("%d images (%d unreadable), %d studies -> %s", len(df), bad, len(studies), out)
     return df
 

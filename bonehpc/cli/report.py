@@ -107,6 +107,7 @@ def _predict(args: argparse.Namespace) -> int:
     print(
         f"{len(df)} images ({bad} unreadable), {len(st)} studies, {int((st.pred == 1).sum())} called abnormal; "
         f"wrote {args.out} and {studies_csv_path(args.out)}"
+        + (f" (calibrated: temperature {df.attrs['temperature']:.3f})" if df.attrs.get("temperature") else "")
     )
     return 1 if bad == len(df) else 0
 

@@ -299,6 +299,7 @@ def test_calibrated_predictions_use_the_out_of_fold_temperature(
     ok = raw.status == "ok"
     np.testing.assert_allclose(cal.loc[ok, "prob"], apply_temperature(raw.loc[ok, "prob"].to_numpy(), t), atol=1e-5)
     assert (cal.loc[ok, "pred"] == raw.loc[ok, "pred"]).all()  # a temperature never moves a call at 0.5
+    assert cal.attrs["temperature"] == pytest.approx(t) and raw.attrs["temperature"] is None
     with pytest.raises(PredictError, match="calibration.json"):
         predict(_copy(ckpt, tmp_path), image_folder, tmp_path / "x.csv", calibrate=True)
 
