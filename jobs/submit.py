@@ -227,12 +227,14 @@ def submit_folds(
         workdir: the jobs' working directory (relative paths of the config resolve there); default cwd.
         evaluate: also submit the holdout evaluation + report job when it is due.
     """
-    paths = prepare_experiment(cfg)
+    paths = ExperimentPaths.of(cfg)
     ctx = _context(cfg, paths, workdir)
     plan = plan_folds(cfg, paths, only)
-    if plan.teacher or plan.student or plan.baseline or plan.evaluate:  # one line, exit 2, nothing queued
+    if plan.teacher or plan.student or plan.baseline or plan.evaluate:  # one line, exit 2, nothing written
         roles = [r for r in ROLES if getattr(plan, r)]
         preflight.preflight_training(cfg, paths, ctx.profile, ctx.mode, roles, "train")
+    if not slurm.is_dry_run():  # a dry run leaves the experiment folder as it was
+        prepare_experiment(cfg)
     cfg_path = str(paths.config.resolve())
     nproc = cfg.cluster.nproc_per_node or ctx.profile.for_kind("train").nproc_per_node
     train_ids: list[str] = list(plan.active.values())

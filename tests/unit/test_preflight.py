@@ -27,6 +27,8 @@ def _cfg(tmp_path: Path, synth_root: Path, shards_dir: Path, *extra: str):
 def _nothing_queued(cfg) -> None:
     paths = ExperimentPaths.of(cfg)
     assert not paths.jobs.exists() and not paths.submitit.exists()
+    # refused or dry: not even config.yaml / manifest.csv / folds.csv are written
+    assert not paths.config.exists() and not paths.manifest.exists()
 
 
 def test_dry_run_prints_every_script_and_the_graph_and_submits_nothing(tmp_path, synth_root, shards_dir) -> None:
