@@ -24,11 +24,13 @@ acts on them, at a step boundary. They are shut down by ``close()`` (or when the
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
 import math
 import os
 import random
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -255,6 +257,18 @@ class _WorkerInit:
         _worker_init(self.seed, self.rank, worker_id)
 
 
+# Torch loaders with worker processes that are still open. Their workers ignore SIGTERM, and at exit
+# multiprocessing's own handler TERMs daemon children and then joins them: it would wait forever. This
+# handler, registered after multiprocessing's (torch imports it first), runs before it and closes them.
+_OPEN_TORCH_LOADERS: weakref.WeakSet[TorchLoader] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_torch_loaders() -> None:
+    for loader in list(_OPEN_TORCH_LOADERS):
+        loader.close()
+
+
 class TorchLoader(BatchLoader):
     """torch DataLoader over the shards with the albumentations preset applied in CPU workers."""
 
@@ -296,6 +310,7 @@ class TorchLoader(BatchLoader):
         # whole step before their worker_init_fn runs.
         if self.dataloader.num_workers and self.dataloader._iterator is None:
             log.info("torch loader (%s): starting %d workers", self._kind, self.dataloader.num_workers)
+            _OPEN_TORCH_LOADERS.add(self)
         with dist.preempt_signals_blocked():
             batches = iter(self.dataloader)
         for images, labels, ids in batches:
@@ -306,10 +321,17 @@ class TorchLoader(BatchLoader):
             yield images, labels.to(self.device, non_blocking=True), ids.to(self.device, non_blocking=True)
 
     def close(self) -> None:
+        """Stop the workers through their queues; one that does not stop is killed (it ignores TERM)."""
         it = getattr(self.dataloader, "_iterator", None)
         if it is not None and hasattr(it, "_shutdown_workers"):
+            workers = list(getattr(it, "_workers", ()))
             it._shutdown_workers()
+            for w in workers:
+                if w.is_alive():
+                    w.kill()
+                    w.join(timeout=5)
         self.dataloader._iterator = None
+        _OPEN_TORCH_LOADERS.discard(self)
 
 
 # dali --------------------------------------------------------------------------------------------

@@ -327,3 +327,45 @@ def test_workers_survive_preemption_signals_to_the_process_group(shards_dir, bac
             os.killpg(p.pid, signal.SIGKILL)
     assert res["signals"] == [signal.SIGUSR2, signal.SIGTERM] and res["flag"]
     assert res["epoch0"] == res["epoch1"] == res["steps"] > 1
+
+
+_LEFT_OPEN = """
+import sys
+import torch
+from bonehpc.config import load_config
+from bonehpc.data.loaders import build_loader
+from bonehpc.data.shards import ShardReader
+
+if __name__ == "__main__":
+    cfg = load_config(None, ["data.backend=torch", "data.image_size=32", "data.pack_size=64",
+                             "data.num_workers=2", "train.batch_size=4"])
+    reader = ShardReader(sys.argv[1])
+    ld = build_loader(cfg, reader, reader.image_ids, train=True, device=torch.device("cpu"))
+    next(iter(ld))
+    print("exiting without close()", flush=True)
+"""
+
+
+def test_a_torch_loader_left_open_does_not_hang_the_exit(shards_dir) -> None:
+    """Workers ignore TERM; multiprocessing's exit handler (TERM, then join) would wait for them forever."""
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    p = subprocess.Popen(
+        [sys.executable, "-c", _LEFT_OPEN, str(shards_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, _ = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0 and "exiting" in out
+    deadline = time.monotonic() + 20
+    while _group(p.pid) and time.monotonic() < deadline:  # the fork server and the tracker follow
+        time.sleep(0.2)
+    left = _group(p.pid)
+    if left:
+        os.killpg(p.pid, signal.SIGKILL)
+    assert left == []
