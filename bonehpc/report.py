@@ -576,7 +576,8 @@ def selection_notes(exp: Experiment) -> list[tuple[str, str]]:
 def section_holdout(exp: Experiment) -> Section:
     sec = Section("Holdout: the official MURA valid split", "holdout")
     sec.p(
-        "final_*: one model per role trained on all train patients. ensemble_*: the fold models of a role, "
+        "final_*: one model per role trained on the train patients less a held-out selection slice. "
+        "ensemble_*: the fold models of a role, "
         "their image probabilities averaged. " + HOLDOUT_PROTOCOL
     )
     for text, kind in selection_notes(exp):
@@ -958,7 +959,7 @@ def section_seed(exp: Experiment) -> Section:
             f"generator {marker.get('generator', '?')}, {marker.get('patients', '?')} patients, seed "
             f"{marker.get('seed', '?')}), not on MURA, so its numbers are not placed beside the seed's. They test "
             "the pipeline, not the model.",
-            "missing",
+            "note",
         )
         seed = pd.DataFrame(
             [{"metric": k, "seed project (quoted, image level, CV)": v} for k, v in SEED_CV.items()]
