@@ -26,6 +26,20 @@ wave() {  # args: pidfile ...
     echo "stopped ${item#*:} ($p)"
   done
 }
+# Jobs first: a batch step whose slurmd is gone outlives the cluster (an orphaned slurmstepd and its
+# trainers keep cores busy for the next run). Cancel every job, give the steps a moment, then kill what
+# is left of this root's job scripts (matched by their spool path, which only this cluster uses).
+if [ -f "$R/etc/slurm.conf" ] && [ -f "$R/run/slurmctld.pid" ] && kill -0 "$(cat "$R/run/slurmctld.pid")" 2>/dev/null; then
+  SLURM_CONF=$R/etc/slurm.conf scancel --full --quiet --user="$(id -un)" 2>/dev/null
+  for _ in $(seq 100); do
+    [ -z "$(SLURM_CONF=$R/etc/slurm.conf squeue -h -o %i 2>/dev/null)" ] && break
+    sleep 0.1
+  done
+fi
+for pid in $(pgrep -f "$R/spool/" 2>/dev/null); do
+  pgid=$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ')
+  [ -n "$pgid" ] && kill -KILL -- "-$pgid" 2>/dev/null
+done
 wave "$R/run/slurmd-$H.pid" "$R/run/slurmctld.pid"
 wave "$R/run/slurmdbd.pid" "$R/mysql-run/mysqld.pid" "$R/run/munged.pid"
 [ "${SLURM_CI_WIPE:-0}" = 1 ] && rm -rf "$R"
