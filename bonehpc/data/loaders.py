@@ -267,6 +267,15 @@ _OPEN_TORCH_LOADERS: weakref.WeakSet[TorchLoader] = weakref.WeakSet()
 def _close_open_torch_loaders() -> None:
     for loader in list(_OPEN_TORCH_LOADERS):
         loader.close()
+    # Workers of an iterator whose loader is already gone (garbage-collected without close) are not in the
+    # set. multiprocessing would TERM every daemon child next and wait for it; these ignore TERM, so they
+    # get SIGKILL now (a daemon child is ended at exit either way; no state of theirs outlives the parent).
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(5)
 
 
 class TorchLoader(BatchLoader):
