@@ -47,7 +47,7 @@ def check_folds(cfg: ExperimentConfig, folds_csv: Path) -> None:
     from bonehpc.data.shards import INDEX_CSV
 
     if not folds_csv.is_file():
-        return  # the first training task writes it from the shard index
+        return  # a new experiment: prepare_experiment writes it from the shard index after the preflight
     try:
         folds = read_folds(folds_csv)
         index = pd.read_csv(Path(cfg.data.shards) / INDEX_CSV, dtype={"patient": str})
