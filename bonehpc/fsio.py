@@ -72,7 +72,9 @@ def atomic_write_text(path: str | Path, text: str, **kw: Any) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), **kw)
 
 
-def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = False, **kw: Any) -> Path:
+def atomic_write_json(
+    path: str | Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = False, **kw: Any
+) -> Path:
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str)
     return atomic_write_text(path, text + "\n", **kw)
 

@@ -158,9 +158,10 @@ class ExperimentPaths:
         """Every holdout model of these roles (final_<role>, ensemble_<role>) has its metrics and the report
         exists."""
         models = [m for m in HOLDOUT_MODELS if m.split("_", 1)[1] in roles]
-        return all((self.holdout_dir(m) / HOLDOUT_METRICS).is_file() for m in models) and (
-            self.report / REPORT_INDEX
-        ).is_file()
+        return (
+            all((self.holdout_dir(m) / HOLDOUT_METRICS).is_file() for m in models)
+            and (self.report / REPORT_INDEX).is_file()
+        )
 
     @property
     def best_params(self) -> Path:
