@@ -17,17 +17,15 @@ from typing import Any
 
 import yaml
 
+from bonehpc.errors import ConfigError as ConfigError  # re-exported: bonehpc.config.ConfigError everywhere
 from bonehpc.fsio import atomic_write_text
+from bonehpc.shellsafe import check_name, check_script_path, check_text
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names the key."""
 
 
 MAX_YAML_DEPTH = 64
@@ -381,8 +379,6 @@ class TuneConfig:
         if not self.folds:
             raise ConfigError("tune.folds: need at least one fold")
         if self.study_name:
-            from bonehpc.shellsafe import check_name
-
             check_name("tune.study_name", self.study_name, "study name")  # it names a folder under tune/
         check_tune_space(self.space)
 
@@ -463,8 +459,6 @@ class ExperimentConfig:
     """Hyperparameter search."""
 
     def __post_init__(self) -> None:
-        from bonehpc.shellsafe import check_name, check_script_path
-
         # both reach every job script: the job name, and the experiment folder in the log paths
         check_name("name", self.name)
         check_script_path("run_root", self.run_root)
@@ -524,8 +518,6 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
-            from bonehpc.shellsafe import check_text
-
             return check_text(key, value)  # every string may reach a job script or a log line
         hint = " (write the word, e.g. off, or quote it)" if isinstance(value, bool) else ""
         raise ConfigError(f"{key}: expected a string, got {value!r}{hint}")
@@ -543,8 +535,6 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        from bonehpc.shellsafe import check_text
-
         _, vt = typing.get_args(tp) or (str, Any)
         return {check_text(f"{key} key", str(k)): _coerce(f"{key}.{k}", vt, v) for k, v in value.items()}
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover

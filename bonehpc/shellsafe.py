@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
-from bonehpc.config import ConfigError
+from bonehpc.errors import ConfigError
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 NAME_RULE = "letters, digits, '.', '_', '-'; starting with a letter or digit; at most 100 characters"
