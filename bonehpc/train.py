@@ -35,7 +35,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,6 +62,7 @@ from bonehpc.constants import PRED_COLUMNS, PREEMPTED_EXIT_CODE
 from bonehpc.engine import amp_dtype_of, evaluate, train_one_epoch
 from bonehpc.fsio import atomic_write_csv, atomic_write_json, atomic_write_text
 from bonehpc.log import close_logging, setup_logging
+from bonehpc.metrics import prob_correction_record
 from bonehpc.paths import (
     ROLES,
     RUN_CONFIG,
@@ -279,6 +280,8 @@ class Learner:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     device: torch.device
+    prob_correction: dict[str, Any] = field(default_factory=lambda: prob_correction_record(None))
+    """How this model's probabilities are corrected for class weighting (metrics.json, checkpoints)."""
 
     def wrap(self, info: dist.DistInfo, compile_model: bool) -> None:
         """DDP (several processes) and torch.compile around the model, after the weights are final."""
@@ -355,6 +358,7 @@ def build_learner(cfg: ExperimentConfig, fold: int | str, role: str, data: RunDa
     if tcfg.class_weight == "auto":
         class_weights = inverse_frequency_weights(data.train_labels)
         log.info("class weights %s", [round(float(w), 3) for w in class_weights])
+    correction = prob_correction_record(None if class_weights is None else class_weights.tolist())
     loss_fn = _build_loss(cfg, fold, role, build_task_loss(class_weights), device)
 
     global_batch = tcfg.batch_size * info.world_size
@@ -378,7 +382,9 @@ def build_learner(cfg: ExperimentConfig, fold: int | str, role: str, data: RunDa
         steps,
         rcfg.epochs,
     )
-    return Learner(model, model, net_info, loss_fn, loss_fn.kind, optimizer, scheduler, scaler, amp_dtype, device)
+    return Learner(
+        model, model, net_info, loss_fn, loss_fn.kind, optimizer, scheduler, scaler, amp_dtype, device, correction
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,6 +447,7 @@ class RunCheckpoints:
             scaler=lr.scaler,
             copy=background or not due,
         )
+        ckpt["prob_correction"] = lr.prob_correction  # predict and evaluate correct this model's probabilities
         writes = [(self.out / BEST, weights_payload(ckpt))] if improved else []
         if due:
             writes.append((self.out / LAST, ckpt))
@@ -560,9 +567,12 @@ def _train(ctx: RunContext) -> dict[str, float]:
 
 def _validate(learner: Learner, data: RunData) -> tuple[dict[str, float], pd.DataFrame]:
     """val/loss and the val/ metrics of the validation side, and its predictions (PRED_COLUMNS + loss)."""
-    from bonehpc.metrics import evaluate_predictions
+    from bonehpc.metrics import correct_prior, evaluate_predictions
 
     preds = evaluate(learner.model, data.val_loader, learner.device, learner.amp_dtype)
+    # honest probabilities: the class-weighted loss shifted every logit by log(w1/w0); val/ metrics, best-epoch
+    # selection and predictions_val.csv all see the corrected probability (the per-image loss stays the raw one)
+    preds["prob"] = correct_prior(preds["prob"].to_numpy(), learner.prob_correction["logit_shift"])
     missing = np.setdiff1d(data.val_ids, preds["image_id"].to_numpy())
     if len(missing):
         raise RuntimeError(f"evaluation skipped {len(missing)} validation images (e.g. {missing[0]})")
@@ -653,7 +663,8 @@ def finish(
         log.warning("%s was never finite; best.pt is the last epoch", tcfg.early_stop_metric)
         state.best_epoch = history[-1]["epoch"]
         if info.is_main:
-            save_checkpoint(ctx.out / BEST, make_checkpoint(state, learner.model, to_dict(ctx.cfg)))
+            best = make_checkpoint(state, learner.model, to_dict(ctx.cfg))
+            save_checkpoint(ctx.out / BEST, {**best, "prob_correction": learner.prob_correction})
             if last_preds is not None:
                 atomic_write_csv(ctx.out / RUN_PREDICTIONS, last_preds[PRED_COLS])
     best = next(r for r in history if r["epoch"] == state.best_epoch)
@@ -666,6 +677,7 @@ def finish(
         "status": STATUS_COMPLETED,
         "metrics": metrics,
         "selection": data.selection,
+        "prob_correction": learner.prob_correction,
         "distill": learner.distill,
         "model": learner.net_info,
         "world_size": info.world_size,

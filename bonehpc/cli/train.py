@@ -97,9 +97,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 1
     for model, m in results.items():
         log.info(
-            "%-17s study_kappa %.4f  study_auroc %.4f  image_auroc %.4f",
+            "%-17s study_kappa %.4f at 0.5 (MURA protocol)%s  study_auroc %.4f  image_auroc %.4f",
             model,
             m["study_kappa"],
+            f", {m['oof/study_kappa']:.4f} at the out-of-fold cut {m['oof_threshold']:.3f}"
+            if "oof_threshold" in m
+            else "",
             m["study_auroc"],
             m["image_auroc"],
         )
