@@ -606,6 +606,8 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, method: str = "kappa") -> tup
     """
     if method not in THRESHOLD_METHODS:
         raise ValueError(f"threshold method must be one of {THRESHOLD_METHODS}, got {method!r}")
+    if len(np.unique(np.asarray(y))) < 2:  # one class: every cut is as good as any other
+        return THRESHOLD, math.nan
     thresholds, kappa, youden = _cut_scores(y, p)
     score = kappa if method == "kappa" else youden
     if len(score) == 0 or not np.isfinite(score).any():

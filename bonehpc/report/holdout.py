@@ -6,6 +6,7 @@ import pandas as pd
 
 from bonehpc.report.doc import CI_NOTE, LEVELS, METRICS, UNIT_NOTE, Section, _metric_row, ci_wide
 from bonehpc.report.experiment import Experiment, holdout_ci
+from bonehpc.report.operating_point import final_outside_ensemble
 
 HOLDOUT_PROTOCOL = (
     "Holdout protocol: the final models never see the official valid split while training; they select their "
@@ -59,6 +60,8 @@ def section_holdout(exp: Experiment) -> Section:
         elif exp.holdout[model][2].get("folds_missing"):
             meta = exp.holdout[model][2]
             sec.p(f"{model}: averages folds {meta.get('folds_used')}; folds {meta['folds_missing']} missing", "missing")
+    for line in final_outside_ensemble(exp):  # a final model that disagrees with its own fold ensemble
+        sec.p(line, "missing")
     df = pd.DataFrame(rows).reindex(columns=["model", "level", "status", "n", "n_pos", *METRICS])
     sec.table(df, "holdout_metrics", "Holdout metrics of the final models and the fold ensembles.")
     ci = holdout_ci(exp)
