@@ -22,8 +22,8 @@ step boundary, all ranks together: the epoch in progress is abandoned, the newes
 written to `last.pt` (it may be only in memory when `train.checkpoint_every_*` skipped writing it),
 and `run()` raises `Preempted`; the command exits with status 3 (`PREEMPTED_EXIT_CODE`) so a wrapper
 can requeue. On restart the abandoned epoch is redone from the same state with the same data order
-and augmentation (they depend only on seed, epoch and rank), so an interrupted run ends with the same
-metrics as an uninterrupted one.
+and augmentation (the order depends on seed and epoch, each view on seed, epoch and image id), so an
+interrupted run ends with the same metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
