@@ -1,6 +1,6 @@
 """`bonehpc train` (one fold/role in this process) and `bonehpc evaluate` (holdout evaluation).
 
-`python -m bonehpc.train ARGS` (what torchrun launches) is `main(ARGS)` here, i.e. `bonehpc train ARGS`:
+`python -m bonehpc.cli.train ARGS` (what torchrun launches) is `main(ARGS)` here, i.e. `bonehpc train ARGS`:
 one argparse tree, one error handling (input errors: one line, exit 2; preempted: exit 3).
 """
 
@@ -19,7 +19,7 @@ log = logging.getLogger("bonehpc.cli.train")
 
 TRAIN_EPILOG = """\
 This runs one process. For several processes (GPUs) on one node use torchrun with the module entry:
-  torchrun --standalone --nproc_per_node=4 -m bonehpc.train --config C --fold 0 --role teacher [key=value ...]
+  torchrun --standalone --nproc_per_node=4 -m bonehpc.cli.train --config C --fold 0 --role teacher [key=value ...]
 On a cluster, the Slurm commands of bonehpc submit every fold/role as jobs (they call the same code).
 
 The run resumes from <run dir>/last.pt when it exists and returns at once when metrics.json says completed.
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Runs the fold's frozen teacher (best.pt) in inference mode over every training image of "
         "every epoch of the student schedule, with the students' views (seed, preset, size), and writes "
         "runs/<name>/<fold>/outputs/teacher_outputs.h5; students with distill.teacher_outputs auto|cached read "
-        "it instead of running the teacher. Resumable; torchrun -m bonehpc.teacher_outputs for several processes.",
+        "it instead of running the teacher. Resumable; torchrun -m bonehpc.cli.outputs for several processes.",
     )
     add_config_args(o)
     o.add_argument("--fold", required=True, help="fold number 0..K-1 or 'final'")
@@ -100,7 +100,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _outputs(args: argparse.Namespace) -> int:
     cfg = load_cfg(args)
-    from bonehpc.teacher_outputs import compute
+    from bonehpc.outputs_job import compute
     from bonehpc.train import Preempted
 
     try:
@@ -150,14 +150,11 @@ def _weights(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bonehpc.train ARGS`: the same as `bonehpc train ARGS`; returns 0, 2 (bad input) or 3 (preempted)."""
+    """`python -m bonehpc.cli.train ARGS`: `bonehpc train ARGS`; returns 0, 2 (bad input) or 3 (preempted)."""
     from bonehpc.cli import main as bonehpc_main
 
     return bonehpc_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
-def outputs_main(argv: list[str] | None = None) -> int:
-    """`python -m bonehpc.teacher_outputs ARGS`: the same as `bonehpc outputs ARGS` (exit 0, 2 or 3)."""
-    from bonehpc.cli import main as bonehpc_main
-
-    return bonehpc_main(["outputs", *(sys.argv[1:] if argv is None else argv)])
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,11 +19,11 @@ from tinyexp import tiny_overrides
 from bonehpc.cli.train import main as train_main
 from bonehpc.config import apply_overrides, load_config, save_config
 from bonehpc.constants import PREEMPTED_EXIT_CODE
+from bonehpc.outputs_job import compute
 from bonehpc.paths import OUTPUTS_FILE, ExperimentPaths
 from bonehpc.teacher_outputs import (
     TeacherOutputsError,
     check_tune_space,
-    compute,
     open_for_run,
     outputs_current,
     read_header,
@@ -163,7 +163,7 @@ def test_a_mismatch_is_never_used(exp, caplog: pytest.LogCaptureFixture) -> None
 def test_outputs_job_resumes_after_a_stop_and_extends(exp, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     """SIGUSR2 after epoch 0 of the outputs job: exit as preempted with epoch 0 kept in the partial file; the
     rerun continues and gives the straight run's logits; more epochs later extend the same file."""
-    import bonehpc.teacher_outputs as to
+    import bonehpc.outputs_job as to
     from bonehpc.train import Preempted
 
     cfg, _ = exp
