@@ -72,9 +72,10 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def outputs_epochs(cfg: ExperimentConfig) -> int:
-    """Epochs the outputs job covers: the student's schedule, or the highest `student.epochs` of the tune space."""
+    """Epochs the outputs job covers: the longest student schedule of the experiment and its tuning (student.epochs,
+    tune.epochs, the highest `student.epochs` of the tune space); shorter runs read a prefix."""
     spec = cfg.tune.space.get("student.epochs") or {}
-    candidates = [cfg.student.epochs, spec.get("high", 0), *(spec.get("choices") or [])]
+    candidates = [cfg.student.epochs, cfg.tune.epochs, spec.get("high", 0), *(spec.get("choices") or [])]
     return max(int(c) for c in candidates if isinstance(c, int | float))
 
 
