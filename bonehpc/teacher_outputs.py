@@ -154,13 +154,29 @@ def outputs_current(cfg: ExperimentConfig, fold: int | str, device: torch.device
 class CachedTeacherOutputs:
     """The teacher logits of one fold's cache, looked up per epoch by image id (see the module docstring)."""
 
-    def __init__(self, path: Path, epochs: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        path: Path,
+        epochs: int,
+        device: torch.device,
+        *,
+        ids: np.ndarray | None = None,
+        arrays: np.ndarray | None = None,
+    ) -> None:
         self.path, self.epochs, self.device = path, epochs, device
-        with h5py.File(path, "r") as f:
-            self._ids_np = f["ids"][...]
-        self.ids = torch.from_numpy(self._ids_np).to(device)
+        self._arrays = arrays  # [E, N, C] held in memory (`in_memory`) instead of read from the file
+        if ids is None:
+            with h5py.File(path, "r") as f:
+                ids = f["ids"][...]
+        self.ids = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(device)
         self.epoch = -1
         self.table: torch.Tensor | None = None
+
+    @classmethod
+    def in_memory(cls, ids: np.ndarray, logits: np.ndarray, device: torch.device) -> CachedTeacherOutputs:
+        """The same lookup over arrays (sorted ids [N], logits [E, N, C]): the benchmark's cached KD step."""
+        arrays = np.asarray(logits, dtype=np.float32)
+        return cls(Path("<memory>"), arrays.shape[0], device, ids=np.asarray(ids, dtype=np.int64), arrays=arrays)
 
     def set_epoch(self, epoch: int) -> None:
         """Read epoch `epoch`'s rows (one contiguous chunk) onto the device."""
@@ -168,8 +184,11 @@ class CachedTeacherOutputs:
             return
         if not 0 <= epoch < self.epochs:
             raise TeacherOutputsError(f"{self.path}: covers epochs 0..{self.epochs - 1}, epoch {epoch} asked")
-        with h5py.File(self.path, "r") as f:
-            self.table = torch.from_numpy(f["logits"][epoch]).to(self.device)
+        if self._arrays is not None:
+            self.table = torch.from_numpy(self._arrays[epoch]).to(self.device)
+        else:
+            with h5py.File(self.path, "r") as f:
+                self.table = torch.from_numpy(f["logits"][epoch]).to(self.device)
         self.epoch = epoch
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
