@@ -95,10 +95,11 @@ def prepare_experiment(cfg: ExperimentConfig) -> ExperimentPaths:
     manifest.csv and folds.csv are made from what was packed (`packed_manifest` of data.shards), never from
     the data set's CSVs: a study or patient the packer lost is in no fold. Existing files are kept (the
     folds of an experiment do not change between submissions); patients of an existing folds.csv that are
-    not packed are reported (training reads only the shard index, so they are skipped).
+    not packed are reported (training reads only the shard index, so they are skipped). folds.csv is written
+    by `bonehpc.data.folds.ensure_folds` only, from the packed images, as training would write it.
     """
-    from bonehpc.data.folds import make_folds, read_folds, write_folds
-    from bonehpc.data.mura import read_manifest, write_manifest
+    from bonehpc.data.folds import ensure_folds, packed_folds
+    from bonehpc.data.mura import write_manifest
 
     paths = ExperimentPaths.of(cfg)
     packed = packed_manifest(cfg.data.shards)
@@ -115,17 +116,8 @@ def prepare_experiment(cfg: ExperimentConfig) -> ExperimentPaths:
     save_config(cfg, paths.config)
     if not paths.manifest.is_file():
         write_manifest(packed, paths.manifest)
-    manifest = read_manifest(paths.manifest)
-    if not paths.folds.is_file():
-        write_folds(make_folds(manifest, cfg.data.num_folds, cfg.data.fold_seed), paths.folds)
-    unpacked = set(read_folds(paths.folds)["patient"]) - set(packed["patient"])
-    if unpacked:
-        log.warning(
-            "%d patient(s) of %s are not in the shards (lost in packing): they are skipped, e.g. %s",
-            len(unpacked),
-            paths.folds,
-            ", ".join(sorted(unpacked)[:5]),
-        )
+    folds = ensure_folds(paths.folds, packed, cfg.data.num_folds, cfg.data.fold_seed)
+    packed_folds(folds, packed)  # logs the fold patients lost in packing (they are skipped)
     return paths
 
 

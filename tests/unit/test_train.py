@@ -21,11 +21,11 @@ from bonehpc.checkpoint import load_checkpoint
 from bonehpc.cli.train import main
 from bonehpc.config import apply_overrides, load_config, save_config
 from bonehpc.constants import PREEMPTED_EXIT_CODE
-from bonehpc.data.folds import read_folds
+from bonehpc.data.folds import read_folds, split_ids
 from bonehpc.data.shards import ShardReader
 from bonehpc.metrics import evaluate_predictions
 from bonehpc.paths import ExperimentPaths
-from bonehpc.train import run, split_ids
+from bonehpc.train import run
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_FILES = {"config.yaml", "metrics.jsonl", "metrics.json", "predictions_val.csv", "last.pt", "best.pt", "train.log"}
@@ -306,9 +306,9 @@ def _folds_of(cfg, index: pd.DataFrame) -> pd.DataFrame:  # noqa: ANN001
 
 
 def test_fold_out_of_range_fails_before_writing_anything(tiny_cfg, tmp_path: Path) -> None:  # noqa: ANN001
-    """`python -m bonehpc.train --fold 5` with 2 folds: one line, exit 2, no folds.csv, no run folder."""
+    """`python -m bonehpc.cli.train --fold 5` with 2 folds: one line, exit 2, no folds.csv, no run folder."""
     cfg_path = save_config(tiny_cfg, tmp_path / "cfg.yaml")
-    cmd = [sys.executable, "-m", "bonehpc.train", "--config", str(cfg_path), "--fold", "5", "--role", "teacher"]
+    cmd = [sys.executable, "-m", "bonehpc.cli.train", "--config", str(cfg_path), "--fold", "5", "--role", "teacher"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
