@@ -378,6 +378,46 @@ def _export_run_dir(c: Ctx) -> tuple[list[str], str]:
     return ["export", "--model", str(c.tmp / "run"), "--out", str(c.tmp / "m.onnx")], r"run"
 
 
+# Issue 20: values that reach a job script or a shell, and inputs that would exhaust time or memory.
+
+
+def _submit_dry(c: Ctx, *extra: str) -> list[str]:
+    return ["submit", "folds", "--dry-run", *c.tiny("cluster.mode=slurm", *extra)]
+
+
+def _params_file(c: Ctx, text: str) -> str:
+    (c.tmp / "best_params.yaml").write_text(text)
+    return str(c.tmp / "best_params.yaml")
+
+
+def _name_in_params(text: str, fragment: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    # without the tiny experiment's name=..., which as a command-line override would win over --params
+    return lambda c: ([a for a in _submit_dry(c) if a != "name=tiny"] + ["--params", _params_file(c, text)], fragment)
+
+
+def _profile_case(text: str, fragment: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    def build(c: Ctx) -> tuple[list[str], str]:
+        (c.tmp / "site.yaml").write_text("time_min: 60\n" + text)
+        return _submit_dry(c, f"cluster.profile={c.tmp / 'site.yaml'}"), fragment
+
+    return build
+
+
+def _yaml_bomb(c: Ctx) -> tuple[list[str], str]:
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    return [*_submit_dry(c), "--params", _params_file(c, "\n".join(levels) + "\n")], r"best_params.yaml: more than"
+
+
+def _yaml_deep(c: Ctx) -> tuple[list[str], str]:
+    text = "name: " + "[" * 50_000 + "]" * 50_000 + "\n"
+    return [*_submit_dry(c), "--params", _params_file(c, text)], r"best_params.yaml line 1: nested deeper than"
+
+
+def _cli_nul(c: Ctx) -> tuple[list[str], str]:
+    return ["status", "--exp", "a\x00b", "--run-root", str(c.tmp)], r"--exp: 'a\\x00b' holds the control character"
+
+
 CASES = [
     # DATA: bonehpc synth / manifest / folds / pack and the config loader
     Case("csv-not-utf8", "DATA", _mura_csv_latin1),
@@ -425,6 +465,29 @@ CASES = [
     Case("train-truncated-last-pt", "TRAIN", _train_truncated_last, outputs=("run", "runs")),
     # ARCH
     Case("demo-1-patient", "ARCH", _demo_one_patient),
+    # HOSTILE (issue 20), family 1: job-script injection, refused where the value enters
+    Case("name-newline-in-params", "HOSTILE", _name_in_params('name: "x\\n#SBATCH --time=1"\n', r"name: 'x\\n#SBATCH")),
+    Case("name-percent-override", "HOSTILE", lambda c: (_submit_dry(c, "name=a%jb"), r"name: 'a%jb' is not a valid")),
+    Case("name-semicolon-params", "HOSTILE", _name_in_params("name: a;reboot\n", r"name: 'a;reboot'")),
+    Case("run-root-percent", "HOSTILE", lambda c: (_submit_dry(c, "run_root=/srv/%u/runs"), r"run_root: .*'%'")),
+    Case("profile-partition-newline", "HOSTILE", _profile_case('partition: "gpu\\nrm -rf ~"\n', r"partition: 'gpu\\n")),
+    Case("profile-qos-space", "HOSTILE", _profile_case("qos: high prio\n", r"qos: 'high prio' is not a Slurm name")),
+    Case(
+        "profile-python-relative", "HOSTILE", _profile_case("python: .venv/bin/python\n", r"python: .* not an absolute")
+    ),
+    Case("profile-setup-open-quote", "HOSTILE", _profile_case('setup: ["echo \'x"]\n', r"setup\[0\]: .*complete")),
+    Case("profile-additional-key", "HOSTILE", _profile_case('additional: {"x\\ny": 1}\n', r"additional key: 'x\\ny'")),
+    Case("profile-additional-signal", "HOSTILE", _profile_case("additional: {signal: USR1@5}\n", r"additional.signal")),
+    Case(
+        "profile-per-kind-account-quote",
+        "HOSTILE",
+        _profile_case('per_kind: {pack: {account: "a\'b"}}\n', r"per_kind.pack.account: \"a'b\""),
+    ),
+    # family 4: inputs that would exhaust time or memory, refused before the expensive work
+    Case("yaml-alias-bomb", "HOSTILE", _yaml_bomb),
+    Case("yaml-50000-deep", "HOSTILE", _yaml_deep),
+    Case("name-nul-in-params", "HOSTILE", _name_in_params('name: "a\\0b"\n', r"name: 'a\\x00b'")),
+    Case("cli-nul", "HOSTILE", _cli_nul),
 ]
 
 
