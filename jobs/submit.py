@@ -184,10 +184,8 @@ def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[st
 
 
 def _student_dependency(ctx: slurm.SubmitContext, plan: Plan, teacher: dict[str, Any] | None) -> str:
-    """aftercorr on the teacher array when the student array has the same folds in the same order (Slurm),
-    else afterok on each teacher task it needs (new or still active); '' outside Slurm."""
-    if ctx.mode != "slurm":
-        return ""
+    """aftercorr on the teacher array when the student array has the same folds in the same order, else afterok
+    on each teacher task it needs (new or still active). Local mode too: its graph reads the same string."""
     tasks = (teacher or {}).get("tasks", [])
     if teacher is not None and [fold_name(f) for f in plan.student] == [t["fold"] for t in tasks]:
         return f"aftercorr:{teacher['job_id']}"
@@ -230,6 +228,7 @@ def submit_folds(
     cfg_path = str(paths.config.resolve())
     nproc = cfg.cluster.nproc_per_node or ctx.profile.for_kind("train").nproc_per_node
     train_ids: list[str] = list(plan.active.values())
+    slurm.defer_local(ctx)  # local mode: the jobs below run together at run_local, by their dependencies
 
     teacher: dict[str, Any] | None = None
     if plan.teacher:
@@ -253,10 +252,15 @@ def submit_folds(
         baseline = slurm.submit(ctx, "train", task, plan.baseline, role="baseline", label=fold_name)
         train_ids.append(baseline["job_id"])
     if plan.evaluate and evaluate:
-        dependency = "afterany:" + ":".join(train_ids) if train_ids and ctx.mode == "slurm" else ""
+        dependency = "afterany:" + ":".join(train_ids) if train_ids else ""
         slurm.submit(ctx, "evaluate", EvaluateTask(cfg_path, ctx.workdir), dependency=dependency)
     if not ctx.jobs:
         log.info("nothing to submit for %s: %s", cfg.name, ", ".join(f"{k} {v}" for k, v in plan.skipped.items()))
+    try:
+        slurm.run_local(ctx)
+    except KeyboardInterrupt:
+        _record(ctx, kind, paths.root, skipped=plan.skipped)  # the stopped tasks as CANCELLED; a re-run resumes
+        raise
     return _record(ctx, kind, paths.root, skipped=plan.skipped)
 
 
