@@ -27,7 +27,7 @@ import pandas as pd
 
 from bonehpc import preflight, slurm
 from bonehpc.accounting import ACTIVE_STATES, RETRY_STATES, task_states
-from bonehpc.config import ConfigError, ExperimentConfig, load_config, save_config
+from bonehpc.config import ConfigError, ExperimentConfig, apply_overrides, load_config, save_config
 from bonehpc.paths import ROLES, RUN_CONFIG, ExperimentPaths, experiment_roles, fold_keys, fold_name
 from bonehpc.registry import append_submission, config_hash, latest_tasks, new_entry, read_registry
 from jobs.evaluate import EvaluateTask
@@ -260,16 +260,38 @@ def submit_folds(
     return _record(ctx, kind, paths.root, skipped=plan.skipped)
 
 
+def config_in_place(exp: Path, workdir: str | Path) -> ExperimentConfig:
+    """The config of experiment folder `exp`, pointing at `exp` (the folder given is the only truth).
+
+    A config whose run_root/name (relative to the submission's `workdir`) is elsewhere belongs to a folder
+    that was moved: its run_root is rewritten to the folder's parent, so that nothing is read from or
+    written to the old place. A renamed folder is refused (the name also names the jobs and the tuning
+    study): rename it back.
+    """
+    cfg = load_config(exp / "config.yaml")
+    here = exp.resolve()
+    saved = (Path(workdir) / cfg.run_root / cfg.name).resolve()
+    if saved == here:
+        return cfg
+    if here.name != cfg.name:
+        raise ConfigError(
+            f"{exp}: the experiment folder was renamed (its config.yaml says name {cfg.name!r}); "
+            f"rename the folder back to {cfg.name!r}"
+        )
+    log.warning("%s was moved (config.yaml said %s): run_root is now %s", exp, saved, here.parent)
+    return apply_overrides(cfg, {"run_root": str(here.parent)})
+
+
 def resubmit(exp_dir: str | Path, workdir: str | Path | None = None) -> dict[str, Any]:
     """Resubmit only the failed / cancelled / timed-out tasks of an experiment (and their dependents)."""
     exp = Path(exp_dir)
     cfg_path = exp / "config.yaml"
     if not cfg_path.is_file():
         raise ConfigError(f"{exp}: no config.yaml; is this an experiment folder (runs/<exp>)?")
-    cfg = load_config(cfg_path)
     registry = read_registry(exp)
     if not registry["submissions"]:
         raise ConfigError(f"{exp}/jobs.json: nothing was submitted yet; use `bonehpc submit folds`")
+    cfg = config_in_place(exp, registry["submissions"][-1].get("workdir") or os.getcwd())
     states = task_states(registry)
     paths = ExperimentPaths(exp)
     only: set[tuple[str, str]] = set()

@@ -556,3 +556,57 @@ def test_body_part_outside_the_seven_is_kept_with_a_warning(
         assert cli_main(argv) == 0
     assert "LEG" in capsys.readouterr().out
     assert "XR_LEG" in caplog.text and "outside MURA's seven" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 20, family 3: a moved experiment folder is the only truth
+
+
+def _submitted_experiment(world: World, run_root: Path, name: str) -> Path:
+    """An experiment folder whose every run completed, as `submit folds` leaves it (config.yaml, jobs.json)."""
+    import json
+
+    from bonehpc.config import load_config, save_config
+    from bonehpc.paths import ExperimentPaths
+
+    cfg = load_config(None, tiny_overrides(run_root, world.root, world.shards, f"name={name}"))
+    paths = ExperimentPaths.of(cfg)
+    paths.root.mkdir(parents=True)
+    save_config(cfg, paths.config)
+    tasks = []
+    for fold in ("fold0", "fold1", "final"):
+        for role in ("teacher", "student"):
+            (paths.root / fold / role).mkdir(parents=True)
+            (paths.root / fold / role / "metrics.json").write_text('{"status": "completed"}')
+            tasks.append({"kind": "train", "role": role, "job_id": "1", "tasks": [{"task_id": "1", "fold": fold}]})
+    tasks.append({"kind": "evaluate", "role": "", "job_id": "2", "tasks": [{"task_id": "2", "state": "COMPLETED"}]})
+    tasks[0]["tasks"][0]["state"] = "FAILED"  # one failed teacher (completed since) makes it a resubmit
+    sub = {"kind": "folds", "mode": "debug", "workdir": str(run_root.parent), "jobs": tasks}
+    paths.jobs.write_text(json.dumps({"submissions": [sub]}))
+    return paths.root
+
+
+def test_resubmit_of_a_moved_experiment_writes_only_in_the_folder_given(world: World, tmp_path: Path) -> None:
+    from bonehpc.config import load_config
+    from jobs.submit import resubmit
+
+    old = _submitted_experiment(world, tmp_path / "old" / "runs", "moved")
+    new = tmp_path / "new" / "runs" / "moved"
+    new.parent.mkdir(parents=True)
+    old.rename(new)
+    entry = resubmit(new)
+    assert entry["run_dir"] == str(new) and not entry["jobs"]  # everything completed: nothing to run
+    assert list((tmp_path / "old" / "runs").iterdir()) == []  # nothing written where the config pointed
+    assert (new / "folds.csv").is_file() and load_config(new / "config.yaml").run_root == str(new.parent)
+
+
+def test_resubmit_of_a_renamed_experiment_is_refused_in_one_line(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = _submitted_experiment(world, tmp_path / "runs", "first")
+    new = old.rename(old.parent / "second")
+    before = _snapshot(tmp_path)
+    assert cli_main(["submit", "resubmit", "--exp", str(new)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "second: the experiment folder was renamed (its config.yaml says name 'first')" in err
+    assert "\n" not in err and _snapshot(tmp_path) == before
