@@ -59,6 +59,7 @@ from bonehpc.checkpoint import (
 )
 from bonehpc.config import ExperimentConfig, RoleConfig, TrainConfig, save_config, to_dict
 from bonehpc.constants import PRED_COLUMNS, PREEMPTED_EXIT_CODE
+from bonehpc.curves import Curves
 from bonehpc.engine import amp_dtype_of, evaluate, train_one_epoch
 from bonehpc.fsio import atomic_write_csv, atomic_write_json, atomic_write_text
 from bonehpc.log import close_logging, setup_logging
@@ -592,6 +593,7 @@ def epoch_loop(
     """
     tcfg, rcfg, info, stop = ctx.cfg.train, role_config(ctx.cfg, ctx.role), ctx.info, ctx.stop
     ckpts = RunCheckpoints(ctx.out, tcfg, to_dict(ctx.cfg), learner) if info.is_main else None
+    curves = Curves(ctx.out, purge_step=state.epoch) if info.is_main else None
     last_preds: pd.DataFrame | None = None
     try:
         for epoch in range(state.epoch, rcfg.epochs):
@@ -621,6 +623,8 @@ def epoch_loop(
             if ckpts is not None:
                 with open(ctx.out / RUN_EPOCHS, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
+                if curves is not None:
+                    curves.scalars(epoch, record)
                 if improved:
                     atomic_write_csv(ctx.out / RUN_PREDICTIONS, preds[PRED_COLS])
                 ckpts.end_of_epoch(state, improved, final)
@@ -634,6 +638,8 @@ def epoch_loop(
     finally:
         if ckpts is not None:
             ckpts.close()
+        if curves is not None:
+            curves.close()
     return last_preds
 
 
