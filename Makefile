@@ -31,7 +31,7 @@ DRY_ARG := $(if $(DRY_RUN),--dry-run,)
 
 
 .PHONY: help setup demo test test-unit verify lint format typecheck pack submit-folds submit-tune \
-        resubmit status report tune-status predict bench dev-cluster-up dev-cluster-down clean
+        resubmit status report tune-status predict bench dev-cluster-up dev-cluster-down clean tensorboard
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -87,6 +87,10 @@ submit-tune: setup ## Optuna study as a Slurm array: TRIALS=N PARALLEL=P
 
 tune-status: setup ## Optuna study of EXP: trials by state, best params (-> runs/EXP/tune/best_params.yaml)
 	$(BIN)/bonehpc tune status --exp $(EXP) --run-root $(RUN_ROOT) $(if $(STUDY),--study $(STUDY),)
+
+TB_PORT ?= 6006
+tensorboard: setup ## live curves of EXP (folds, roles, tune trials side by side): http://localhost:TB_PORT
+	$(BIN)/tensorboard --logdir runs/$(EXP) --port $(TB_PORT)
 
 report: setup ## aggregated report of EXP: runs/EXP/report/index.html
 	$(BIN)/bonehpc report --exp $(EXP) --run-root $(RUN_ROOT)

@@ -25,6 +25,13 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the message names the step."""
 
 
+def amp_dtype_of(amp: str, device: torch.device) -> torch.dtype | None:
+    """torch dtype of autocast for train.amp (None: full precision)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
 def _take(loader: Iterable[Any], n: int) -> Iterator[Any]:
     return islice(loader, n) if n else iter(loader)
 

@@ -30,7 +30,7 @@ from bonehpc import dist
 from bonehpc.checkpoint import BEST, build_model_from_checkpoint, load_checkpoint
 from bonehpc.config import ExperimentConfig
 from bonehpc.constants import INPUT_ERROR_EXIT_CODE, PRED_COLUMNS
-from bonehpc.engine import evaluate
+from bonehpc.engine import amp_dtype_of, evaluate
 from bonehpc.fsio import atomic_write_csv, atomic_write_json
 from bonehpc.paths import HOLDOUT_METRICS, HOLDOUT_PREDICTIONS, ExperimentPaths, experiment_roles
 
@@ -47,7 +47,6 @@ def predict_checkpoint(
     """
     from bonehpc.data.loaders import build_loader
     from bonehpc.data.shards import ShardReader
-    from bonehpc.train import amp_dtype_of
 
     info = dist.init_distributed()
     reader = reader if reader is not None else ShardReader(cfg.data.shards)
@@ -180,8 +179,8 @@ def _finish(
 def main(argv: list[str] | None = None) -> int:
     """`python -m bonehpc.evaluate`: holdout evaluation, or (--checkpoint) predictions of one checkpoint."""
     from bonehpc.config import ConfigError, load_config
+    from bonehpc.data.folds import split_ids
     from bonehpc.paths import parse_fold
-    from bonehpc.train import split_ids
 
     p = argparse.ArgumentParser(
         prog="python -m bonehpc.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -41,29 +41,21 @@ def check_shards(cfg: ExperimentConfig) -> str:
 
 
 def check_folds(cfg: ExperimentConfig, folds_csv: Path) -> None:
-    """folds.csv (when it exists) has data.num_folds folds and covers every packed train patient."""
+    """folds.csv (when it exists) has data.num_folds folds and covers every packed train patient
+    (`bonehpc.data.folds.ensure_folds`, check only: the same check training makes)."""
     import pandas as pd
 
-    from bonehpc.data.folds import FoldError, apply_folds, read_folds
+    from bonehpc.data.folds import FoldError, ensure_folds
     from bonehpc.data.shards import INDEX_CSV
 
     if not folds_csv.is_file():
         return  # a new experiment: prepare_experiment writes it from the shard index after the preflight
     try:
-        folds = read_folds(folds_csv)
         index = pd.read_csv(Path(cfg.data.shards) / INDEX_CSV, dtype={"patient": str})
-        packed = set(index.loc[index["split"] == "train", "patient"].astype(str))
-        apply_folds(index, folds[folds["patient"].isin(packed)])
+        ensure_folds(folds_csv, index, cfg.data.num_folds, cfg.data.fold_seed, create=False)
     except (FoldError, OSError, KeyError, ValueError) as err:
-        raise PreflightError(f"preflight: {folds_csv}: {err}") from None
-    k = int(folds["fold"].max()) + 1 if len(folds) else 0
-    if k != cfg.data.num_folds:
-        raise PreflightError(
-            f"preflight: {folds_csv} has {k} folds but data.num_folds={cfg.data.num_folds} "
-            "(delete it or use a new experiment name)"
-        )
-    if not packed & set(folds["patient"]):
-        raise PreflightError(f"preflight: {folds_csv}: none of its patients is in the shards {cfg.data.shards}")
+        msg = str(err)
+        raise PreflightError(f"preflight: {msg if msg.startswith(str(folds_csv)) else f'{folds_csv}: {msg}'}") from None
 
 
 def check_weights(cfg: ExperimentConfig, roles: list[str]) -> None:

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-import yaml
 
-from bonehpc.config import ConfigError, ExperimentConfig, _build
+from bonehpc import shellsafe
+from bonehpc.config import ConfigError, ExperimentConfig, _build, read_yaml
 from bonehpc.paths import ExperimentPaths
 from bonehpc.resources import DEFAULT_SAVE_WAIT_S, check_signal_delay, last_error_line, task_failure_line
 
@@ -66,11 +65,16 @@ class ResourceSpec:
     max_num_timeout: int = 3
     """Time limits a job may hit and be requeued before it is given up."""
     additional: dict[str, Any] = field(default_factory=dict)
-    """Extra sbatch options without the leading dashes ({exclusive: true, reservation: r1})."""
+    """Extra sbatch options without the leading dashes ({exclusive: true, reservation: r1}): known sbatch
+    options only, none that a field above sets, none that bonehpc sets unless listed in additional_override."""
+    additional_override: list[str] = field(default_factory=list)
+    """Options bonehpc sets (signal, requeue, no-requeue, array, dependency, output, error, open-mode,
+    job-name, kill-on-invalid-dep) that `additional` may replace: an explicit opt-in, empty by default."""
     setup: list[str] = field(default_factory=list)
-    """Shell lines run before the job (module load ..., export ...)."""
+    """Shell lines run before the job (module load ..., export ...), one printable line each."""
     python: str = ""
-    """Python interpreter of the jobs (empty: the one that submits)."""
+    """Python interpreter of the jobs: one absolute path (a wrapper script for a container), quoted when
+    rendered; empty: the one that submits."""
     nproc_per_node: int = 0
     """Training processes per node (0: one per GPU, 1 on CPU-only nodes); cluster.nproc_per_node wins."""
 
@@ -81,11 +85,7 @@ class ResourceSpec:
         for key in ("gpus_per_node", "signal_delay_s", "max_num_timeout", "nproc_per_node", "save_wait_s", "startup_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)!r}")
-        for key, value in self.additional.items():
-            if value is False or value is None or isinstance(value, (dict, list)):
-                raise ConfigError(
-                    f"additional.{key}: {value!r} is not an sbatch option value (use a string, a number or true)"
-                )
+        self._check_strings()
         if self.mem_gb <= 0:
             raise ConfigError(f"mem_gb: must be > 0, got {self.mem_gb!r}")
         if self.signal_delay_s >= self.time_min * 60:
@@ -96,6 +96,19 @@ class ResourceSpec:
             check_signal_delay(self.signal_delay_s, self.save_wait_s)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+    def _check_strings(self) -> None:
+        """Every value that reaches the job script, by bonehpc.shellsafe's rules (one line naming the key)."""
+        for key in ("partition", "account", "qos", "constraint"):
+            shellsafe.check_slurm_word(key, getattr(self, key))
+        for i, line in enumerate(self.setup):
+            shellsafe.check_shell_line(f"setup[{i}]", line)
+        shellsafe.check_python("python", self.python)
+        shellsafe.check_additional("", self.additional, self.additional_override)
+
+    def sbatch_additional(self) -> dict[str, Any]:
+        """`additional` keyed as submitit keys sbatch options (so a replaced option is not written twice)."""
+        return shellsafe.check_additional("", self.additional, self.additional_override)
 
 
 JOB_KINDS = ("train", "evaluate", "tune", "pack")
@@ -169,12 +182,7 @@ def load_profile(name_or_path: str) -> ClusterProfile:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
         raise ConfigError(f"cluster profile {name_or_path!r} not found at {path} (known profiles: {known})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    data = read_yaml(path)  # the config's loader: no repeated keys, bounded aliases and nesting, one-line errors
     data.setdefault("name", path.stem)
     try:
         profile: ClusterProfile = _build(ClusterProfile, data)
@@ -230,7 +238,8 @@ def executor_parameters(spec: ResourceSpec, name: str, mode: str) -> dict[str, A
         *spec.setup,
     ]
     # requeue explicitly (sites may default to JobRequeue=0): a timed-out or preempted job comes back
-    params["slurm_additional_parameters"] = {"requeue": True, **spec.additional}
+    extra = spec.sbatch_additional()
+    params["slurm_additional_parameters"] = {**({} if "no_requeue" in extra else {"requeue": True}), **extra}
     return params
 
 
@@ -242,7 +251,7 @@ def make_executor(
     if mode == "slurm":
         kwargs["slurm_max_num_timeout"] = spec.max_num_timeout
         if spec.python:
-            kwargs["slurm_python"] = spec.python
+            kwargs["slurm_python"] = shellsafe.quote_python(spec.python)  # submitit pastes it unquoted
     executor = submitit.AutoExecutor(folder=str(folder), cluster=mode, **kwargs)
     params = executor_parameters(spec, name, mode)
     if mode == "slurm" and dependency:
@@ -256,9 +265,10 @@ def make_executor(
 
 
 def render_sbatch(
-    spec: ResourceSpec, folder: str, name: str, dependency: str = "", command: str = "CMD", array: int = 0
+    spec: ResourceSpec, folder: str, name: str, dependency: str = "", command: str | None = "CMD", array: int = 0
 ) -> str:
-    """The sbatch script submitit writes for a job of this spec (`array`: tasks of an array job; 0: one job).
+    """The sbatch script submitit writes for a job of this spec (`array`: tasks of an array job; 0: one job;
+    `command` None: the command submitit runs, exactly as it submits it).
 
     submitit has no public API for the script text; this calls its private `_make_submission_file_text`
     (pinned by the golden test tests/golden/sbatch_profiles.txt, which fails when submitit changes it).
@@ -267,6 +277,8 @@ def render_sbatch(
     inner = executor._executor
     if array:
         inner.parameters["map_count"] = array  # what submitit's map_array sets: #SBATCH --array=0-N%P
+    if command is None:
+        command = inner._submitit_command_str  # type: ignore[attr-defined]
     return inner._make_submission_file_text(command, "UID")  # type: ignore[attr-defined,no-any-return]
 
 
@@ -319,8 +331,7 @@ def _dry_submit(
         head += f": array of {len(items)} ({', '.join(t.get('fold', str(t['index'])) for t in record['tasks'])})"
     if ctx.mode == "slurm":
         folder = ctx.paths.submitit / "%j"
-        command = f"{spec.python or sys.executable} -u -m submitit.core._submit {folder}"
-        out.append(f"{head}\n{render_sbatch(spec, str(folder), name, dependency, command, len(items or []))}")
+        out.append(f"{head}\n{render_sbatch(spec, str(folder), name, dependency, None, len(items or []))}")
     else:
         out.append(f"{head}: would run with submitit's {ctx.mode} executor, after the jobs before it")
     ctx.jobs.append(record)
@@ -341,6 +352,10 @@ class SubmitContext:
     mode: str
     workdir: str
     jobs: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # the folder's absolute path is written into every job script (log paths, submitit's job folder)
+        shellsafe.check_script_path("experiment folder", str(Path(self.paths.root).absolute()), absolute=True)
 
 
 def submit(

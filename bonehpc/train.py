@@ -1,9 +1,9 @@
 """Train one (fold, role): the same code under torchrun, a submitit Slurm task and plain python.
 
-    torchrun --standalone --nproc_per_node=4 -m bonehpc.train --config C --fold 0 --role teacher
-    python -m bonehpc.train --config C --fold final --role student train.epochs=30
+    torchrun --standalone --nproc_per_node=4 -m bonehpc.cli.train --config C --fold 0 --role teacher
+    bonehpc train --config C --fold final --role student train.epochs=30
 
-(`python -m bonehpc.train ARGS` is `bonehpc train ARGS`: the command line lives in bonehpc/cli/train.py.)
+(the command line lives in bonehpc/cli/train.py; `python -m bonehpc.cli.train ARGS` is `bonehpc train ARGS`.)
 
 `run()` is five named steps: build the data (`build_data`), the model and its loss (`build_learner`),
 resume (`resume`), the epochs (`epoch_loop`) and the summary (`finish`). It resumes automatically
@@ -60,7 +60,8 @@ from bonehpc.checkpoint import (
 )
 from bonehpc.config import ExperimentConfig, RoleConfig, TrainConfig, save_config, to_dict
 from bonehpc.constants import PRED_COLUMNS, PREEMPTED_EXIT_CODE
-from bonehpc.engine import evaluate, train_one_epoch
+from bonehpc.curves import Curves
+from bonehpc.engine import amp_dtype_of, evaluate, train_one_epoch
 from bonehpc.fsio import atomic_write_csv, atomic_write_json, atomic_write_text
 from bonehpc.lease import RunLease, die_with_parent, slurm_task_id
 from bonehpc.log import close_logging, setup_logging
@@ -129,13 +130,6 @@ def seed_everything(seed: int, epoch: int = 0, rank: int = 0) -> None:
     torch.manual_seed(s)
 
 
-def amp_dtype_of(amp: str, device: torch.device) -> torch.dtype | None:
-    """torch dtype of autocast for train.amp (None: full precision)."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-
-
 def role_config(cfg: ExperimentConfig, role: str) -> RoleConfig:
     """The RoleConfig a role trains (baseline: the student's model and optimisation)."""
     if role not in ROLES:
@@ -181,94 +175,10 @@ def epoch_line(record: Mapping[str, Any], early_stop_metric: str, improved: bool
 
 
 def _load_folds(cfg: ExperimentConfig, paths: ExperimentPaths, index: pd.DataFrame) -> pd.DataFrame:
-    """folds.csv of the experiment; made from the shard index (the packed images) when it is missing."""
-    from bonehpc.data.folds import make_folds, read_folds, write_folds
+    """folds.csv of the experiment (`ensure_folds`: made from the shard index on rank 0 when it is missing)."""
+    from bonehpc.data.folds import ensure_folds
 
-    def create() -> None:
-        if paths.folds.is_file():
-            return
-        folds = make_folds(index, cfg.data.num_folds, cfg.data.fold_seed)
-        try:
-            write_folds(folds, paths.folds)
-        except OSError as err:
-            raise TrainError(f"{paths.folds}: cannot write ({err.strerror or err})") from None
-        log.info("wrote %s (%d folds of %d packed train patients)", paths.folds, cfg.data.num_folds, len(folds))
-
-    _on_main(create)
-    folds = read_folds(paths.folds)
-    k = int(folds["fold"].max()) + 1
-    if k != cfg.data.num_folds:
-        raise TrainError(
-            f"{paths.folds} has {k} folds but data.num_folds={cfg.data.num_folds}: "
-            "delete it or use a new experiment name"
-        )
-    return folds
-
-
-def final_selection(train: pd.DataFrame, frac: float, seed: int) -> tuple[set[str], int]:
-    """Patients of the final models' selection slice and k: part 0 of k = round(1/frac) patient-grouped
-    parts of the train images, stratified by body part x label (make_folds, seeded). A small set gets
-    fewer, larger parts (k is at most the patients and the studies of the largest stratum)."""
-    from bonehpc.data.folds import make_folds
-
-    studies = train.drop_duplicates("study")
-    largest = int(studies.groupby(["body_part", "label"]).size().max())
-    n = train["patient"].nunique()
-    if n < 2 or largest < 2:
-        raise TrainError(f"final: {n} train patient(s); selection on held-out train patients needs at least 2")
-    k = min(max(2, round(1 / frac)), n, largest)
-    parts = make_folds(train, k, seed)
-    return set(parts.loc[parts["fold"] == 0, "patient"]), k
-
-
-def split_frames(
-    index: pd.DataFrame, folds: pd.DataFrame, fold: int | str, num_folds: int, final_val_frac: float, seed: int
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """(train rows, validation rows, selection record) of `fold`; neither side holds a valid-split image.
-
-    A fold validates on its fold of the train split; "final" on `final_selection` of the train patients.
-    Fold patients without a packed image (lost in packing) are left out.
-    """
-    from bonehpc.data.folds import apply_folds
-
-    check_fold(fold, num_folds)
-    packed = set(index.loc[index["split"] == "train", "patient"].astype(str))
-    lost = folds.loc[~folds["patient"].isin(packed), "patient"]
-    if len(lost):
-        log.warning("%d fold patient(s) have no packed image (lost in packing): %s", len(lost), ", ".join(lost[:5]))
-    df = apply_folds(index, folds[folds["patient"].isin(packed)])
-    train_split = df[df["split"] == "train"]
-    if fold == "final":
-        held, k = final_selection(train_split, final_val_frac, seed)
-        in_val = train_split["patient"].isin(held)
-        train, val = train_split[~in_val], train_split[in_val]
-        selection: dict[str, Any] = {
-            "method": "held-out train patients (patient-grouped, stratified by body part x label)",
-            "val_frac": final_val_frac,
-            "parts": k,
-            "seed": seed,
-        }
-    else:
-        train, val = train_split[train_split["fold"] != fold], train_split[train_split["fold"] == fold]
-        selection = {"method": "cross-validation fold", "fold": fold}
-    if train.empty or val.empty:
-        raise TrainError(f"{fold_name(fold)}: empty {'training' if train.empty else 'validation'} set")
-    selection.update(patients=int(val["patient"].nunique()), studies=int(val["study"].nunique()), images=len(val))
-    return train, val, selection
-
-
-def split_ids(
-    index: pd.DataFrame,
-    folds: pd.DataFrame,
-    fold: int | str,
-    num_folds: int,
-    *,
-    final_val_frac: float = TrainConfig.final_val_frac,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(train image ids, validation image ids) of `fold` (split_frames; seed = data.fold_seed)."""
-    train, val, _ = split_frames(index, folds, fold, num_folds, final_val_frac, seed)
-    return train["image_id"].to_numpy(np.int64), val["image_id"].to_numpy(np.int64)
+    return _on_main(lambda: ensure_folds(paths.folds, index, cfg.data.num_folds, cfg.data.fold_seed))
 
 
 @dataclass
@@ -286,6 +196,7 @@ class RunData:
 
 
 def build_data(cfg: ExperimentConfig, fold: int | str, info: dist.DistInfo) -> RunData:
+    from bonehpc.data.folds import split
     from bonehpc.data.loaders import build_loader
     from bonehpc.data.shards import ShardReader, verify_shards
 
@@ -294,10 +205,9 @@ def build_data(cfg: ExperimentConfig, fold: int | str, info: dist.DistInfo) -> R
         log.info("shards verified: %s", report.summary())
     reader = ShardReader(cfg.data.shards)
     folds = _load_folds(cfg, ExperimentPaths.of(cfg), reader.index)
-    train, val, selection = split_frames(
-        reader.index, folds, fold, cfg.data.num_folds, cfg.train.final_val_frac, cfg.data.fold_seed
-    )
-    train_ids, val_ids = train["image_id"].to_numpy(np.int64), val["image_id"].to_numpy(np.int64)
+    sides = split(reader.index, folds, fold, cfg.data.num_folds, cfg.train.final_val_frac, cfg.data.fold_seed)
+    train, val, selection = sides.train, sides.val, sides.selection
+    train_ids, val_ids = sides.ids()
     train_labels = train["label"].to_numpy(np.int64)
     log.info(
         "images: train %d (%.1f%% abnormal), val %d (%.1f%% abnormal; %s)",
@@ -700,6 +610,7 @@ def epoch_loop(
     """
     tcfg, rcfg, info, stop = ctx.cfg.train, role_config(ctx.cfg, ctx.role), ctx.info, ctx.stop
     ckpts = RunCheckpoints(ctx.out, tcfg, to_dict(ctx.cfg), learner) if info.is_main else None
+    curves = Curves(ctx.out, purge_step=state.epoch) if info.is_main else None
     last_preds: pd.DataFrame | None = None
     try:
         for epoch in range(state.epoch, rcfg.epochs):
@@ -731,6 +642,8 @@ def epoch_loop(
                     ctx.lease.check()  # another process took the run over: never a second writer
                 with open(ctx.out / RUN_EPOCHS, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
+                if curves is not None:
+                    curves.scalars(epoch, record)
                 if improved:
                     atomic_write_csv(ctx.out / RUN_PREDICTIONS, preds[PRED_COLS])
                 ckpts.end_of_epoch(state, improved, final)
@@ -744,6 +657,8 @@ def epoch_loop(
     finally:
         if ckpts is not None:
             ckpts.close()
+        if curves is not None:
+            curves.close()
     return last_preds
 
 
@@ -798,9 +713,8 @@ def finish(
     return metrics
 
 
-if __name__ == "__main__":  # `python -m bonehpc.train ARGS` = `bonehpc train ARGS`
+if __name__ == "__main__":  # the module entry moved to the command line layer (no import of it from here)
     import sys
 
-    from bonehpc.cli.train import main
-
-    sys.exit(main(sys.argv[1:]))
+    sys.stderr.write("python -m bonehpc.train: use `python -m bonehpc.cli.train ARGS` (or `bonehpc train ARGS`)\n")
+    sys.exit(2)

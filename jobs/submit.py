@@ -27,7 +27,7 @@ import pandas as pd
 
 from bonehpc import preflight, slurm
 from bonehpc.accounting import ACTIVE_STATES, RETRY_STATES, task_states
-from bonehpc.config import ConfigError, ExperimentConfig, load_config, save_config
+from bonehpc.config import ConfigError, ExperimentConfig, apply_overrides, load_config, save_config
 from bonehpc.lease import submit_lock
 from bonehpc.paths import ROLES, RUN_CONFIG, ExperimentPaths, experiment_roles, fold_keys, fold_name
 from bonehpc.registry import append_submission, config_hash, latest_tasks, new_entry, read_registry
@@ -96,10 +96,11 @@ def prepare_experiment(cfg: ExperimentConfig) -> ExperimentPaths:
     manifest.csv and folds.csv are made from what was packed (`packed_manifest` of data.shards), never from
     the data set's CSVs: a study or patient the packer lost is in no fold. Existing files are kept (the
     folds of an experiment do not change between submissions); patients of an existing folds.csv that are
-    not packed are reported (training reads only the shard index, so they are skipped).
+    not packed are reported (training reads only the shard index, so they are skipped). folds.csv is written
+    by `bonehpc.data.folds.ensure_folds` only, from the packed images, as training would write it.
     """
-    from bonehpc.data.folds import make_folds, read_folds, write_folds
-    from bonehpc.data.mura import read_manifest, write_manifest
+    from bonehpc.data.folds import ensure_folds, packed_folds
+    from bonehpc.data.mura import write_manifest
 
     paths = ExperimentPaths.of(cfg)
     packed = packed_manifest(cfg.data.shards)
@@ -116,17 +117,8 @@ def prepare_experiment(cfg: ExperimentConfig) -> ExperimentPaths:
     save_config(cfg, paths.config)
     if not paths.manifest.is_file():
         write_manifest(packed, paths.manifest)
-    manifest = read_manifest(paths.manifest)
-    if not paths.folds.is_file():
-        write_folds(make_folds(manifest, cfg.data.num_folds, cfg.data.fold_seed), paths.folds)
-    unpacked = set(read_folds(paths.folds)["patient"]) - set(packed["patient"])
-    if unpacked:
-        log.warning(
-            "%d patient(s) of %s are not in the shards (lost in packing): they are skipped, e.g. %s",
-            len(unpacked),
-            paths.folds,
-            ", ".join(sorted(unpacked)[:5]),
-        )
+    folds = ensure_folds(paths.folds, packed, cfg.data.num_folds, cfg.data.fold_seed)
+    packed_folds(folds, packed)  # logs the fold patients lost in packing (they are skipped)
     return paths
 
 
@@ -295,15 +287,38 @@ def _submit_graph(ctx: slurm.SubmitContext, plan: Plan, kind: str, evaluate: boo
     return _record(ctx, kind, paths.root, skipped=plan.skipped)
 
 
+def config_in_place(exp: Path, workdir: str | Path) -> ExperimentConfig:
+    """The config of experiment folder `exp`, pointing at `exp` (the folder given is the only truth).
+
+    A config whose run_root/name (relative to the submission's `workdir`) is elsewhere belongs to a folder
+    that was moved: its run_root is rewritten to the folder's parent, so that nothing is read from or
+    written to the old place. A renamed folder is refused (the name also names the jobs and the tuning
+    study): rename it back.
+    """
+    cfg = load_config(exp / "config.yaml")
+    here = exp.resolve()
+    saved = (Path(workdir) / cfg.run_root / cfg.name).resolve()
+    if saved == here:
+        return cfg
+    if here.name != cfg.name:
+        raise ConfigError(
+            f"{exp}: the experiment folder was renamed (its config.yaml says name {cfg.name!r}); "
+            f"rename the folder back to {cfg.name!r}"
+        )
+    log.warning("%s was moved (config.yaml said %s): run_root is now %s", exp, saved, here.parent)
+    return apply_overrides(cfg, {"run_root": str(here.parent)})
+
+
 def resubmit(exp_dir: str | Path, workdir: str | Path | None = None) -> dict[str, Any]:
     """Resubmit only the failed / cancelled / timed-out tasks of an experiment (and their dependents)."""
     exp = Path(exp_dir)
     cfg_path = exp / "config.yaml"
     if not cfg_path.is_file():
         raise ConfigError(f"{exp}: no config.yaml; is this an experiment folder (runs/<exp>)?")
-    cfg = load_config(cfg_path)
-    if not read_registry(exp)["submissions"]:
+    registry = read_registry(exp)
+    if not registry["submissions"]:
         raise ConfigError(f"{exp}/jobs.json: nothing was submitted yet; use `bonehpc submit folds`")
+    cfg = config_in_place(exp, registry["submissions"][-1].get("workdir") or os.getcwd())
     with submit_lock(exp):  # what to rerun is decided under the lock that the submission then holds
         return _resubmit(exp, cfg, workdir)
 

@@ -100,10 +100,10 @@ def torchrun_command(
     role: str,
     nproc: int,
     python: str,
-    module: str = "bonehpc.train",
+    module: str = "bonehpc.cli.train",
     env: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """torchrun over `python -m bonehpc.train` for this node (standalone, or c10d rendezvous across nodes).
+    """torchrun over `python -m bonehpc.cli.train` for this node (standalone, or c10d rendezvous across nodes).
 
     `env` (default os.environ) is the Slurm environment of the task: SLURM_JOB_NUM_NODES, SLURM_NODEID,
     SLURM_JOB_ID (the rendezvous port), SLURM_JOB_NODELIST (the rendezvous host: the first node).
@@ -161,7 +161,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         nproc_per_node: training processes per node (0: one per GPU, 1 without GPUs).
     """
 
-    module = "bonehpc.train"
+    module = "bonehpc.cli.train"
     """The training module torchrun starts (`python -m <module> --config C --fold k --role r`)."""
 
     def __init__(self, cfg_path: str, role: str, workdir: str = "", nproc_per_node: int = 0) -> None:

@@ -1,6 +1,6 @@
 """`bonehpc train` (one fold/role in this process) and `bonehpc evaluate` (holdout evaluation).
 
-`python -m bonehpc.train ARGS` (what torchrun launches) is `main(ARGS)` here, i.e. `bonehpc train ARGS`:
+`python -m bonehpc.cli.train ARGS` (what torchrun launches) is `main(ARGS)` here, i.e. `bonehpc train ARGS`:
 one argparse tree, one error handling (input errors: one line, exit 2; preempted: exit 3).
 """
 
@@ -19,7 +19,7 @@ log = logging.getLogger("bonehpc.cli.train")
 
 TRAIN_EPILOG = """\
 This runs one process. For several processes (GPUs) on one node use torchrun with the module entry:
-  torchrun --standalone --nproc_per_node=4 -m bonehpc.train --config C --fold 0 --role teacher [key=value ...]
+  torchrun --standalone --nproc_per_node=4 -m bonehpc.cli.train --config C --fold 0 --role teacher [key=value ...]
 On a cluster, the Slurm commands of bonehpc submit every fold/role as jobs (they call the same code).
 
 The run resumes from <run dir>/last.pt when it exists and returns at once when metrics.json says completed.
@@ -120,7 +120,11 @@ def _weights(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bonehpc.train ARGS`: the same as `bonehpc train ARGS`; returns 0, 2 (bad input) or 3 (preempted)."""
+    """`python -m bonehpc.cli.train ARGS`: `bonehpc train ARGS`; returns 0, 2 (bad input) or 3 (preempted)."""
     from bonehpc.cli import main as bonehpc_main
 
     return bonehpc_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

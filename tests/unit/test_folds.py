@@ -128,3 +128,65 @@ def test_cli_folds(manifest: pd.DataFrame, tmp_path: Path, capsys: pytest.Captur
     assert err.startswith("bonehpc: folds error: only") and err.count("\n") == 1
     assert cli_main(["folds", "--manifest", str(tmp_path / "missing.csv")]) == 2
     assert "manifest file not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- one home for the split
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _calls(name: str) -> list[str]:
+    """'path:function' of every call of `name` (a bare or attribute call) in bonehpc/ and jobs/."""
+    import ast
+
+    out = []
+    for pkg in ("bonehpc", "jobs"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for fn in ast.walk(tree):
+                if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.Call):
+                        f = node.func
+                        called = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+                        if called == name:
+                            out.append(f"{path.relative_to(ROOT)}:{fn.name}")
+    return sorted(set(out))
+
+
+def test_folds_csv_has_one_writer() -> None:
+    """An experiment's folds.csv is written by ensure_folds only (submission and training both call it); the
+    other caller of write_folds is `bonehpc folds --out`, the stand-alone tool that writes where it is told."""
+    assert _calls("write_folds") == ["bonehpc/cli/data.py:cmd_folds", "bonehpc/data/folds.py:ensure_folds"]
+    assert _calls("make_folds") == [
+        "bonehpc/cli/data.py:cmd_folds",
+        "bonehpc/data/folds.py:ensure_folds",
+        "bonehpc/data/folds.py:final_selection",
+    ]
+
+
+def test_submission_and_training_write_the_same_folds(tiny_cfg, shards_dir: Path) -> None:  # noqa: ANN001
+    """prepare_experiment (from the packed manifest) and training (from the shard index) go through
+    ensure_folds: the same file, and training keeps the existing one."""
+    from bonehpc.data.folds import ensure_folds
+    from bonehpc.data.shards import ShardReader
+    from bonehpc.paths import ExperimentPaths
+    from jobs.submit import prepare_experiment
+
+    paths = prepare_experiment(tiny_cfg)
+    written = paths.folds.read_bytes()
+    index = ShardReader(shards_dir).index
+    other = paths.root / "other.csv"
+    pd.testing.assert_frame_equal(
+        ensure_folds(other, index, tiny_cfg.data.num_folds, tiny_cfg.data.fold_seed), read_folds(paths.folds)
+    )
+    assert other.read_bytes() == written
+    # an existing file is checked, never rewritten: 3 folds against data.num_folds=2 is an error
+    patients = sorted(set(index["patient"]))
+    paths.folds.write_text("patient,fold\n" + "".join(f"{p},{i % 3}\n" for i, p in enumerate(patients)))
+    before = paths.folds.read_bytes()
+    with pytest.raises(FoldError, match="has 3 folds but data.num_folds=2"):
+        ensure_folds(paths.folds, index, 2, 0)
+    assert paths.folds.read_bytes() == before
+    assert ExperimentPaths.of(tiny_cfg).folds == paths.folds
