@@ -372,6 +372,7 @@ def submit_pack(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dic
             compression=d.compression,
             images_per_shard=d.images_per_shard,
             min_side=d.min_side,
+            cross_split_patients=d.cross_split_patients,
         )
     out = str(Path(d.shards).resolve())
     shards = list(range(len(plan.shards)))
