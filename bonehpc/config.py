@@ -161,6 +161,8 @@ class DataConfig:
     """CPU worker processes of the loader (DataLoader workers or DALI Python workers)."""
     image_size: int = 224
     """Side of the square network input."""
+    cross_split_patients: bool = False
+    """Accept a patient number in both the train and the valid split (refused by default: a holdout leak)."""
     verify: str = "full"
     """Shard check before training: full (SHA-256 of every file, cached in .verified until a file changes),
     quick (structure and sizes) or none (also written off)."""

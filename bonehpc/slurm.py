@@ -57,6 +57,9 @@ class ResourceSpec:
     """USR2 this many seconds before the time limit (the job checkpoints and requeues)."""
     save_wait_s: int = DEFAULT_SAVE_WAIT_S
     """Longest a stopping job waits for last.pt to be written; signal_delay_s must exceed it by a margin."""
+    startup_s: int = 120
+    """Seconds from a job's start to its first training step (Python, torchrun, data, model); the preflight
+    refuses a time limit that leaves no room to progress after it."""
     array_parallelism: int = 32
     """Array tasks running at once."""
     max_num_timeout: int = 3
@@ -79,7 +82,7 @@ class ResourceSpec:
         for key in ("nodes", "cpus_per_task", "time_min", "array_parallelism"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)!r}")
-        for key in ("gpus_per_node", "signal_delay_s", "max_num_timeout", "nproc_per_node", "save_wait_s"):
+        for key in ("gpus_per_node", "signal_delay_s", "max_num_timeout", "nproc_per_node", "save_wait_s", "startup_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)!r}")
         self._check_strings()
@@ -109,6 +112,13 @@ class ResourceSpec:
 
 
 JOB_KINDS = ("train", "evaluate", "tune", "pack")
+# First lines of every batch script. Sites signal the batch shell too (`scancel --full`, `--signal=B:`,
+# some preemption setups); bash dies of USR2 by default, and the job then ends FAILED 0:12 instead of
+# being requeued. The shell only waits: the task (submitit, TrainTask, the trainers) handles the signal.
+BATCH_SHELL_SHIELD = (
+    "trap 'echo \"bonehpc: batch shell got USR2; the job step handles it\" >&2' USR2",
+    "trap 'echo \"bonehpc: batch shell got TERM; the job step handles it\" >&2' TERM",
+)
 
 
 @dataclass(kw_only=True)
@@ -132,7 +142,8 @@ class ClusterProfile(ResourceSpec):
         """The resources of one job kind: the profile, the kind's defaults, then its per_kind overrides.
 
         Defaults: a tune trial (one training process) gets 1 GPU and its per-GPU share of the train
-        resources' CPUs and memory (all of them on a CPU-only profile), on one node; pack gets no GPU.
+        resources' CPUs and memory (all of them on a CPU-only profile), on one node; pack gets no GPU, and
+        on a partition of its own neither the profile's `constraint` nor its `additional` options.
         """
         base = {f.name: getattr(self, f.name) for f in dataclasses.fields(ResourceSpec)}
         if kind == "tune":
@@ -145,9 +156,13 @@ class ClusterProfile(ResourceSpec):
                 nodes=1,
                 nproc_per_node=1,
             )
-        elif kind == "pack":
-            base.update(gpus_per_node=0, nodes=1)
         over = self.per_kind.get(kind, {})
+        if kind == "pack":
+            base.update(gpus_per_node=0, nodes=1)
+            if over.get("partition", self.partition) != self.partition:
+                # another partition (CPU nodes): the GPU nodes' feature and placement options
+                # (--constraint, additional: hint, ...) would match no node there
+                base.update(constraint="", additional={})
         try:
             return _build(ResourceSpec, {**base, **over})
         except ConfigError as err:
@@ -215,6 +230,7 @@ def executor_parameters(spec: ResourceSpec, name: str, mode: str) -> dict[str, A
         if getattr(spec, key):
             params[f"slurm_{key}"] = getattr(spec, key)
     params["slurm_setup"] = [
+        *BATCH_SHELL_SHIELD,
         # Slurm >= 22.05: srun does not inherit --cpus-per-task; derived inside the job so that it can
         # never conflict with the allocation
         "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK",
@@ -392,6 +408,17 @@ def submit(
         _debug_submit(ctx, executor, kind, role, task, items, record, run_if, label)
     ctx.jobs.append(record)
     return record
+
+
+def cancel(task_ids: Sequence[str], why: str) -> None:
+    """scancel these Slurm tasks (ones that already ended are left as they are); logs why."""
+    ids = [str(t) for t in task_ids if str(t)]
+    if not ids:
+        return
+    log.info("cancelling %s: %s", ", ".join(ids), why)
+    res = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60, check=False)
+    if res.returncode != 0:
+        log.warning("scancel %s exited %d: %s", " ".join(ids), res.returncode, res.stderr.strip()[:300])
 
 
 def _label(label: Callable[[Any], str] | None, item: Any) -> dict[str, str]:
