@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
+from bonehpc.errors import ConfigError as ConfigError  # re-exported: bonehpc.config.ConfigError everywhere
 from bonehpc.fsio import atomic_write_text
+from bonehpc.shellsafe import check_name, check_script_path, check_text
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,16 +28,38 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names the key."""
+MAX_YAML_DEPTH = 64
+"""Deepest nesting of a config or profile file (a real one nests 4 levels; 50,000 would overflow the stack)."""
+MAX_YAML_NODES = 100_000
+"""Most values a file may hold with every alias (*name) expanded: an alias bomb (each level repeating the
+one before) is refused while it is still small, before anything walks the expanded tree."""
 
 
 class _Loader(yaml.SafeLoader):
     """YAML as written by people: only true/false are booleans (YAML 1.2), and a repeated key is an error.
 
     YAML 1.1 turns `off`, `no`, `on`, `yes` into booleans, so `amp: off` would not be the word `off`
-    that the config documents. Bool fields accept those words (see _coerce).
+    that the config documents. Bool fields accept those words (see _coerce). Nesting and the size with
+    aliases expanded are bounded (MAX_YAML_DEPTH, MAX_YAML_NODES): hostile files fail in one line, fast.
     """
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise ConfigError(f"{self.name} line {line}: nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded_size(node, self.name)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -56,6 +80,35 @@ _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _check_expanded_size(root: yaml.Node, name: str) -> None:
+    """Refuse a document whose values, aliases expanded, exceed MAX_YAML_NODES, or that contains itself."""
+    size: dict[int, int] = {}
+    visiting: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # post-order without recursion; a shared (aliased) node is counted once per use
+        node, done = stack.pop()
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if done:
+            size[id(node)] = min(MAX_YAML_NODES + 1, 1 + sum(size[id(c)] for c in children))
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in visiting:
+            line = node.start_mark.line + 1
+            raise ConfigError(f"{name} line {line}: an alias refers to the value that contains it (a cycle)")
+        visiting.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+    if size[id(root)] > MAX_YAML_NODES:
+        raise ConfigError(
+            f"{name}: more than {MAX_YAML_NODES:,} values with its aliases (*name) expanded (an alias bomb?)"
+        )
 
 
 def yaml_load(text: str, name: str = "<string>") -> Any:
@@ -108,6 +161,8 @@ class DataConfig:
     """CPU worker processes of the loader (DataLoader workers or DALI Python workers)."""
     image_size: int = 224
     """Side of the square network input."""
+    cross_split_patients: bool = False
+    """Accept a patient number in both the train and the valid split (refused by default: a holdout leak)."""
     verify: str = "full"
     """Shard check before training: full (SHA-256 of every file, cached in .verified until a file changes),
     quick (structure and sizes) or none (also written off)."""
@@ -287,10 +342,15 @@ class ClusterConfig:
     """Cluster profile name: slurm/clusters/<profile>.yaml (or a path to a YAML file)."""
     nproc_per_node: int = 0
     """Training processes per node (0: one per GPU, or 1 on CPU-only nodes)."""
+    local_parallel: int | str = "auto"
+    """mode local: tasks of the job graph run at once; auto: one per visible GPU, else one per core (within
+    memory); threads are shared out (bonehpc.localgraph.plan_share)."""
 
     def __post_init__(self) -> None:
         _choice("cluster.mode", self.mode, ("auto", "slurm", "local", "debug"))
         _positive("cluster.nproc_per_node", self.nproc_per_node, allow_zero=True)
+        if self.local_parallel != "auto" and not (isinstance(self.local_parallel, int) and self.local_parallel >= 1):
+            raise ConfigError(f"cluster.local_parallel: expected auto or an integer >= 1, got {self.local_parallel!r}")
 
 
 @dataclass(kw_only=True)
@@ -335,6 +395,8 @@ class TuneConfig:
         _choice("tune.pruner", self.pruner, ("median", "halving", "none"))
         if not self.folds:
             raise ConfigError("tune.folds: need at least one fold")
+        if self.study_name:
+            check_name("tune.study_name", self.study_name, "study name")  # it names a folder under tune/
         check_tune_space(self.space)
 
 
@@ -414,8 +476,9 @@ class ExperimentConfig:
     """Hyperparameter search."""
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ConfigError(f"name: {self.name!r} is not a valid experiment name")
+        # both reach every job script: the job name, and the experiment folder in the log paths
+        check_name("name", self.name)
+        check_script_path("run_root", self.run_root)
 
     def role(self, role: str) -> RoleConfig:
         """The RoleConfig of 'teacher' or 'student' ('baseline' is the student trained without KD)."""
@@ -472,7 +535,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
-            return value
+            return check_text(key, value)  # every string may reach a job script or a log line
         hint = " (write the word, e.g. off, or quote it)" if isinstance(value, bool) else ""
         raise ConfigError(f"{key}: expected a string, got {value!r}{hint}")
     if origin in (list, tuple):
@@ -490,7 +553,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         _, vt = typing.get_args(tp) or (str, Any)
-        return {str(k): _coerce(f"{key}.{k}", vt, v) for k, v in value.items()}
+        return {check_text(f"{key} key", str(k)): _coerce(f"{key}.{k}", vt, v) for k, v in value.items()}
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
 

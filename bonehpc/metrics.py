@@ -195,7 +195,7 @@ def confusion(df: pd.DataFrame, level: str = "study") -> dict[str, int]:
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
     """ECE: sum over equal-width probability bins of (bin share) x |fraction positive - mean probability|.
 
-    The bins are those of the reliability diagram (`report_plots.calibration_figure`, uniform, 10); NaN for
+    The bins are those of the reliability diagram (`bonehpc.report.plots.calibration_figure`, uniform, 10); NaN for
     no rows.
     """
     y = np.asarray(y, dtype=float)

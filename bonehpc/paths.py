@@ -39,6 +39,7 @@ HOLDOUT_PREDICTIONS = "predictions.csv"
 HOLDOUT_METRICS = "metrics.json"
 # Files of an experiment folder.
 REPORT_INDEX = "index.html"
+REPORT_MARKDOWN = "report.md"
 BEST_PARAMS = "best_params.yaml"
 JOBS_REGISTRY = "jobs.json"  # bonehpc.registry: every submission of the experiment (and of its tuning study)
 TUNE_JOURNAL = "journal.log"

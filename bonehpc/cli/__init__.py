@@ -12,6 +12,7 @@ import argparse
 import errno
 import importlib
 import logging
+import os
 import sys
 
 from bonehpc import __version__, offline_env
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_args(args)
         rc = args.func(args)
     except ConfigError as err:
         if args.verbose:
@@ -91,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bonehpc {args.command}: {line}", file=sys.stderr)
         return INPUT_ERROR_EXIT_CODE
     return int(rc or 0)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every string of the command line is printable on one line (a NUL or newline never goes further)."""
+    from bonehpc.shellsafe import check_text
+
+    for key, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, (str, os.PathLike)):
+                check_text("key=value" if key == "overrides" else f"--{key.replace('_', '-')}", str(item))
 
 
 def input_error_line(err: BaseException) -> str | None:

@@ -378,6 +378,94 @@ def _export_run_dir(c: Ctx) -> tuple[list[str], str]:
     return ["export", "--model", str(c.tmp / "run"), "--out", str(c.tmp / "m.onnx")], r"run"
 
 
+# Issue 20: values that reach a job script or a shell, and inputs that would exhaust time or memory.
+
+
+def _submit_dry(c: Ctx, *extra: str) -> list[str]:
+    return ["submit", "folds", "--dry-run", *c.tiny("cluster.mode=slurm", *extra)]
+
+
+def _params_file(c: Ctx, text: str) -> str:
+    (c.tmp / "best_params.yaml").write_text(text)
+    return str(c.tmp / "best_params.yaml")
+
+
+def _name_in_params(text: str, fragment: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    # without the tiny experiment's name=..., which as a command-line override would win over --params
+    return lambda c: ([a for a in _submit_dry(c) if a != "name=tiny"] + ["--params", _params_file(c, text)], fragment)
+
+
+def _profile_case(text: str, fragment: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    def build(c: Ctx) -> tuple[list[str], str]:
+        (c.tmp / "site.yaml").write_text("time_min: 60\n" + text)
+        return _submit_dry(c, f"cluster.profile={c.tmp / 'site.yaml'}"), fragment
+
+    return build
+
+
+def _yaml_bomb(c: Ctx) -> tuple[list[str], str]:
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    return [*_submit_dry(c), "--params", _params_file(c, "\n".join(levels) + "\n")], r"best_params.yaml: more than"
+
+
+def _yaml_deep(c: Ctx) -> tuple[list[str], str]:
+    text = "name: " + "[" * 50_000 + "]" * 50_000 + "\n"
+    return [*_submit_dry(c), "--params", _params_file(c, text)], r"best_params.yaml line 1: nested deeper than"
+
+
+def _cli_nul(c: Ctx) -> tuple[list[str], str]:
+    return ["status", "--exp", "a\x00b", "--run-root", str(c.tmp)], r"--exp: 'a\\x00b' holds the control character"
+
+
+def _replace_in_csvs(root: Path, split: str, old: str, new: str) -> None:
+    for csv in (root / "MURA-v1.1").glob(f"{split}_*.csv"):
+        csv.write_text(csv.read_text().replace(old, new))
+
+
+def _leak_tree(c: Ctx) -> Path:
+    """A copy of the data set whose valid patient 11185 (XR_FOREARM) is renumbered to train patient 2."""
+    root = c.copy_tree()
+    forearm = root / "MURA-v1.1" / "valid" / "XR_FOREARM"
+    (forearm / "patient11185").rename(forearm / "patient00002")
+    _replace_in_csvs(root, "valid", "valid/XR_FOREARM/patient11185/", "valid/XR_FOREARM/patient00002/")
+    return root
+
+
+def _leak(command: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    def build(c: Ctx) -> tuple[list[str], str]:
+        root = _leak_tree(c)
+        argv = ["manifest", "--mura-root", str(root)] if command == "manifest" else _pack_args(c)
+        if command == "pack":
+            argv[argv.index("--mura-root") + 1] = str(root)
+        return argv, r"1 patient\(s\) in both the train and the valid split \(a holdout leak\): patient00002 \(train "
+
+    return build
+
+
+def _spelled_twice(c: Ctx) -> tuple[list[str], str]:
+    root = c.copy_tree()
+    elbow = root / "MURA-v1.1" / "train" / "XR_ELBOW"  # patient 4 also has FINGER and SHOULDER studies
+    (elbow / "patient00004").rename(elbow / "patient4")
+    _replace_in_csvs(root, "train", "train/XR_ELBOW/patient00004/", "train/XR_ELBOW/patient4/")
+    return ["manifest", "--mura-root", str(root)], r"1 patient number\(s\) spelled two ways .*patient00004 and patient4"
+
+
+def _same_file_twice(c: Ctx) -> tuple[list[str], str]:
+    root = c.copy_tree()
+    hand = root / "MURA-v1.1" / "train" / "XR_HAND"
+    (hand / "patient00009").symlink_to("patient00001")  # one folder listed under two patients
+    for csv in (root / "MURA-v1.1").glob("train_*.csv"):
+        rows = [r for r in csv.read_text().splitlines() if "XR_HAND/patient00001/" in r]
+        csv.write_text(csv.read_text() + "".join(r.replace("patient00001", "patient00009") + "\n" for r in rows))
+    return ["manifest", "--mura-root", str(root)], r"listed twice under two paths .*patient00001/.* and .*patient00009/"
+
+
+def _pack_size_change(c: Ctx) -> tuple[list[str], str]:
+    argv = ["pack", "--mura-root", str(c.world.root), "--out", str(c.world.shards), "--pack-size", "32", "--quiet"]
+    return argv, r"holds images packed at pack_size 64, not 32: .*--overwrite"
+
+
 CASES = [
     # DATA: bonehpc synth / manifest / folds / pack and the config loader
     Case("csv-not-utf8", "DATA", _mura_csv_latin1),
@@ -425,6 +513,36 @@ CASES = [
     Case("train-truncated-last-pt", "TRAIN", _train_truncated_last, outputs=("run", "runs")),
     # ARCH
     Case("demo-1-patient", "ARCH", _demo_one_patient),
+    # HOSTILE (issue 20), family 1: job-script injection, refused where the value enters
+    Case("name-newline-in-params", "HOSTILE", _name_in_params('name: "x\\n#SBATCH --time=1"\n', r"name: 'x\\n#SBATCH")),
+    Case("name-percent-override", "HOSTILE", lambda c: (_submit_dry(c, "name=a%jb"), r"name: 'a%jb' is not a valid")),
+    Case("name-semicolon-params", "HOSTILE", _name_in_params("name: a;reboot\n", r"name: 'a;reboot'")),
+    Case("run-root-percent", "HOSTILE", lambda c: (_submit_dry(c, "run_root=/srv/%u/runs"), r"run_root: .*'%'")),
+    Case("profile-partition-newline", "HOSTILE", _profile_case('partition: "gpu\\nrm -rf ~"\n', r"partition: 'gpu\\n")),
+    Case("profile-qos-space", "HOSTILE", _profile_case("qos: high prio\n", r"qos: 'high prio' is not a Slurm name")),
+    Case(
+        "profile-python-relative", "HOSTILE", _profile_case("python: .venv/bin/python\n", r"python: .* not an absolute")
+    ),
+    Case("profile-setup-open-quote", "HOSTILE", _profile_case('setup: ["echo \'x"]\n', r"setup\[0\]: .*complete")),
+    Case("profile-additional-key", "HOSTILE", _profile_case('additional: {"x\\ny": 1}\n', r"additional key: 'x\\ny'")),
+    Case("profile-additional-signal", "HOSTILE", _profile_case("additional: {signal: USR1@5}\n", r"additional.signal")),
+    Case(
+        "profile-per-kind-account-quote",
+        "HOSTILE",
+        _profile_case('per_kind: {pack: {account: "a\'b"}}\n', r"per_kind.pack.account: \"a'b\""),
+    ),
+    # family 4: inputs that would exhaust time or memory, refused before the expensive work
+    Case("yaml-alias-bomb", "HOSTILE", _yaml_bomb),
+    Case("yaml-50000-deep", "HOSTILE", _yaml_deep),
+    Case("name-nul-in-params", "HOSTILE", _name_in_params('name: "a\\0b"\n', r"name: 'a\\x00b'")),
+    Case("cli-nul", "HOSTILE", _cli_nul),
+    # family 2: split integrity
+    Case("manifest-patient-in-both-splits", "HOSTILE", _leak("manifest")),
+    Case("pack-patient-in-both-splits", "HOSTILE", _leak("pack")),
+    Case("manifest-patient-spelled-twice", "HOSTILE", _spelled_twice),
+    Case("manifest-same-file-twice", "HOSTILE", _same_file_twice),
+    # family 5: silent data changes
+    Case("pack-size-change-into-existing-shards", "HOSTILE", _pack_size_change),
 ]
 
 
@@ -493,3 +611,67 @@ def test_body_part_outside_the_seven_is_kept_with_a_warning(
         assert cli_main(argv) == 0
     assert "LEG" in capsys.readouterr().out
     assert "XR_LEG" in caplog.text and "outside MURA's seven" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 20, family 3: a moved experiment folder is the only truth
+
+
+def _submitted_experiment(world: World, run_root: Path, name: str) -> Path:
+    """An experiment folder whose every run completed, as `submit folds` leaves it (config.yaml, jobs.json)."""
+    import json
+
+    from bonehpc.config import load_config, save_config
+    from bonehpc.paths import ExperimentPaths
+
+    cfg = load_config(None, tiny_overrides(run_root, world.root, world.shards, f"name={name}"))
+    paths = ExperimentPaths.of(cfg)
+    paths.root.mkdir(parents=True)
+    save_config(cfg, paths.config)
+    tasks = []
+    for fold in ("fold0", "fold1", "final"):
+        for role in ("teacher", "student"):
+            (paths.root / fold / role).mkdir(parents=True)
+            (paths.root / fold / role / "metrics.json").write_text('{"status": "completed"}')
+            tasks.append({"kind": "train", "role": role, "job_id": "1", "tasks": [{"task_id": "1", "fold": fold}]})
+    tasks.append({"kind": "evaluate", "role": "", "job_id": "2", "tasks": [{"task_id": "2", "state": "COMPLETED"}]})
+    tasks[0]["tasks"][0]["state"] = "FAILED"  # one failed teacher (completed since) makes it a resubmit
+    sub = {"kind": "folds", "mode": "debug", "workdir": str(run_root.parent), "jobs": tasks}
+    paths.jobs.write_text(json.dumps({"submissions": [sub]}))
+    return paths.root
+
+
+def test_resubmit_of_a_moved_experiment_writes_only_in_the_folder_given(world: World, tmp_path: Path) -> None:
+    from bonehpc.config import load_config
+    from jobs.submit import resubmit
+
+    old = _submitted_experiment(world, tmp_path / "old" / "runs", "moved")
+    new = tmp_path / "new" / "runs" / "moved"
+    new.parent.mkdir(parents=True)
+    old.rename(new)
+    entry = resubmit(new)
+    assert entry["run_dir"] == str(new) and not entry["jobs"]  # everything completed: nothing to run
+    assert list((tmp_path / "old" / "runs").iterdir()) == []  # nothing written where the config pointed
+    assert (new / "folds.csv").is_file() and load_config(new / "config.yaml").run_root == str(new.parent)
+
+
+def test_resubmit_of_a_renamed_experiment_is_refused_in_one_line(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = _submitted_experiment(world, tmp_path / "runs", "first")
+    new = old.rename(old.parent / "second")
+    before = _snapshot(tmp_path)
+    assert cli_main(["submit", "resubmit", "--exp", str(new)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "second: the experiment folder was renamed (its config.yaml says name 'first')" in err
+    assert "\n" not in err and _snapshot(tmp_path) == before
+
+
+def test_cross_split_patients_are_packed_when_the_data_set_means_it(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with _case_env(tmp_path, world) as ctx:
+        root = _leak_tree(ctx)
+    with caplog.at_level("WARNING"):
+        assert cli_main(["manifest", "--mura-root", str(root), "--cross-split-patients"]) == 0
+    assert "1 patient(s) in both the train and the valid split (allowed" in caplog.text

@@ -199,8 +199,7 @@ def test_one_study_aggregation_in_predict_and_report(monkeypatch: pytest.MonkeyP
         return real(df)
 
     for mod in (bonehpc.metrics, bonehpc.predict):
-        monkeypatch.setattr(mod, "study_table", spy)
-    monkeypatch.setattr(bonehpc.report.M, "study_table", spy)
+        monkeypatch.setattr(mod, "study_table", spy)  # the report calls metrics.study_table (M.study_table)
     images = pd.DataFrame(
         {
             "image_id": [0, 1, 2],

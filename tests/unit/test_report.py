@@ -21,6 +21,8 @@ from sklearn.metrics import (
 )
 from tinyexp import tiny_overrides
 
+ROOT = Path(__file__).resolve().parents[2]
+
 SECTION_IDS = (
     "overview",
     "data",
@@ -389,3 +391,27 @@ def test_failed_tasks_show_their_last_exception_line() -> None:
     )
     assert failure_lines(acct) == ["fold1 student FAILED: ValueError: bad shard"]
     assert failure_lines(acct.drop(columns="error")) == []
+
+
+def test_the_report_names_no_run_file_itself() -> None:
+    """bonehpc/report/ reads an experiment folder through bonehpc.paths only: no string in it is a file name
+    (config.yaml, metrics.json, predictions_val.csv, best.pt, journal.log, ...), so a renamed run file
+    cannot leave the report reading the old name."""
+    import ast
+
+    import bonehpc.paths as paths_mod
+    from bonehpc.data import shards
+
+    known = {v for k, v in vars(paths_mod).items() if k.isupper() and isinstance(v, str) and "." in v}
+    known |= {v for k, v in vars(shards).items() if k.isupper() and isinstance(v, str) and "." in v}
+    exp = paths_mod.ExperimentPaths(Path("/x"))
+    known |= {p.name for p in (exp.config, exp.manifest, exp.folds, exp.jobs, exp.tune_journal, exp.best_params)}
+    file_like = re.compile(r"[\w*./<>-]*\w\.(json|jsonl|csv|pt|yaml|yml|log|html|md|h5|png)")
+    found = []
+    for path in sorted((ROOT / "bonehpc" / "report").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            text = node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+            if text is not None and (text in known or file_like.fullmatch(text)):
+                found.append(f"{path.name}:{node.lineno}: {text!r}")
+    assert "metrics.json" in known and "predictions_val.csv" in known and "journal.log" in known
+    assert not found, "literal file names in the report (use bonehpc.paths):\n" + "\n".join(found)

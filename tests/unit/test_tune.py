@@ -448,6 +448,8 @@ def test_best_params_yaml_round_trips_into_load_config(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_local_study_with_real_training_prunes(tiny_cfg: ExperimentConfig, tmp_path: Path, capsys) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from bonehpc import train
     from bonehpc.config import apply_overrides
     from jobs.submit import submit_tune
@@ -487,6 +489,11 @@ def test_local_study_with_real_training_prunes(tiny_cfg: ExperimentConfig, tmp_p
     assert set(names) <= {"COMPLETE", "PRUNED"} and "PRUNED" in names and "COMPLETE" in names
     for t in study.trials:
         assert sorted(t.intermediate_values) == ([0] if t.state.name == "PRUNED" else [0, 1])
+        # the pruner's values as live curves of the trial (TensorBoard's own reader)
+        acc = EventAccumulator(str(trial_dir(cfg, t.number)))
+        acc.Reload()
+        curve = {e.step: e.value for e in acc.Scalars("tune/val/image_auroc")}
+        assert curve == pytest.approx(t.intermediate_values, rel=1e-6)
         saved = load_config(trial_dir(cfg, t.number) / "config.yaml")
         assert saved.student.lr == pytest.approx(t.params["student.lr"]) and saved.student.epochs == 2
         log = (trial_run_dir(cfg, t.number, 0) / "train.log").read_text()
