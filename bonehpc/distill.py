@@ -205,10 +205,10 @@ class DistillationLoss(nn.Module):
         """Where the teacher logits come from: cached, online or none."""
         return "cached" if self.cached is not None else "online" if self.teacher is not None else "none"
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch of the next batches (cached outputs are looked up by epoch and image id)."""
+    def set_epoch(self, epoch: int, ids: Any = None) -> None:
+        """The epoch of the next batches and this rank's ids in it (cached outputs: read and looked up by id)."""
         if self.cached is not None:
-            self.cached.set_epoch(epoch)
+            self.cached.set_epoch(epoch, ids)
 
     def forward(
         self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor | None = None

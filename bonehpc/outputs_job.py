@@ -28,6 +28,7 @@ import torch
 from bonehpc import dist
 from bonehpc.config import ExperimentConfig
 from bonehpc.fsio import atomic_write_json
+from bonehpc.lease import RunLease, die_with_parent
 from bonehpc.paths import BEST_CKPT, OUTPUTS_FILE, RUN_METRICS, STATUS_COMPLETED, ExperimentPaths, fold_name
 from bonehpc.teacher_outputs import (
     PARTIAL_SUFFIX,
@@ -138,10 +139,18 @@ def compute(cfg: ExperimentConfig, fold: int | str) -> dict[str, Any]:
     teacher = paths.role_dir(fold, "teacher") / BEST_CKPT
     if not teacher.is_file():
         raise MissingTeacherError(f"{teacher} is missing: train the teacher of {fold_name(fold)} first")
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun: never outlive it (no orphan writers)
+        die_with_parent()
     owns_group = not dist.is_dist()
     info = dist.init_distributed()
+    leases: list[RunLease] = []  # rank 0's lease of the outputs folder: one writer of the cache
+
+    def take_lease() -> None:
+        _prepare_dir(out)
+        leases.append(RunLease(out, what="writing these teacher outputs").acquire())
+
     try:
-        _on_main(lambda: _prepare_dir(out))
+        _on_main(take_lease)
         setup_logging(out, info.rank)
         stop = dist.StopFlag(info.device).install()
         try:
@@ -151,6 +160,8 @@ def compute(cfg: ExperimentConfig, fold: int | str) -> dict[str, Any]:
             stop.uninstall()
             close_logging()
     finally:
+        for lease in leases:
+            lease.release()
         if owns_group:
             dist.cleanup()
 

@@ -14,9 +14,10 @@ size, input dtype and autocast as the training step (inference mode, channels_la
 A student (or tune trial) with ``distill.teacher_outputs`` auto or cached opens the file through
 `open_for_run`: the stored key must equal the run's own key and cover its epochs (a run with fewer epochs
 reads a prefix). cached refuses a mismatch (one line naming the field); auto falls back to the online teacher
-and says why. Each rank reads an epoch's rows when the epoch starts and looks its own samples up by image id
-(`torch.searchsorted` on the device: no host sync per step), so DDP, resume and requeue read exactly the rows
-their views need.
+and says why. When an epoch starts, each rank reads the epoch's chunk and keeps the rows of its own samples
+(the ids its loader plan gives it; an id missing from the cache is an error, never a wrong row), and looks them
+up by image id in each step (`torch.searchsorted` on the device: no host sync), so DDP, resume and requeue
+read exactly the rows their views need.
 
 The job is resumable: finished epochs go to ``teacher_outputs.h5.partial`` as they complete (flushed), a
 requeued job continues after the last one, and the file is renamed into place when every epoch is there. A
@@ -168,7 +169,8 @@ class CachedTeacherOutputs:
         if ids is None:
             with h5py.File(path, "r") as f:
                 ids = f["ids"][...]
-        self.ids = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(device)
+        self._all_ids = np.asarray(ids, dtype=np.int64)
+        self.ids = torch.from_numpy(self._all_ids).to(device)
         self.epoch = -1
         self.table: torch.Tensor | None = None
 
@@ -178,17 +180,30 @@ class CachedTeacherOutputs:
         arrays = np.asarray(logits, dtype=np.float32)
         return cls(Path("<memory>"), arrays.shape[0], device, ids=np.asarray(ids, dtype=np.int64), arrays=arrays)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Read epoch `epoch`'s rows (one contiguous chunk) onto the device."""
-        if epoch == self.epoch:
-            return
+    def set_epoch(self, epoch: int, ids: np.ndarray | None = None) -> None:
+        """Read epoch `epoch`'s rows (one contiguous chunk) and keep, on the device, those of `ids` (this rank's
+        samples of the epoch; None: every row).
+
+        Raises:
+            TeacherOutputsError: an id of this rank is not in the cache (never looked up silently wrong).
+        """
         if not 0 <= epoch < self.epochs:
             raise TeacherOutputsError(f"{self.path}: covers epochs 0..{self.epochs - 1}, epoch {epoch} asked")
         if self._arrays is not None:
-            self.table = torch.from_numpy(self._arrays[epoch]).to(self.device)
+            table = self._arrays[epoch]
         else:
             with h5py.File(self.path, "r") as f:
-                self.table = torch.from_numpy(f["logits"][epoch]).to(self.device)
+                table = f["logits"][epoch]
+        all_ids = self._all_ids
+        if ids is not None:
+            want = np.unique(np.asarray(ids, dtype=np.int64))
+            rows = np.searchsorted(all_ids, want).clip(max=len(all_ids) - 1)
+            missing = want[all_ids[rows] != want]
+            if len(missing):
+                raise TeacherOutputsError(f"{self.path}: image ids {missing[:5].tolist()} of this rank are not cached")
+            table, all_ids = table[rows], want
+        self.ids = torch.from_numpy(all_ids).to(self.device)
+        self.table = torch.from_numpy(np.ascontiguousarray(table)).to(self.device)
         self.epoch = epoch
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:

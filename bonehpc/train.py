@@ -623,7 +623,8 @@ def epoch_loop(
             seed_everything(tcfg.seed, epoch, info.rank)
             if hasattr(data.train_loader, "set_epoch"):
                 data.train_loader.set_epoch(epoch)
-            learner.loss_fn.set_epoch(epoch)
+            plan = getattr(data.train_loader, "plan", None)  # this rank's samples: the cached rows it reads
+            learner.loss_fn.set_epoch(epoch, plan.rank_ids(epoch) if plan is not None else None)
             lr_now = learner.optimizer.param_groups[0]["lr"]
             stats = learner.train_epoch(data.train_loader, tcfg, stop, epoch)
             if stop.stopped:

@@ -91,12 +91,15 @@ def test_cached_logits_equal_the_online_teacher_on_every_step(exp, world_size: i
         )
         for epoch in (1, 0):
             loader.set_epoch(epoch)
-            cached.set_epoch(epoch)
+            cached.set_epoch(epoch, loader.plan.rank_ids(epoch))  # this rank's rows only
+            assert len(cached.table) == len(loader.plan.rank_ids(epoch))
             for images, _, batch_ids in loader:
                 worst = max(worst, float((online.teacher_logits(images) - cached.lookup(batch_ids)).abs().max()))
                 steps += 1
         loader.close()
     assert steps >= 4 and worst <= 1e-4
+    with pytest.raises(TeacherOutputsError, match="not cached"):  # never a wrong row for an unknown id
+        cached.set_epoch(0, np.array([ids.max() + 1000]))
 
 
 def test_cached_student_matches_online_and_resumes_exactly(exp, tmp_path: Path) -> None:  # noqa: ANN001
@@ -204,3 +207,26 @@ def test_tune_space_over_the_views_is_refused_with_cached(exp) -> None:  # noqa:
         check_tune_space(apply_overrides(cfg, {"tune.space": space, "distill.teacher_outputs": "cached"}))
     assert check_tune_space(apply_overrides(cfg, {"tune.space": space})) == ["augment.rotate_deg"]
     assert check_tune_space(cfg) == []
+
+
+def test_report_cost_table_puts_outputs_beside_students(exp, tmp_path: Path) -> None:  # noqa: ANN001
+    """The report's distillation-cost section: the outputs job's time, views and img/s per fold, beside the
+    student (here fold 0 only, trained in the fold folder); an experiment without the stage says so."""
+    from bonehpc.report.distill_cost import section_distill_cost
+    from bonehpc.report.experiment import load_experiment
+
+    cfg, _ = exp
+    summary = json.loads((ExperimentPaths.of(cfg).outputs_dir(0) / "metrics.json").read_text())
+    run(cfg, 0, "student")
+    sec = section_distill_cost(load_experiment(ExperimentPaths.of(cfg).root))
+    (table,) = [b for b in sec.blocks if hasattr(b, "df")]
+    row = table.df.set_index("fold").loc["fold0"]
+    assert row["outputs s"] == pytest.approx(summary["time_s"]) and row["outputs img/s"] == summary["img_per_s"]
+    assert row["outputs views"] == summary["epochs"] * summary["images_per_epoch"]
+    assert row["student teacher logits"] == "cached"
+    assert row["student s"] > 0 and "total" in table.df["fold"].tolist()
+    other = apply_overrides(cfg, {"name": "plain", "distill.teacher_outputs": "online"})
+    ExperimentPaths.of(other).root.mkdir(parents=True)
+    save_config(other, ExperimentPaths.of(other).config)
+    sec = section_distill_cost(load_experiment(ExperimentPaths.of(other).root))
+    assert not [b for b in sec.blocks if hasattr(b, "df")] and "No teacher-outputs stage" in str(sec.blocks)
