@@ -332,10 +332,15 @@ class ClusterConfig:
     """Cluster profile name: slurm/clusters/<profile>.yaml (or a path to a YAML file)."""
     nproc_per_node: int = 0
     """Training processes per node (0: one per GPU, or 1 on CPU-only nodes)."""
+    local_parallel: int | str = "auto"
+    """mode local: tasks of the job graph run at once; auto: one per visible GPU, else one per core (within
+    memory); threads are shared out (bonehpc.localgraph.plan_share)."""
 
     def __post_init__(self) -> None:
         _choice("cluster.mode", self.mode, ("auto", "slurm", "local", "debug"))
         _positive("cluster.nproc_per_node", self.nproc_per_node, allow_zero=True)
+        if self.local_parallel != "auto" and not (isinstance(self.local_parallel, int) and self.local_parallel >= 1):
+            raise ConfigError(f"cluster.local_parallel: expected auto or an integer >= 1, got {self.local_parallel!r}")
 
 
 @dataclass(kw_only=True)

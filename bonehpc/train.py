@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import tempfile
 import time
@@ -62,6 +63,7 @@ from bonehpc.constants import PRED_COLUMNS, PREEMPTED_EXIT_CODE
 from bonehpc.curves import Curves
 from bonehpc.engine import amp_dtype_of, evaluate, train_one_epoch
 from bonehpc.fsio import atomic_write_csv, atomic_write_json, atomic_write_text
+from bonehpc.lease import RunLease, die_with_parent, slurm_task_id
 from bonehpc.log import close_logging, setup_logging
 from bonehpc.paths import (
     ROLES,
@@ -478,6 +480,8 @@ class RunContext:
     info: dist.DistInfo
     stop: dist.StopFlag
     on_epoch_end: Callable[[int, Mapping[str, Any]], None] | None = None
+    lease: RunLease | None = None
+    """Rank 0's run lease (None on other ranks); checked before each epoch's writes."""
 
 
 def run(
@@ -505,6 +509,8 @@ def run(
     """
     role_config(cfg, role)
     check_fold(fold, cfg.data.num_folds)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun: never outlive it (no orphan writers)
+        die_with_parent()
     out = Path(run_dir) if run_dir is not None else ExperimentPaths.of(cfg).role_dir(fold, role)
     if run_status(out) == STATUS_COMPLETED:
         log.info("%s: already completed (metrics.json), not training again", out)
@@ -512,12 +518,21 @@ def run(
         return {k: float(v) for k, v in (done.get("metrics") or {}).items()}
     owns_group = not dist.is_dist()
     info = dist.init_distributed()
+    leases: list[RunLease] = []  # rank 0's lease of the run folder (one writer per run)
+
+    def take_lease() -> bool:
+        _prepare_dir(out)
+        leases.append(RunLease(out).acquire())
+        return run_status(out) == STATUS_COMPLETED  # completed by the holder we waited for
+
     try:
-        _on_main(lambda: _prepare_dir(out))
+        if _on_main(take_lease):
+            done = read_json(out / RUN_METRICS) or {}
+            return {k: float(v) for k, v in (done.get("metrics") or {}).items()}
         setup_logging(out, info.rank)
         stop = dist.StopFlag(info.device).install()
         try:
-            return _train(RunContext(cfg, fold, role, out, info, stop, on_epoch_end))
+            return _train(RunContext(cfg, fold, role, out, info, stop, on_epoch_end, next(iter(leases), None)))
         except Preempted as err:
             log.warning("%s (exit status %d)", err, PREEMPTED_EXIT_CODE)
             raise
@@ -525,6 +540,8 @@ def run(
             stop.uninstall()
             close_logging()
     finally:
+        for lease in leases:
+            lease.release()
         if owns_group:
             dist.cleanup()
 
@@ -621,6 +638,8 @@ def epoch_loop(
             early_stop = bool(tcfg.patience) and epoch - state.best_epoch >= tcfg.patience
             final = early_stop or state.epoch == rcfg.epochs
             if ckpts is not None:
+                if ctx.lease is not None:
+                    ctx.lease.check()  # another process took the run over: never a second writer
                 with open(ctx.out / RUN_EPOCHS, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
                 if curves is not None:
@@ -676,8 +695,11 @@ def finish(
         "model": learner.net_info,
         "world_size": info.world_size,
         "time_s": round(elapsed_s, 3),
+        "job": slurm_task_id(),
     }
     if info.is_main:
+        if ctx.lease is not None:
+            ctx.lease.check()
         atomic_write_json(ctx.out / RUN_METRICS, summary)
     dist.barrier()
     log.info(

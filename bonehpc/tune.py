@@ -665,8 +665,10 @@ def _short(v: Any) -> str:
 # Submission
 
 
-def prepare(cfg: ExperimentConfig) -> optuna.Study:
+def prepare(cfg: ExperimentConfig, create: bool = True) -> optuna.Study | None:
     """Every check that can fail before anything is submitted, then create the study and save the config.
+
+    create=False (a dry run): the checks only; the existing study (None when there is none), nothing written.
 
     Raises:
         TuneError: listing the teachers of `tune.folds` that are not trained yet.
@@ -681,6 +683,12 @@ def prepare(cfg: ExperimentConfig) -> optuna.Study:
             f"the search reuses the trained teachers of tune.folds={list(cfg.tune.folds)}, missing:\n  {listing}\n"
             "train them first (make submit-folds) or change tune.folds"
         )
+    if not create:
+        exists = bool(cfg.tune.storage.strip()) or ExperimentPaths.of(cfg).tune_journal.is_file()
+        try:
+            return open_study(cfg) if exists else None
+        except TuneError:
+            return None
     study_dir(cfg).mkdir(parents=True, exist_ok=True)
     study = open_study(cfg, create=True)
     save_config(cfg, study_dir(cfg) / RUN_CONFIG)

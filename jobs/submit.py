@@ -28,6 +28,7 @@ import pandas as pd
 from bonehpc import preflight, slurm
 from bonehpc.accounting import ACTIVE_STATES, RETRY_STATES, task_states
 from bonehpc.config import ConfigError, ExperimentConfig, apply_overrides, load_config, save_config
+from bonehpc.lease import submit_lock
 from bonehpc.paths import ROLES, RUN_CONFIG, ExperimentPaths, experiment_roles, fold_keys, fold_name
 from bonehpc.registry import append_submission, config_hash, latest_tasks, new_entry, read_registry
 from jobs.evaluate import EvaluateTask
@@ -134,6 +135,8 @@ class Plan:
     """(fold name, role) -> task id of a still pending/running task from an earlier submission."""
     baseline: list[int | str] = field(default_factory=list)
     """Folds of the no-KD student (distill.baseline); it depends on no teacher."""
+    superseded: list[str] = field(default_factory=list)
+    """Task ids of a still queued earlier evaluation that the new one replaces (cancelled on submit)."""
 
 
 def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[str, str]] | None = None) -> Plan:
@@ -170,8 +173,11 @@ def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[st
     todo["student"].sort(key=keys.index)
     prev_eval = latest.get(("holdout", "evaluate"))
     prev_state = states.get(prev_eval["task_id"], "UNKNOWN") if prev_eval else ""
+    superseded: list[str] = []
     if any(todo.values()):
         need_eval = True
+        if prev_state in ACTIVE_STATES:  # it waits on the old tasks only: the new evaluation replaces it
+            superseded.append(prev_eval["task_id"])  # type: ignore[index]
     elif prev_state in ACTIVE_STATES:
         need_eval = False
         skipped["holdout/evaluate"] = f"{prev_state.lower()} as {prev_eval['task_id']}"  # type: ignore[index]
@@ -180,26 +186,36 @@ def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[st
         skipped["holdout/evaluate"] = "completed"
     else:
         need_eval = True
-    return Plan(todo["teacher"], todo["student"], need_eval, skipped, active, todo["baseline"])
+    return Plan(todo["teacher"], todo["student"], need_eval, skipped, active, todo["baseline"], superseded)
 
 
-def _student_dependency(ctx: slurm.SubmitContext, plan: Plan, teacher: dict[str, Any] | None) -> str:
-    """aftercorr on the teacher array when the student array has the same folds in the same order (Slurm),
-    else afterok on each teacher task it needs (new or still active); '' outside Slurm."""
-    if ctx.mode != "slurm":
-        return ""
+def student_groups(
+    ctx: slurm.SubmitContext, plan: Plan, teacher: dict[str, Any] | None
+) -> list[tuple[list[int | str], str]]:
+    """The student arrays to submit, each with its dependency: student k waits for teacher k only.
+
+    Slurm: one array with aftercorr on the teacher array when both have the same folds in the same order;
+    otherwise a student whose teacher is new or still active in an earlier submission is its own job,
+    afterok on exactly that teacher task, and students whose teachers are done share one array without a
+    dependency (an afterok on several teachers would make every student wait for all of them). Local mode
+    the same (its graph reads the same strings); debug: one array (its jobs check the teacher with run_if).
+    """
+    if ctx.mode == "debug" or not plan.student:
+        return [(list(plan.student), "")] if plan.student else []
     tasks = (teacher or {}).get("tasks", [])
     if teacher is not None and [fold_name(f) for f in plan.student] == [t["fold"] for t in tasks]:
-        return f"aftercorr:{teacher['job_id']}"
+        return [(list(plan.student), f"aftercorr:{teacher['job_id']}")]
     by_fold = {t["fold"]: t["task_id"] for t in tasks}
-    deps = []
+    groups: list[tuple[list[int | str], str]] = []
+    free: list[int | str] = []
     for fold in plan.student:
         fname = fold_name(fold)
-        if fname in by_fold:
-            deps.append(by_fold[fname])
-        elif (fname, "teacher") in plan.active:
-            deps.append(plan.active[(fname, "teacher")])
-    return "afterok:" + ":".join(deps) if deps else ""
+        dep = by_fold.get(fname) or plan.active.get((fname, "teacher"))
+        if dep:
+            groups.append(([fold], f"afterok:{dep}"))
+        else:
+            free.append(fold)
+    return ([(free, "")] if free else []) + groups
 
 
 def submit_folds(
@@ -225,25 +241,35 @@ def submit_folds(
     if plan.teacher or plan.student or plan.baseline or plan.evaluate:  # one line, exit 2, nothing written
         roles = [r for r in ROLES if getattr(plan, r)]
         preflight.preflight_training(cfg, paths, ctx.profile, ctx.mode, roles, "train")
-    if not slurm.is_dry_run():  # a dry run leaves the experiment folder as it was
+    if slurm.is_dry_run():  # a dry run leaves the experiment folder as it was (and takes no lock)
+        return _submit_graph(ctx, plan, kind, evaluate)
+    with submit_lock(paths.root):  # concurrent submits: the others stop here, naming this one
+        plan = plan_folds(cfg, paths, only)  # again under the lock: what a submit before us did counts
         prepare_experiment(cfg)
+        return _submit_graph(ctx, plan, kind, evaluate)
+
+
+def _submit_graph(ctx: slurm.SubmitContext, plan: Plan, kind: str, evaluate: bool) -> dict[str, Any]:
+    """Submit the jobs of `plan` (the fold graph) and record them."""
+    cfg, paths = ctx.cfg, ctx.paths
     cfg_path = str(paths.config.resolve())
     nproc = cfg.cluster.nproc_per_node or ctx.profile.for_kind("train").nproc_per_node
     train_ids: list[str] = list(plan.active.values())
+    slurm.defer_local(ctx)  # local mode: the jobs below run together at run_local, by their dependencies
 
     teacher: dict[str, Any] | None = None
     if plan.teacher:
         task = TrainTask(cfg_path, "teacher", ctx.workdir, nproc)
         teacher = slurm.submit(ctx, "train", task, plan.teacher, role="teacher", label=fold_name)
         train_ids.append(teacher["job_id"])
-    if plan.student:
+    for folds, dependency in student_groups(ctx, plan, teacher):
         student = slurm.submit(
             ctx,
             "train",
             TrainTask(cfg_path, "student", ctx.workdir, nproc),
-            plan.student,
+            folds,
             role="student",
-            dependency=_student_dependency(ctx, plan, teacher),
+            dependency=dependency,
             run_if=lambda fold: paths.role_completed(fold, "teacher"),
             label=fold_name,
         )
@@ -253,10 +279,17 @@ def submit_folds(
         baseline = slurm.submit(ctx, "train", task, plan.baseline, role="baseline", label=fold_name)
         train_ids.append(baseline["job_id"])
     if plan.evaluate and evaluate:
-        dependency = "afterany:" + ":".join(train_ids) if train_ids and ctx.mode == "slurm" else ""
+        if plan.superseded and ctx.mode == "slurm" and not slurm.is_dry_run():  # never two evaluations at once
+            slurm.cancel(plan.superseded, "superseded by a new evaluation of this submission")
+        dependency = "afterany:" + ":".join(train_ids) if train_ids else ""
         slurm.submit(ctx, "evaluate", EvaluateTask(cfg_path, ctx.workdir), dependency=dependency)
     if not ctx.jobs:
         log.info("nothing to submit for %s: %s", cfg.name, ", ".join(f"{k} {v}" for k, v in plan.skipped.items()))
+    try:
+        slurm.run_local(ctx)
+    except KeyboardInterrupt:
+        _record(ctx, kind, paths.root, skipped=plan.skipped)  # the stopped tasks as CANCELLED; a re-run resumes
+        raise
     return _record(ctx, kind, paths.root, skipped=plan.skipped)
 
 
@@ -292,6 +325,12 @@ def resubmit(exp_dir: str | Path, workdir: str | Path | None = None) -> dict[str
     if not registry["submissions"]:
         raise ConfigError(f"{exp}/jobs.json: nothing was submitted yet; use `bonehpc submit folds`")
     cfg = config_in_place(exp, registry["submissions"][-1].get("workdir") or os.getcwd())
+    with submit_lock(exp):  # what to rerun is decided under the lock that the submission then holds
+        return _resubmit(exp, cfg, workdir)
+
+
+def _resubmit(exp: Path, cfg: ExperimentConfig, workdir: str | Path | None) -> dict[str, Any]:
+    registry = read_registry(exp)
     states = task_states(registry)
     paths = ExperimentPaths(exp)
     only: set[tuple[str, str]] = set()
@@ -350,36 +389,70 @@ def submit_pack(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dic
     return _record(ctx, "pack", paths.root)
 
 
+def tune_tasks_needed(cfg: ExperimentConfig, study: Any, folder: Path) -> tuple[int, str]:
+    """How many array tasks top the study up to `tune.trials` (each task runs one trial), and why.
+
+    Finished trials count (COMPLETE, PRUNED, and a FAIL that was not retried: its answer is "this fails"),
+    and so does every task of an earlier submission that is still pending or running (it will run one).
+    """
+    trials = study.get_trials(deepcopy=False) if study is not None else []
+    retried = {n for t in trials for n in (t.system_attrs.get("retry_history") or [])}
+    finished = sum(
+        t.state.name in ("COMPLETE", "PRUNED") or (t.state.name == "FAIL" and t.number not in retried) for t in trials
+    )
+    registry = read_registry(folder)
+    states = task_states(registry) if registry["submissions"] else {}
+    in_flight = sum(state in ACTIVE_STATES for state in states.values())
+    needed = max(0, cfg.tune.trials - finished - in_flight)
+    why = f"{finished} trial(s) finished, {in_flight} task(s) pending or running, tune.trials={cfg.tune.trials}"
+    return needed, why
+
+
 def submit_tune(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dict[str, Any]:
-    """Check, create the study, then submit ONE array of `tune.trials` tasks (`tune.parallel` at a time).
+    """Check, create the study, then submit ONE array that tops the study up to `tune.trials` trials
+    (`tune.parallel` at a time): submitting again adds only what is missing.
 
     cluster.mode local/debug runs the tasks with submitit's local/debug executor, one after another, before
     returning. The submission is recorded in `runs/<exp>/tune/jobs.json` (the registry format of
-    `runs/<exp>/jobs.json`, kept apart so fold status tables stay about folds).
+    `runs/<exp>/jobs.json`, kept apart so fold status tables stay about folds). A dry run creates nothing
+    (no study, no journal) and shows what a submission would add. Concurrent submits of one study: the
+    others stop (exit 2) naming the first.
 
     Returns:
         The registry entry, plus `run_dir`, `study` and `storage`.
     """
     from bonehpc import tune
 
-    study = tune.prepare(cfg)
     folder = tune.study_dir(cfg)
     ctx = _context(cfg, ExperimentPaths.of(cfg), workdir)
     per_kind = {k: dict(v) for k, v in ctx.profile.per_kind.items()}
     per_kind.get("tune", {}).pop("array_parallelism", None)
     ctx.profile = dataclasses.replace(ctx.profile, array_parallelism=cfg.tune.parallel, per_kind=per_kind)
+    study = tune.prepare(cfg, create=False)  # every check first: bad input writes nothing
     preflight.preflight_training(cfg, ctx.paths, ctx.profile, ctx.mode, ["student"], "tune")
-    task = TuneTask(str((folder / RUN_CONFIG).resolve()), ctx.workdir)
+    if slurm.is_dry_run():
+        return _submit_tune(cfg, ctx, study, folder)
+    with submit_lock(folder):
+        return _submit_tune(cfg, ctx, tune.prepare(cfg), folder)
+
+
+def _submit_tune(cfg: ExperimentConfig, ctx: slurm.SubmitContext, study: Any, folder: Path) -> dict[str, Any]:
+    from bonehpc import tune
+
+    needed, why = tune_tasks_needed(cfg, study, folder)
+    name = study.study_name if study is not None else tune.study_name(cfg)
     log.info(
-        "study %r in %s: %d trial(s) so far; submitting %d task(s), %d at a time (%s)",
-        study.study_name,
+        "study %r in %s: %s; submitting %d task(s), %d at a time (%s)",
+        name,
         tune.storage_label(cfg),
-        len(study.trials),
-        cfg.tune.trials,
+        why,
+        needed,
         cfg.tune.parallel,
         ctx.mode,
     )
-    record = slurm.submit(ctx, "tune", task, list(range(cfg.tune.trials)), role="tune")
-    for t in record["tasks"]:
-        t["slot"] = t["index"]
-    return _record(ctx, "tune", folder, study=study.study_name, storage=tune.storage_label(cfg))
+    if needed:
+        task = TuneTask(str((folder / RUN_CONFIG).resolve()), ctx.workdir)
+        record = slurm.submit(ctx, "tune", task, list(range(needed)), role="tune")
+        for t in record["tasks"]:
+            t["slot"] = t["index"]
+    return _record(ctx, "tune", folder, study=name, storage=tune.storage_label(cfg))

@@ -43,6 +43,7 @@ from bonehpc.augment.dali import sample_draws_of
 from bonehpc.augment.presets import Preset, build_preset
 from bonehpc.config import ExperimentConfig
 from bonehpc.data.shards import ShardReader
+from bonehpc.lease import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,7 @@ def _worker_init(seed: int, rank: int, worker_id: int) -> None:
     import cv2
 
     dist.ignore_preempt_signals()
+    die_with_parent()  # it ignores TERM: without this a worker would outlive a trainer killed with SIGKILL
     cv2.setNumThreads(1)
     s = _derive_seed(_WORKER, seed, rank, worker_id)
     random.seed(s)
@@ -370,6 +372,7 @@ class _DaliSource:
         """(image [S, S, 1], label [1], id [1], then the preset's draws: see `sample_draws_of`)."""
         if self._pid != os.getpid():  # first sample in this worker process
             dist.ignore_preempt_signals()
+            die_with_parent()  # never outlive the trainer (it ignores TERM)
             self._pid = os.getpid()
         if info.idx_in_epoch >= self.n_samples:
             raise StopIteration
