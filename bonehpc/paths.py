@@ -52,7 +52,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
     exist: bonehpc writes atomically)."""
     try:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
         return None
     return obj if isinstance(obj, dict) else None
 
