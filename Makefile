@@ -1,6 +1,7 @@
 # bonehpc — every user-facing action is a target here.
 # Variables: CONFIG, PROFILE (slurm/clusters/<name>.yaml), MODE (auto|slurm|local|debug), ARGS (extra key=value
-# overrides), EXP, PARAMS (e.g. runs/<exp>/tune/best_params.yaml), TRIALS, PARALLEL, STUDY,
+# overrides), EXP, RUN_ROOT (the folder holding EXP: the config's run_root, default runs), PARAMS
+# (e.g. runs/<exp>/tune/best_params.yaml), TRIALS, PARALLEL, STUDY,
 # DRY_RUN=1 (submit targets: print the sbatch scripts and the dependency graph, submit nothing).
 SHELL := /bin/bash
 PY ?= python3
@@ -10,6 +11,7 @@ CONFIG ?= configs/demo.yaml
 PROFILE ?=
 EXP ?= demo
 PARAMS ?=
+RUN_ROOT ?= runs
 TRIALS ?= 6
 PARALLEL ?= 2
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -29,7 +31,7 @@ DRY_ARG := $(if $(DRY_RUN),--dry-run,)
 
 
 .PHONY: help setup demo test test-unit verify lint format typecheck pack submit-folds submit-tune \
-        resubmit status report tune-status predict bench dev-cluster-up dev-cluster-down clean
+        resubmit status report tune-status predict bench dev-cluster-up dev-cluster-down clean tensorboard
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -75,22 +77,26 @@ submit-folds: setup ## submit the cross-validated teacher+student experiment of 
 	$(BIN)/bonehpc submit folds --config $(CONFIG) $(PARAMS_ARG) $(DRY_ARG) $(PROFILE_ARG)
 
 resubmit: setup ## resubmit only failed/cancelled/timed-out tasks of EXP
-	$(BIN)/bonehpc submit resubmit --exp $(EXP)
+	$(BIN)/bonehpc submit resubmit --exp $(EXP) --run-root $(RUN_ROOT)
 
 status: setup ## per fold and role: state, elapsed, exit code, requeues (sacct)
-	$(BIN)/bonehpc status --exp $(EXP)
+	$(BIN)/bonehpc status --exp $(EXP) --run-root $(RUN_ROOT)
 
 submit-tune: setup ## Optuna study as a Slurm array: TRIALS=N PARALLEL=P
 	$(BIN)/bonehpc submit tune --config $(CONFIG) $(DRY_ARG) $(PROFILE_ARG) tune.trials=$(TRIALS) tune.parallel=$(PARALLEL)
 
 tune-status: setup ## Optuna study of EXP: trials by state, best params (-> runs/EXP/tune/best_params.yaml)
-	$(BIN)/bonehpc tune status --exp $(EXP) $(if $(STUDY),--study $(STUDY),)
+	$(BIN)/bonehpc tune status --exp $(EXP) --run-root $(RUN_ROOT) $(if $(STUDY),--study $(STUDY),)
+
+TB_PORT ?= 6006
+tensorboard: setup ## live curves of EXP (folds, roles, tune trials side by side): http://localhost:TB_PORT
+	$(BIN)/tensorboard --logdir runs/$(EXP) --port $(TB_PORT)
 
 report: setup ## aggregated report of EXP: runs/EXP/report/index.html
-	$(BIN)/bonehpc report --exp $(EXP)
+	$(BIN)/bonehpc report --exp $(EXP) --run-root $(RUN_ROOT)
 
 predict: setup ## abnormality probabilities for INPUT (folder of PNGs or CSV) with the student fold ensemble of EXP
-	$(BIN)/bonehpc predict --model runs/$(EXP) --input $(INPUT) --out $(or $(OUT),runs/$(EXP)/predict/preds.csv)
+	$(BIN)/bonehpc predict --model $(RUN_ROOT)/$(EXP) --input $(INPUT) --out $(or $(OUT),$(RUN_ROOT)/$(EXP)/predict/preds.csv)
 
 bench: setup ## benchmarks, ratios side by side (JSON + table); sizes via BENCH_ARGS="--image-size 224 ..."
 	$(BIN)/bonehpc bench all $(BENCH_ARGS)

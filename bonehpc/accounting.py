@@ -6,9 +6,11 @@ run of a requeued job (REQUEUED / PREEMPTED rows), which is how requeues are cou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,7 +25,20 @@ from bonehpc.resources import task_failure_line
 
 log = logging.getLogger(__name__)
 
-SACCT_FIELDS = ("JobID", "JobName", "State", "ExitCode", "Elapsed", "NodeList", "AllocTRES", "Start", "End")
+SACCT_FIELDS = (
+    "JobID",
+    "JobName",
+    "State",
+    "ExitCode",
+    "Elapsed",
+    "NodeList",
+    "AllocTRES",
+    "Start",
+    "End",
+    "DerivedExitCode",
+)
+# sacct text written before DerivedExitCode was asked for (saved outputs) still parses
+_OLD_FIELDS = len(SACCT_FIELDS) - 1
 SACCT_ARGS = ("sacct", "-X", "-D", "-P", "-n", f"--format={','.join(SACCT_FIELDS)}")
 REQUEUE_STATES = frozenset({"REQUEUED", "PREEMPTED"})
 # A task in one of these states may still finish: never submit its fold/role a second time.
@@ -56,6 +71,7 @@ STATUS_COLUMNS = (
     "elapsed_s",
     "exit_code",
     "signal",
+    "exit",
     "requeues",
     "node",
     "gpus",
@@ -87,6 +103,9 @@ class SacctRow:
     end: str
     cancelled_by: str = ""
     """uid that cancelled the job, when State says `CANCELLED by <uid>`."""
+    derived_signal: int | None = None
+    """Signal of sacct's DerivedExitCode (the highest exit of the job's steps): a step killed by a signal
+    when the batch script itself exited normally."""
 
 
 @dataclass
@@ -106,7 +125,14 @@ class TaskRecord:
 
     @property
     def requeues(self) -> int:
-        return sum(r.state in REQUEUE_STATES for r in self.runs)
+        """Every run before the current one ended in a requeue (time limit, preemption, node failure,
+        scontrol requeue), whatever sacct calls its state."""
+        return max(0, len(self.runs) - 1)
+
+    @property
+    def elapsed_s(self) -> int:
+        """Run time summed over every run of the task."""
+        return sum(r.elapsed_s for r in self.runs)
 
     @property
     def gpu_hours(self) -> float:
@@ -174,18 +200,17 @@ def parse_sacct(text: str) -> list[SacctRow]:
         if not line.strip():
             continue
         parts = line.split("|")
+        if len(parts) == _OLD_FIELDS:
+            parts.append("")
         if len(parts) != len(SACCT_FIELDS):
             log.warning("sacct: skipping a line with %d fields, expected %d: %r", len(parts), len(SACCT_FIELDS), line)
             continue
-        job_id, name, state, exit_code, elapsed, node, tres, start, end = parts
+        job_id, name, state, exit_code, elapsed, node, tres, start, end, derived = parts
         state_words = state.split()
         base_state = state_words[0] if state_words else "UNKNOWN"
         cancelled_by = state_words[2] if len(state_words) >= 3 and state_words[1] == "by" else ""
-        code: int | None = None
-        sig: int | None = None
-        if ":" in exit_code:
-            a, b = exit_code.split(":", 1)
-            code, sig = (int(a), int(b)) if a.isdigit() and b.isdigit() else (None, None)
+        code, sig = _exit_pair(exit_code)
+        derived_sig = _exit_pair(derived)[1]
         for tid in expand_array_ids(job_id):
             rows.append(
                 SacctRow(
@@ -200,9 +225,27 @@ def parse_sacct(text: str) -> list[SacctRow]:
                     start=start if start not in ("Unknown", "None") else "",
                     end=end if end not in ("Unknown", "None") else "",
                     cancelled_by=cancelled_by,
+                    derived_signal=derived_sig or None,
                 )
             )
     return rows
+
+
+def _exit_pair(text: str) -> tuple[int | None, int | None]:
+    """`2:0` -> (2, 0); anything else -> (None, None)."""
+    a, sep, b = text.partition(":")
+    return (int(a), int(b)) if sep and a.isdigit() and b.isdigit() else (None, None)
+
+
+def exit_label(code: int | None, sig: int | None) -> str:
+    """`1:0`, `0:12 (USR2)`: sacct's ExitCode with the signal's name ('' when unknown)."""
+    if code is None and sig is None:
+        return ""
+    text = f"{code if code is not None else '?'}:{sig or 0}"
+    if sig:
+        with contextlib.suppress(ValueError):
+            text += f" ({signal.Signals(sig).name.removeprefix('SIG')})"
+    return text
 
 
 def group_rows(rows: Iterable[SacctRow]) -> dict[str, TaskRecord]:
@@ -315,7 +358,7 @@ def experiment_status(
         num = fold.removeprefix("fold")
         group = {"pack": 0, "final": 2, "holdout": 3}.get(fold, 1)
         shard = role.removeprefix("shard")
-        rank = {"teacher": 0, "student": 1}.get(role, 2)
+        rank = {"teacher": 0, "outputs": 1, "student": 2}.get(role, 3)
         return (group, int(num) if num.isdigit() else 0, int(shard) if shard.isdigit() else rank, role)
 
     for (fold, role), task in sorted(latest.items(), key=lambda kv: order(kv[0])):
@@ -325,11 +368,13 @@ def experiment_status(
         rec = records.get(tid) if task["mode"] == "slurm" else None
         if rec is not None:
             last = rec.last
+            sig = last.signal or last.derived_signal  # a step killed by a signal, the batch shell exiting 0
             row.update(
                 state=last.state,
-                elapsed_s=last.elapsed_s,
+                elapsed_s=rec.elapsed_s,
                 exit_code=last.exit_code,
-                signal=last.signal,
+                signal=sig,
+                exit=exit_label(last.exit_code, sig),
                 requeues=rec.requeues,
                 node=last.node,
                 gpus=last.gpus,
@@ -346,13 +391,37 @@ def experiment_status(
                 state=task.get("state", "UNKNOWN"),
                 elapsed_s=task.get("elapsed_s"),
                 exit_code=task.get("exit_code"),
+                exit="" if task.get("exit_code") is None else f"{task.get('exit_code')}:0",
                 node="local",
             )
         row["metrics"] = _metrics_status(exp, fold, role)
-        if row["state"] in RETRY_STATES:  # failures explained: the last exception line of the task's log
-            row["error"] = task.get("error") or task_failure_line(exp / "submitit", tid)
+        if row["state"] in RETRY_STATES:  # failures explained: the task's log, else what sacct says
+            row["error"] = task.get("error") or failure_line(exp / "submitit", tid, rec)
         rows.append(row)
     return pd.DataFrame(rows, columns=list(STATUS_COLUMNS))
+
+
+def failure_line(submitit_dir: Path, task_id: str, rec: TaskRecord | None) -> str:
+    """Why a task failed: the exception or Slurm error line of its logs (task_failure_line), else the
+    signal that killed it, else its state and exit code."""
+    line = task_failure_line(submitit_dir, task_id)
+    if line or rec is None:
+        return line
+    last = rec.last
+    sig = last.signal or last.derived_signal
+    if sig:
+        return f"killed by signal {sig} {exit_label(0, sig).partition(' ')[2]}".rstrip()
+    if last.state == "NODE_FAIL":
+        return "the node failed (NODE_FAIL)"
+    return f"{last.state} with exit code {exit_label(last.exit_code, 0)}" if last.exit_code else ""
+
+
+def status_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """The status table as JSON-safe records: missing numbers are null, never NaN."""
+    return [
+        {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+        for row in df.astype(object).where(df.notna(), None).to_dict(orient="records")
+    ]
 
 
 def totals(df: pd.DataFrame) -> dict[str, Any]:

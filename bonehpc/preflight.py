@@ -4,7 +4,8 @@ Checked before anything is queued, each failure one line (PreflightError, a Conf
 and exits 2): the shard folder is present and passes the quick check, folds.csv agrees with the packed
 patients and data.num_folds, pretrained weights exist where a role asks for them, and the resources of
 each job kind are sane (training processes have a GPU and a CPU each, a tune trial runs on one node and
-at most one GPU, packing asks for no GPU).
+at most one GPU, packing asks for no GPU, a training job's time limit leaves room to progress after
+start-up, one checkpoint and the time-limit signal).
 """
 
 from __future__ import annotations
@@ -92,6 +93,24 @@ def check_resources(profile: ClusterProfile, kinds: dict[str, int]) -> None:
             raise PreflightError(f"{where}: mem_gb={spec.mem_gb} is under 1 GB per training process ({nproc})")
 
 
+def check_time_limit(profile: ClusterProfile, kind: str) -> None:
+    """A run of a training job must get past start-up, write one checkpoint before the time-limit signal,
+    and still progress: time_min * 60 >= startup_s + room (startup_s again) + save_wait_s + signal_delay_s.
+
+    A shorter limit only restarts: every requeued run gets the signal right after its start-up, saves
+    nothing new, and the job ends `timed-out too many times`.
+    """
+    spec = profile.for_kind(kind)
+    need = 2 * spec.startup_s + spec.save_wait_s + spec.signal_delay_s
+    if spec.time_min * 60 < need:
+        raise PreflightError(
+            f"preflight: profile {profile.name}, {kind} jobs: time_min={spec.time_min} ({spec.time_min * 60} s) "
+            f"cannot fit start-up (startup_s={spec.startup_s} s) + one checkpoint (save_wait_s={spec.save_wait_s} s) "
+            f"+ signal_delay_s={spec.signal_delay_s} s with room to progress (another {spec.startup_s} s): "
+            f"need time_min >= {-(-need // 60)}"
+        )
+
+
 def train_processes(cfg: ExperimentConfig, profile: ClusterProfile, kind: str = "train") -> int:
     """Training processes per node of a job kind, as the task will start them (tune: one)."""
     if kind == "tune":
@@ -109,6 +128,7 @@ def preflight_training(
         if kind == "train":
             kinds["evaluate"] = 0
         check_resources(profile, kinds)
+        check_time_limit(profile, kind)
     log.info("preflight: %s", check_shards(cfg))
     check_folds(cfg, paths.folds)
     check_weights(cfg, roles)

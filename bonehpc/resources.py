@@ -221,14 +221,25 @@ _EXC_LINE = re.compile(
 )
 # raised by the wrappers around the real failure (torchrun, submitit, TrainTask): never the answer
 _WRAPPERS = ("ChildFailedError", "FailedJobError", "UncompletedJobError", "torchrun exited with")
+# ... except submitit's own verdict on a task it gave up (`timed-out too many times`): that is the cause
+_SUBMITIT_VERDICT = "UncompletedJobError: Job not requeued because"
+# Slurm's own lines in a task's log: a launch failure (srun: error: ... Unable to layout tasks ..., exit 65)
+# or the step/job ended by Slurm (slurmstepd: error: *** JOB 12 ON n1 CANCELLED AT ... DUE TO TIME LIMIT ***)
+_SLURM_LINE = re.compile(r"^\s*((?:srun|slurmstepd)(?:-[\w.-]+)?: error: .*\S)\s*$")
 
 
 def last_error_line(text: str) -> str:
-    """The last `SomeError: message` line of a log that is not a wrapper's ('' when there is none)."""
-    for line in reversed(text.splitlines()):
+    """The last `SomeError: message` line of a log that is not a wrapper's, else the last Slurm error line
+    (srun / slurmstepd), '' when there is neither."""
+    lines = text.splitlines()
+    for line in reversed(lines):
         m = _EXC_LINE.match(line.rstrip())
-        if m and not any(w in line for w in _WRAPPERS):
+        if m and (_SUBMITIT_VERDICT in line or not any(w in line for w in _WRAPPERS)):
             return m.group(1).strip()[:500]
+    for line in reversed(lines):
+        m = _SLURM_LINE.match(line)
+        if m:
+            return m.group(1)[:500]
     return ""
 
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import submitit
 
-from bonehpc import shellsafe
+from bonehpc import localgraph, shellsafe
 from bonehpc.config import ConfigError, ExperimentConfig, _build, read_yaml
 from bonehpc.paths import ExperimentPaths
-from bonehpc.resources import DEFAULT_SAVE_WAIT_S, check_signal_delay, last_error_line, task_failure_line
+from bonehpc.resources import DEFAULT_SAVE_WAIT_S, check_signal_delay, last_error_line
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ class ResourceSpec:
     """USR2 this many seconds before the time limit (the job checkpoints and requeues)."""
     save_wait_s: int = DEFAULT_SAVE_WAIT_S
     """Longest a stopping job waits for last.pt to be written; signal_delay_s must exceed it by a margin."""
+    startup_s: int = 120
+    """Seconds from a job's start to its first training step (Python, torchrun, data, model); the preflight
+    refuses a time limit that leaves no room to progress after it."""
     array_parallelism: int = 32
     """Array tasks running at once."""
     max_num_timeout: int = 3
@@ -79,7 +82,7 @@ class ResourceSpec:
         for key in ("nodes", "cpus_per_task", "time_min", "array_parallelism"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)!r}")
-        for key in ("gpus_per_node", "signal_delay_s", "max_num_timeout", "nproc_per_node", "save_wait_s"):
+        for key in ("gpus_per_node", "signal_delay_s", "max_num_timeout", "nproc_per_node", "save_wait_s", "startup_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)!r}")
         self._check_strings()
@@ -109,6 +112,13 @@ class ResourceSpec:
 
 
 JOB_KINDS = ("train", "evaluate", "tune", "pack")
+# First lines of every batch script. Sites signal the batch shell too (`scancel --full`, `--signal=B:`,
+# some preemption setups); bash dies of USR2 by default, and the job then ends FAILED 0:12 instead of
+# being requeued. The shell only waits: the task (submitit, TrainTask, the trainers) handles the signal.
+BATCH_SHELL_SHIELD = (
+    "trap 'echo \"bonehpc: batch shell got USR2; the job step handles it\" >&2' USR2",
+    "trap 'echo \"bonehpc: batch shell got TERM; the job step handles it\" >&2' TERM",
+)
 
 
 @dataclass(kw_only=True)
@@ -132,7 +142,8 @@ class ClusterProfile(ResourceSpec):
         """The resources of one job kind: the profile, the kind's defaults, then its per_kind overrides.
 
         Defaults: a tune trial (one training process) gets 1 GPU and its per-GPU share of the train
-        resources' CPUs and memory (all of them on a CPU-only profile), on one node; pack gets no GPU.
+        resources' CPUs and memory (all of them on a CPU-only profile), on one node; pack gets no GPU, and
+        on a partition of its own neither the profile's `constraint` nor its `additional` options.
         """
         base = {f.name: getattr(self, f.name) for f in dataclasses.fields(ResourceSpec)}
         if kind == "tune":
@@ -145,9 +156,13 @@ class ClusterProfile(ResourceSpec):
                 nodes=1,
                 nproc_per_node=1,
             )
-        elif kind == "pack":
-            base.update(gpus_per_node=0, nodes=1)
         over = self.per_kind.get(kind, {})
+        if kind == "pack":
+            base.update(gpus_per_node=0, nodes=1)
+            if over.get("partition", self.partition) != self.partition:
+                # another partition (CPU nodes): the GPU nodes' feature and placement options
+                # (--constraint, additional: hint, ...) would match no node there
+                base.update(constraint="", additional={})
         try:
             return _build(ResourceSpec, {**base, **over})
         except ConfigError as err:
@@ -215,6 +230,7 @@ def executor_parameters(spec: ResourceSpec, name: str, mode: str) -> dict[str, A
         if getattr(spec, key):
             params[f"slurm_{key}"] = getattr(spec, key)
     params["slurm_setup"] = [
+        *BATCH_SHELL_SHIELD,
         # Slurm >= 22.05: srun does not inherit --cpus-per-task; derived inside the job so that it can
         # never conflict with the allocation
         "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK",
@@ -317,7 +333,9 @@ def _dry_submit(
         folder = ctx.paths.submitit / "%j"
         out.append(f"{head}\n{render_sbatch(spec, str(folder), name, dependency, None, len(items or []))}")
     else:
-        out.append(f"{head}: would run with submitit's {ctx.mode} executor, after the jobs before it")
+        after = f" when {dependency}" if dependency and ctx.mode == "local" else ""
+        where = "the local graph (tasks at once as the machine allows)" if ctx.mode == "local" else "in-process"
+        out.append(f"{head}: would run in {where}{after}")
     ctx.jobs.append(record)
     return record
 
@@ -336,6 +354,10 @@ class SubmitContext:
     mode: str
     workdir: str
     jobs: list[dict[str, Any]] = field(default_factory=list)
+    graph: localgraph.LocalGraph | None = None
+    """mode local: the job graph of this submission (bonehpc.localgraph)."""
+    deferred: bool = False
+    """After `defer_local(ctx)`: local jobs wait for `run_local(ctx)`."""
 
     def __post_init__(self) -> None:
         # the folder's absolute path is written into every job script (log paths, submitit's job folder)
@@ -355,8 +377,11 @@ def submit(
 ) -> dict[str, Any]:
     """THE submit path of every job kind: one job, or an array over `items`; records it in ctx.jobs.
 
-    Slurm: returns at once (the scheduler orders jobs by `dependency`). Local/debug: runs the jobs now,
-    one after another, skipping an item whose `run_if(item)` is false (its dependency failed).
+    Slurm: returns at once (the scheduler orders jobs by `dependency`). Local: the job joins the local graph
+    (bonehpc.localgraph) with synthetic ids and the same `dependency` string; after `defer_local(ctx)` the
+    graph runs at `run_local(ctx)`, otherwise now (tasks concurrently as far as the machine allows). Debug:
+    runs the tasks now, in this process, one after another. Local and debug skip an item whose
+    `run_if(item)` is false when it would start (its dependency failed).
     `label(item)` names each task in the registry (its "fold" key: fold0, final, shard3, finalize) and in
     the log; a single job (items None) gets `label(None)`.
     """
@@ -377,38 +402,131 @@ def submit(
             for i, (item, job) in enumerate(zip(items, jobs, strict=True)):
                 record["tasks"].append({"index": i, **_label(label, item), "task_id": job.job_id})
         log.info("submitted %s %s as job %s%s", kind, role, record["job_id"], f" ({dependency})" if dependency else "")
+    elif ctx.mode == "local":
+        _local_submit(ctx, spec, executor, kind, role, task, items, record, dependency, run_if, label)
     else:
-        record["job_id"] = ""
-        for i, item in enumerate(items if items is not None else [None]):
-            entry: dict[str, Any] = {"index": i} if items is not None else {}
-            entry.update(_label(label, item))
-            if run_if is not None and not run_if(item):
-                entry.update(task_id=f"skipped-{kind}-{role}-{i}", state="CANCELLED", reason="dependency failed")
-                record["tasks"].append(entry)
-                continue
-            t0 = time.monotonic()
-            job = executor.submit(task) if items is None else executor.submit(task, item)
-            entry["task_id"] = str(job.job_id)
-            item_label = entry.get("fold", "") or (f"task {i}" if items is not None else "")
-            what = " ".join(str(x) for x in dict.fromkeys((kind, role, item_label)) if x)
-            log.info("running %s locally (job %s; log %s)", what, job.job_id, job.paths.stdout)
-            try:
-                job.result()
-                entry.update(state="COMPLETED", exit_code=0)
-                log.info("%s COMPLETED in %.0f s", what, time.monotonic() - t0)
-            except Exception as err:  # noqa: BLE001 - a failed job is recorded, the graph goes on
-                # failures explained: the exception line of the task's log, not only the wrapper's message
-                text = str(err).strip()
-                line = task_failure_line(ctx.paths.submitit, str(job.job_id)) or last_error_line(text)
-                line = line or (text.splitlines() or ["(no message)"])[0][:500]
-                log.error("%s FAILED: %s (log %s)", what, line, job.paths.stderr)
-                entry.update(state="FAILED", exit_code=1, error=line)
-            entry["elapsed_s"] = round(time.monotonic() - t0)
-            record["tasks"].append(entry)
-        record["job_id"] = record["tasks"][0]["task_id"] if record["tasks"] else ""
+        _debug_submit(ctx, executor, kind, role, task, items, record, run_if, label)
     ctx.jobs.append(record)
     return record
 
 
+def cancel(task_ids: Sequence[str], why: str) -> None:
+    """scancel these Slurm tasks (ones that already ended are left as they are); logs why."""
+    ids = [str(t) for t in task_ids if str(t)]
+    if not ids:
+        return
+    log.info("cancelling %s: %s", ", ".join(ids), why)
+    res = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60, check=False)
+    if res.returncode != 0:
+        log.warning("scancel %s exited %d: %s", " ".join(ids), res.returncode, res.stderr.strip()[:300])
+
+
 def _label(label: Callable[[Any], str] | None, item: Any) -> dict[str, str]:
     return {"fold": label(item)} if label is not None else {}
+
+
+def _what(kind: str, role: str, index: int | None, entry: dict[str, Any]) -> str:
+    """'train teacher fold0', 'tune task 3', 'evaluate': how the console names a task."""
+    item_label = entry.get("fold", "") or (f"task {index}" if index is not None else "")
+    return " ".join(str(x) for x in dict.fromkeys((kind, role, item_label)) if x)
+
+
+def local_share(ctx: SubmitContext) -> localgraph.Share:
+    """How this machine is shared out between local tasks (cluster.local_parallel, cores, GPUs, memory)."""
+    train = ctx.profile.for_kind("train")
+    return localgraph.plan_share(
+        ctx.cfg.cluster.local_parallel,
+        cores=len(os.sched_getaffinity(0)),
+        gpus=localgraph.visible_gpus(),
+        gpus_per_task=ctx.cfg.cluster.nproc_per_node or train.nproc_per_node or 1,
+        workers=ctx.cfg.data.num_workers,
+        mem_gb=train.mem_gb,
+        mem_total_gb=localgraph.total_memory_gb(),
+        user_threads=bool(os.environ.get("OMP_NUM_THREADS", "").strip()),
+    )
+
+
+def defer_local(ctx: SubmitContext) -> None:
+    """Local mode: the jobs submitted from now on wait for `run_local(ctx)` and then run together (a student
+    starts as soon as its teacher is done, whatever was submitted after it). Elsewhere a no-op."""
+    ctx.deferred = ctx.mode == "local" and not is_dry_run()
+
+
+def run_local(ctx: SubmitContext) -> None:
+    """Run the deferred local graph of `ctx` until every task ended (no-op outside local mode).
+
+    Raises:
+        KeyboardInterrupt: Ctrl-C; the running tasks were stopped (they save last.pt) and every task that
+            did not finish is marked CANCELLED in ctx.jobs, so the caller can still record them.
+    """
+    ctx.deferred = False
+    if ctx.graph is not None:
+        ctx.graph.run()
+
+
+def _local_submit(
+    ctx: SubmitContext,
+    spec: ResourceSpec,
+    executor: submitit.AutoExecutor,
+    kind: str,
+    role: str,
+    task: Callable[..., Any],
+    items: Sequence[Any] | None,
+    record: dict[str, Any],
+    dependency: str,
+    run_if: Callable[[Any], bool] | None,
+    label: Callable[[Any], str] | None,
+) -> None:
+    if ctx.graph is None:
+        ctx.graph = localgraph.LocalGraph(local_share(ctx), ctx.paths.submitit)
+    ctx.graph.add(
+        executor,
+        task,
+        items,
+        record,
+        what=lambda index, entry: _what(kind, role, index, entry),
+        dependency=dependency,
+        run_if=run_if,
+        parallelism=spec.array_parallelism if items is not None else 0,
+        label=lambda item: _label(label, item),
+    )
+    if not ctx.deferred:
+        ctx.graph.run()
+
+
+def _debug_submit(
+    ctx: SubmitContext,
+    executor: submitit.AutoExecutor,
+    kind: str,
+    role: str,
+    task: Callable[..., Any],
+    items: Sequence[Any] | None,
+    record: dict[str, Any],
+    run_if: Callable[[Any], bool] | None,
+    label: Callable[[Any], str] | None,
+) -> None:
+    """cluster.mode debug: each task now, in this process, one after another."""
+    for i, item in enumerate(items if items is not None else [None]):
+        entry: dict[str, Any] = {"index": i} if items is not None else {}
+        entry.update(_label(label, item))
+        if run_if is not None and not run_if(item):
+            entry.update(task_id=f"skipped-{kind}-{role}-{i}", state="CANCELLED", reason="dependency failed")
+            record["tasks"].append(entry)
+            continue
+        t0 = time.monotonic()
+        job = executor.submit(task) if items is None else executor.submit(task, item)
+        entry["task_id"] = str(job.job_id)
+        what = _what(kind, role, i if items is not None else None, entry)
+        log.info("running %s (job %s)", what, job.job_id)
+        try:
+            job.result()
+            entry.update(state="COMPLETED", exit_code=0)
+            log.info("%s COMPLETED in %.0f s", what, time.monotonic() - t0)
+        except Exception as err:  # noqa: BLE001 - a failed job is recorded, the graph goes on
+            text = str(err).strip()
+            line = last_error_line(text) or (text.splitlines() or ["(no message)"])[0][:500]
+            log.error("%s FAILED: %s", what, line)
+            entry.update(state="FAILED", exit_code=1, error=line)
+        entry["elapsed_s"] = round(time.monotonic() - t0)
+        record["tasks"].append(entry)
+    record["job_id"] = record["tasks"][0]["task_id"] if record["tasks"] else ""

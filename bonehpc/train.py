@@ -22,8 +22,8 @@ step boundary, all ranks together: the epoch in progress is abandoned, the newes
 written to `last.pt` (it may be only in memory when `train.checkpoint_every_*` skipped writing it),
 and `run()` raises `Preempted`; the command exits with status 3 (`PREEMPTED_EXIT_CODE`) so a wrapper
 can requeue. On restart the abandoned epoch is redone from the same state with the same data order
-and augmentation (they depend only on seed, epoch and rank), so an interrupted run ends with the same
-metrics as an uninterrupted one.
+and augmentation (the order depends on seed and epoch, each view on seed, epoch and image id), so an
+interrupted run ends with the same metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import tempfile
 import time
@@ -59,8 +60,10 @@ from bonehpc.checkpoint import (
 )
 from bonehpc.config import ExperimentConfig, RoleConfig, TrainConfig, save_config, to_dict
 from bonehpc.constants import PRED_COLUMNS, PREEMPTED_EXIT_CODE
+from bonehpc.curves import Curves
 from bonehpc.engine import amp_dtype_of, evaluate, train_one_epoch
 from bonehpc.fsio import atomic_write_csv, atomic_write_json, atomic_write_text
+from bonehpc.lease import RunLease, die_with_parent, slurm_task_id
 from bonehpc.log import close_logging, setup_logging
 from bonehpc.metrics import prob_correction_record
 from bonehpc.paths import (
@@ -309,30 +312,34 @@ class Learner:
         )
 
 
-def _build_loss(cfg: ExperimentConfig, fold: int | str, role: str, task_loss: torch.nn.Module, device: torch.device):  # noqa: ANN202
-    """DistillationLoss: with the fold's frozen teacher for a KD student, plain task loss otherwise."""
-    from bonehpc.distill import DistillationLoss, load_frozen_teacher, renormalisation
+def _build_loss(  # noqa: ANN202
+    cfg: ExperimentConfig,
+    fold: int | str,
+    role: str,
+    task_loss: torch.nn.Module,
+    device: torch.device,
+    data: RunData | None = None,
+):
+    """DistillationLoss: with the fold's frozen teacher (or its cached outputs) for a KD student, plain task loss
+    otherwise. `data` (the train ids) lets distill.teacher_outputs auto|cached find the fold's cache."""
+    from bonehpc.distill import DistillationLoss, teacher_and_input
 
-    if role != "student" or cfg.distill.kind == "none":
-        return DistillationLoss(task_loss, None, "none", cfg.distill.alpha, cfg.distill.tau).to(device)
+    d = cfg.distill
+    if role != "student" or d.kind == "none":
+        return DistillationLoss(task_loss, None, "none", d.alpha, d.tau).to(device)
     teacher_ckpt = ExperimentPaths.of(cfg).role_dir(fold, "teacher") / BEST
     if not teacher_ckpt.is_file():
         raise MissingTeacherError(f"{teacher_ckpt} is missing: train the teacher of {fold_name(fold)} first")
-    teacher = load_frozen_teacher(teacher_ckpt, device)
-    if device.type == "cuda" and cfg.train.channels_last:  # same layout as the batches it sees
-        teacher.to(memory_format=torch.channels_last)
-    teacher_mean, teacher_std = teacher.mean, teacher.std  # plain attributes set by create_model
-    renorm = renormalisation(cfg.augment.mean, cfg.augment.std, teacher_mean, teacher_std)  # type: ignore[arg-type]
-    if renorm is not None:
-        log.info(
-            "teacher input renormalised from mean/std %s/%s to %s/%s",
-            cfg.augment.mean,
-            cfg.augment.std,
-            teacher.mean,
-            teacher.std,
-        )
-    loss = DistillationLoss(task_loss, teacher, cfg.distill.kind, cfg.distill.alpha, cfg.distill.tau, renorm)
-    return loss.to(device)
+    if data is not None and d.teacher_outputs != "online":
+        from bonehpc.teacher_outputs import open_for_run
+
+        cached = open_for_run(cfg, fold, data.train_ids, device)
+        if cached is not None:
+            return DistillationLoss(task_loss, None, d.kind, d.alpha, d.tau, cached=cached).to(device)
+    teacher, renorm = teacher_and_input(
+        teacher_ckpt, device, cfg.train.channels_last, cfg.augment.mean, cfg.augment.std
+    )
+    return DistillationLoss(task_loss, teacher, d.kind, d.alpha, d.tau, renorm).to(device)
 
 
 def build_learner(cfg: ExperimentConfig, fold: int | str, role: str, data: RunData, info: dist.DistInfo) -> Learner:
@@ -359,7 +366,7 @@ def build_learner(cfg: ExperimentConfig, fold: int | str, role: str, data: RunDa
         class_weights = inverse_frequency_weights(data.train_labels)
         log.info("class weights %s", [round(float(w), 3) for w in class_weights])
     correction = prob_correction_record(None if class_weights is None else class_weights.tolist())
-    loss_fn = _build_loss(cfg, fold, role, build_task_loss(class_weights), device)
+    loss_fn = _build_loss(cfg, fold, role, build_task_loss(class_weights), device, data)
 
     global_batch = tcfg.batch_size * info.world_size
     lr = rcfg.lr * global_batch / 256
@@ -369,7 +376,7 @@ def build_learner(cfg: ExperimentConfig, fold: int | str, role: str, data: RunDa
     amp_dtype = amp_dtype_of(tcfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     log.info(
-        "model %s (%.2f M params, %.3f GFLOPs), %s lr %.3g (global batch %d), amp %s, distill %s, "
+        "model %s (%.2f M params, %.3f GFLOPs), %s lr %.3g (global batch %d), amp %s, distill %s (teacher %s), "
         "%d steps/epoch x %d epochs",
         rcfg.model,
         net_info["params"] / 1e6,
@@ -379,6 +386,7 @@ def build_learner(cfg: ExperimentConfig, fold: int | str, role: str, data: RunDa
         global_batch,
         amp_dtype,
         loss_fn.kind,
+        loss_fn.source,
         steps,
         rcfg.epochs,
     )
@@ -484,6 +492,8 @@ class RunContext:
     info: dist.DistInfo
     stop: dist.StopFlag
     on_epoch_end: Callable[[int, Mapping[str, Any]], None] | None = None
+    lease: RunLease | None = None
+    """Rank 0's run lease (None on other ranks); checked before each epoch's writes."""
 
 
 def run(
@@ -511,6 +521,8 @@ def run(
     """
     role_config(cfg, role)
     check_fold(fold, cfg.data.num_folds)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun: never outlive it (no orphan writers)
+        die_with_parent()
     out = Path(run_dir) if run_dir is not None else ExperimentPaths.of(cfg).role_dir(fold, role)
     if run_status(out) == STATUS_COMPLETED:
         log.info("%s: already completed (metrics.json), not training again", out)
@@ -518,12 +530,21 @@ def run(
         return {k: float(v) for k, v in (done.get("metrics") or {}).items()}
     owns_group = not dist.is_dist()
     info = dist.init_distributed()
+    leases: list[RunLease] = []  # rank 0's lease of the run folder (one writer per run)
+
+    def take_lease() -> bool:
+        _prepare_dir(out)
+        leases.append(RunLease(out).acquire())
+        return run_status(out) == STATUS_COMPLETED  # completed by the holder we waited for
+
     try:
-        _on_main(lambda: _prepare_dir(out))
+        if _on_main(take_lease):
+            done = read_json(out / RUN_METRICS) or {}
+            return {k: float(v) for k, v in (done.get("metrics") or {}).items()}
         setup_logging(out, info.rank)
         stop = dist.StopFlag(info.device).install()
         try:
-            return _train(RunContext(cfg, fold, role, out, info, stop, on_epoch_end))
+            return _train(RunContext(cfg, fold, role, out, info, stop, on_epoch_end, next(iter(leases), None)))
         except Preempted as err:
             log.warning("%s (exit status %d)", err, PREEMPTED_EXIT_CODE)
             raise
@@ -531,6 +552,8 @@ def run(
             stop.uninstall()
             close_logging()
     finally:
+        for lease in leases:
+            lease.release()
         if owns_group:
             dist.cleanup()
 
@@ -602,6 +625,7 @@ def epoch_loop(
     """
     tcfg, rcfg, info, stop = ctx.cfg.train, role_config(ctx.cfg, ctx.role), ctx.info, ctx.stop
     ckpts = RunCheckpoints(ctx.out, tcfg, to_dict(ctx.cfg), learner) if info.is_main else None
+    curves = Curves(ctx.out, purge_step=state.epoch) if info.is_main else None
     last_preds: pd.DataFrame | None = None
     try:
         for epoch in range(state.epoch, rcfg.epochs):
@@ -609,6 +633,8 @@ def epoch_loop(
             seed_everything(tcfg.seed, epoch, info.rank)
             if hasattr(data.train_loader, "set_epoch"):
                 data.train_loader.set_epoch(epoch)
+            plan = getattr(data.train_loader, "plan", None)  # this rank's samples: the cached rows it reads
+            learner.loss_fn.set_epoch(epoch, plan.rank_ids(epoch) if plan is not None else None)
             lr_now = learner.optimizer.param_groups[0]["lr"]
             stats = learner.train_epoch(data.train_loader, tcfg, stop, epoch)
             if stop.stopped:
@@ -629,8 +655,12 @@ def epoch_loop(
             early_stop = bool(tcfg.patience) and epoch - state.best_epoch >= tcfg.patience
             final = early_stop or state.epoch == rcfg.epochs
             if ckpts is not None:
+                if ctx.lease is not None:
+                    ctx.lease.check()  # another process took the run over: never a second writer
                 with open(ctx.out / RUN_EPOCHS, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
+                if curves is not None:
+                    curves.scalars(epoch, record)
                 if improved:
                     atomic_write_csv(ctx.out / RUN_PREDICTIONS, preds[PRED_COLS])
                 ckpts.end_of_epoch(state, improved, final)
@@ -644,6 +674,8 @@ def epoch_loop(
     finally:
         if ckpts is not None:
             ckpts.close()
+        if curves is not None:
+            curves.close()
     return last_preds
 
 
@@ -679,11 +711,15 @@ def finish(
         "selection": data.selection,
         "prob_correction": learner.prob_correction,
         "distill": learner.distill,
+        "teacher_outputs": learner.loss_fn.source,
         "model": learner.net_info,
         "world_size": info.world_size,
         "time_s": round(elapsed_s, 3),
+        "job": slurm_task_id(),
     }
     if info.is_main:
+        if ctx.lease is not None:
+            ctx.lease.check()
         atomic_write_json(ctx.out / RUN_METRICS, summary)
     dist.barrier()
     log.info(

@@ -46,6 +46,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from bonehpc.config import ConfigError, ExperimentConfig, apply_overrides, check_tune_space, save_config
+from bonehpc.curves import Curves
 from bonehpc.fsio import atomic_write_json, atomic_write_text
 from bonehpc.paths import BEST_CKPT, BEST_PARAMS, RUN_CONFIG, ExperimentPaths, fold_name, read_json
 
@@ -324,6 +325,7 @@ class Objective:
         number = original_number(frozen) if frozen is not None else trial.number
         if number != trial.number:
             log.info("trial %d retries trial %d: resuming in %s", trial.number, number, trial_dir(self.cfg, number))
+        curves: Curves | None = None
         try:
             params = suggest_params(trial, self.cfg.tune.space)
             cfg = trial_config(self.cfg, params)
@@ -331,10 +333,12 @@ class Objective:
             epochs = cfg.student.epochs
             metric = self.cfg.tune.metric
             values: list[float] = []
+            # the intermediate values the pruner sees, as curves of trials/<number> (beside the runs' own)
+            curves = Curves(trial_dir(self.cfg, number))
             for pos, fold in enumerate(self.cfg.tune.folds):
                 run_dir = trial_run_dir(self.cfg, number, fold)
                 # a fold finished before a preemption returns its metrics at once (train.run reads metrics.json)
-                done = self.train_fold(cfg, fold, run_dir, _PruneHook(trial, metric, pos * epochs))
+                done = self.train_fold(cfg, fold, run_dir, _PruneHook(trial, metric, pos * epochs, curves))
                 value = _metric(done, metric, run_dir)
                 trial.set_user_attr(f"{fold_name(fold)}/{metric}", value)
                 values.append(value)
@@ -345,13 +349,16 @@ class Objective:
             if not _is_preempted(err):
                 trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
             raise
+        finally:
+            if curves is not None:
+                curves.close()
 
 
 class _PruneHook:
     """Per-epoch callback of train.run: report the metric, raise TrialPruned when the pruner says so."""
 
-    def __init__(self, trial: optuna.Trial, metric: str, offset: int) -> None:
-        self.trial, self.metric, self.offset = trial, metric, offset
+    def __init__(self, trial: optuna.Trial, metric: str, offset: int, curves: Curves | None = None) -> None:
+        self.trial, self.metric, self.offset, self.curves = trial, metric, offset, curves
 
     def __call__(self, epoch: int, metrics: Mapping[str, Any]) -> None:
         if self.metric not in metrics:
@@ -363,6 +370,8 @@ class _PruneHook:
         if math.isnan(value):
             value = float("-inf")  # NaN would make the pruner ignore the step; an undefined metric is the worst
         self.trial.report(value, step)
+        if self.curves is not None:
+            self.curves.scalars(step, {f"tune/{self.metric}": value})
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step} (epoch {epoch}): {self.metric}={value:.4f}")
 
@@ -656,8 +665,10 @@ def _short(v: Any) -> str:
 # Submission
 
 
-def prepare(cfg: ExperimentConfig) -> optuna.Study:
+def prepare(cfg: ExperimentConfig, create: bool = True) -> optuna.Study | None:
     """Every check that can fail before anything is submitted, then create the study and save the config.
+
+    create=False (a dry run): the checks only; the existing study (None when there is none), nothing written.
 
     Raises:
         TuneError: listing the teachers of `tune.folds` that are not trained yet.
@@ -672,6 +683,12 @@ def prepare(cfg: ExperimentConfig) -> optuna.Study:
             f"the search reuses the trained teachers of tune.folds={list(cfg.tune.folds)}, missing:\n  {listing}\n"
             "train them first (make submit-folds) or change tune.folds"
         )
+    if not create:
+        exists = bool(cfg.tune.storage.strip()) or ExperimentPaths.of(cfg).tune_journal.is_file()
+        try:
+            return open_study(cfg) if exists else None
+        except TuneError:
+            return None
     study_dir(cfg).mkdir(parents=True, exist_ok=True)
     study = open_study(cfg, create=True)
     save_config(cfg, study_dir(cfg) / RUN_CONFIG)

@@ -3,8 +3,13 @@
 Fold graph of one experiment (Slurm mode), every job through the one primitive `bonehpc.slurm.submit`:
 
     teacher array   index i -> fold i (0..K-1), index K -> "final" (all training patients)
-    student array   same index -> fold mapping, --dependency=aftercorr:<teacher array>, so student task i
-                    starts when teacher task i succeeded (--kill-on-invalid-dep=yes cancels it otherwise)
+    outputs array   (KD with distill.teacher_outputs auto|cached) same mapping, --dependency=aftercorr:<teacher
+                    array>: the frozen teacher's logits on every training view of the students' schedule
+                    (bonehpc.outputs_job), so no student or tune trial runs the teacher
+    student array   same index -> fold mapping, --dependency=aftercorr:<outputs array> (or <teacher array>
+                    without the outputs stage), so student task i starts when its upstream task i succeeded
+                    (--kill-on-invalid-dep=yes cancels it otherwise: a failed teacher cancels its outputs and
+                    student tasks)
     baseline array  (distill.baseline) the student without KD, same index -> fold mapping, no dependency
     evaluate        --dependency=afterany:<all arrays>: holdout evaluation + report, also when folds failed
 
@@ -27,10 +32,21 @@ import pandas as pd
 
 from bonehpc import preflight, slurm
 from bonehpc.accounting import ACTIVE_STATES, RETRY_STATES, task_states
-from bonehpc.config import ConfigError, ExperimentConfig, load_config, save_config
-from bonehpc.paths import ROLES, RUN_CONFIG, ExperimentPaths, experiment_roles, fold_keys, fold_name
+from bonehpc.config import ConfigError, ExperimentConfig, apply_overrides, load_config, save_config
+from bonehpc.lease import submit_lock
+from bonehpc.paths import (
+    OUTPUTS_ROLE,
+    ROLES,
+    RUN_CONFIG,
+    ExperimentPaths,
+    experiment_roles,
+    fold_keys,
+    fold_name,
+    run_completed,
+)
 from bonehpc.registry import append_submission, config_hash, latest_tasks, new_entry, read_registry
 from jobs.evaluate import EvaluateTask
+from jobs.outputs import OutputsTask
 from jobs.pack import FinalizePackTask, PackShardTask
 from jobs.train import TrainTask
 from jobs.tune import TuneTask
@@ -134,6 +150,50 @@ class Plan:
     """(fold name, role) -> task id of a still pending/running task from an earlier submission."""
     baseline: list[int | str] = field(default_factory=list)
     """Folds of the no-KD student (distill.baseline); it depends on no teacher."""
+    superseded: list[str] = field(default_factory=list)
+    """Task ids of a still queued earlier evaluation that the new one replaces (cancelled on submit)."""
+    outputs: list[int | str] = field(default_factory=list)
+    """Folds whose teacher-outputs job runs (`uses_outputs`): the teacher reruns, or a student runs and the
+    fold's cache does not match its teacher and config."""
+
+
+def uses_outputs(cfg: ExperimentConfig) -> bool:
+    """Whether the fold graph has the teacher-outputs stage (a KD student that may read cached outputs)."""
+    return cfg.distill.kind != "none" and cfg.distill.teacher_outputs != "online"
+
+
+def _outputs_current(cfg: ExperimentConfig, fold: int | str) -> bool:
+    from bonehpc.teacher_outputs import outputs_current
+
+    return outputs_current(cfg, fold)
+
+
+def _plan_outputs(
+    cfg: ExperimentConfig,
+    todo: dict[str, list[int | str]],
+    plan_state: tuple[dict, dict, dict, dict],
+    only: set[tuple[str, str]] | None,
+) -> list[int | str]:
+    """Folds of the outputs stage: under a rerun teacher, or under a student when the fold's cache is not current
+    (an explicit selection runs it only with its student, or when it names it)."""
+    latest, states, skipped, active = plan_state
+    out: list[int | str] = []
+    for fold in fold_keys(cfg.data.num_folds) if uses_outputs(cfg) else []:
+        fname = fold_name(fold)
+        wanted = fold in todo["student"] or (only is not None and (fname, OUTPUTS_ROLE) in only)
+        prev = latest.get((fname, OUTPUTS_ROLE))
+        if prev and states.get(prev["task_id"], "UNKNOWN") in ACTIVE_STATES:
+            skipped[f"{fname}/{OUTPUTS_ROLE}"] = f"{states[prev['task_id']].lower()} as {prev['task_id']}"
+            active[(fname, OUTPUTS_ROLE)] = prev["task_id"]
+        elif fold in todo["teacher"] and (only is None or wanted):
+            out.append(fold)  # a new teacher: new outputs
+        elif _outputs_current(cfg, fold):
+            skipped[f"{fname}/{OUTPUTS_ROLE}"] = "completed"
+        elif wanted:
+            out.append(fold)
+        else:
+            skipped[f"{fname}/{OUTPUTS_ROLE}"] = "no student to run" if only is None else "not selected"
+    return out
 
 
 def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[str, str]] | None = None) -> Plan:
@@ -168,10 +228,14 @@ def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[st
             todo["student"].append(fold)
             skipped.pop(f"{fold_name(fold)}/student", None)
     todo["student"].sort(key=keys.index)
+    outputs = _plan_outputs(cfg, todo, (latest, states, skipped, active), only)
     prev_eval = latest.get(("holdout", "evaluate"))
     prev_state = states.get(prev_eval["task_id"], "UNKNOWN") if prev_eval else ""
-    if any(todo.values()):
+    superseded: list[str] = []
+    if any(todo.values()) or outputs:
         need_eval = True
+        if prev_state in ACTIVE_STATES:  # it waits on the old tasks only: the new evaluation replaces it
+            superseded.append(prev_eval["task_id"])  # type: ignore[index]
     elif prev_state in ACTIVE_STATES:
         need_eval = False
         skipped["holdout/evaluate"] = f"{prev_state.lower()} as {prev_eval['task_id']}"  # type: ignore[index]
@@ -180,26 +244,46 @@ def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[st
         skipped["holdout/evaluate"] = "completed"
     else:
         need_eval = True
-    return Plan(todo["teacher"], todo["student"], need_eval, skipped, active, todo["baseline"])
+    return Plan(todo["teacher"], todo["student"], need_eval, skipped, active, todo["baseline"], superseded, outputs)
 
 
-def _student_dependency(ctx: slurm.SubmitContext, plan: Plan, teacher: dict[str, Any] | None) -> str:
-    """aftercorr on the teacher array when the student array has the same folds in the same order (Slurm),
-    else afterok on each teacher task it needs (new or still active); '' outside Slurm."""
-    if ctx.mode != "slurm":
-        return ""
-    tasks = (teacher or {}).get("tasks", [])
-    if teacher is not None and [fold_name(f) for f in plan.student] == [t["fold"] for t in tasks]:
-        return f"aftercorr:{teacher['job_id']}"
+def stage_groups(
+    ctx: slurm.SubmitContext, folds: list[int | str], upstream: dict[str, Any] | None, plan: Plan, role: str
+) -> list[tuple[list[int | str], str]]:
+    """The arrays of one stage over `folds`, each with its dependency: task k waits for upstream task k only.
+
+    Slurm: one array with aftercorr on the upstream array (role `role`) when both have the same folds in the
+    same order; otherwise a fold whose upstream task is new or still active in an earlier submission is its
+    own job, afterok on exactly that task, and folds whose upstream is done share one array without a
+    dependency (an afterok on several tasks would make every fold wait for all of them). Local mode the same
+    (its graph reads the same strings); debug: one array (its jobs check the upstream with run_if).
+    """
+    if ctx.mode == "debug" or not folds:
+        return [(list(folds), "")] if folds else []
+    tasks = (upstream or {}).get("tasks", [])
+    if upstream is not None and [fold_name(f) for f in folds] == [t["fold"] for t in tasks]:
+        return [(list(folds), f"aftercorr:{upstream['job_id']}")]
     by_fold = {t["fold"]: t["task_id"] for t in tasks}
-    deps = []
-    for fold in plan.student:
+    groups: list[tuple[list[int | str], str]] = []
+    free: list[int | str] = []
+    for fold in folds:
         fname = fold_name(fold)
-        if fname in by_fold:
-            deps.append(by_fold[fname])
-        elif (fname, "teacher") in plan.active:
-            deps.append(plan.active[(fname, "teacher")])
-    return "afterok:" + ":".join(deps) if deps else ""
+        dep = by_fold.get(fname) or plan.active.get((fname, role))
+        if dep:
+            groups.append(([fold], f"afterok:{dep}"))
+        else:
+            free.append(fold)
+    return ([(free, "")] if free else []) + groups
+
+
+def student_groups(
+    ctx: slurm.SubmitContext, plan: Plan, teacher: dict[str, Any] | None, outputs: dict[str, Any] | None = None
+) -> list[tuple[list[int | str], str]]:
+    """The student arrays (`stage_groups`): student k waits for outputs k when the graph has the outputs stage
+    (new, or still active from an earlier submission), else for teacher k."""
+    if outputs is not None or any((fold_name(f), OUTPUTS_ROLE) in plan.active for f in plan.student):
+        return stage_groups(ctx, plan.student, outputs, plan, OUTPUTS_ROLE)
+    return stage_groups(ctx, plan.student, teacher, plan, "teacher")
 
 
 def submit_folds(
@@ -222,29 +306,58 @@ def submit_folds(
     paths = ExperimentPaths.of(cfg)
     ctx = _context(cfg, paths, workdir)
     plan = plan_folds(cfg, paths, only)
-    if plan.teacher or plan.student or plan.baseline or plan.evaluate:  # one line, exit 2, nothing written
+    if plan.teacher or plan.student or plan.baseline or plan.outputs or plan.evaluate:  # one line, exit 2
         roles = [r for r in ROLES if getattr(plan, r)]
         preflight.preflight_training(cfg, paths, ctx.profile, ctx.mode, roles, "train")
-    if not slurm.is_dry_run():  # a dry run leaves the experiment folder as it was
+    if slurm.is_dry_run():  # a dry run leaves the experiment folder as it was (and takes no lock)
+        return _submit_graph(ctx, plan, kind, evaluate)
+    with submit_lock(paths.root):  # concurrent submits: the others stop here, naming this one
+        plan = plan_folds(cfg, paths, only)  # again under the lock: what a submit before us did counts
         prepare_experiment(cfg)
+        return _submit_graph(ctx, plan, kind, evaluate)
+
+
+def _submit_graph(ctx: slurm.SubmitContext, plan: Plan, kind: str, evaluate: bool) -> dict[str, Any]:
+    """Submit the jobs of `plan` (the fold graph) and record them."""
+    cfg, paths = ctx.cfg, ctx.paths
     cfg_path = str(paths.config.resolve())
     nproc = cfg.cluster.nproc_per_node or ctx.profile.for_kind("train").nproc_per_node
     train_ids: list[str] = list(plan.active.values())
+    slurm.defer_local(ctx)  # local mode: the jobs below run together at run_local, by their dependencies
 
     teacher: dict[str, Any] | None = None
     if plan.teacher:
         task = TrainTask(cfg_path, "teacher", ctx.workdir, nproc)
         teacher = slurm.submit(ctx, "train", task, plan.teacher, role="teacher", label=fold_name)
         train_ids.append(teacher["job_id"])
-    if plan.student:
+    outputs: dict[str, Any] | None = None
+    # teacher -> outputs (aftercorr) -> students: no student runs the teacher
+    for folds, dependency in stage_groups(ctx, plan.outputs, teacher, plan, "teacher"):
+        outputs = slurm.submit(
+            ctx,
+            "train",
+            OutputsTask(cfg_path, OUTPUTS_ROLE, ctx.workdir, nproc),
+            folds,
+            role=OUTPUTS_ROLE,
+            dependency=dependency,
+            run_if=lambda fold: paths.role_completed(fold, "teacher"),
+            label=fold_name,
+        )
+        train_ids.append(outputs["job_id"])
+    if len(stage_groups(ctx, plan.outputs, teacher, plan, "teacher")) > 1:
+        outputs = None  # several outputs jobs: each student depends on its own fold's (afterok, stage_groups)
+    for folds, dependency in student_groups(ctx, plan, teacher, outputs):
         student = slurm.submit(
             ctx,
             "train",
             TrainTask(cfg_path, "student", ctx.workdir, nproc),
-            plan.student,
+            folds,
             role="student",
-            dependency=_student_dependency(ctx, plan, teacher),
-            run_if=lambda fold: paths.role_completed(fold, "teacher"),
+            dependency=dependency,
+            run_if=lambda fold: (
+                paths.role_completed(fold, "teacher")
+                and (fold not in plan.outputs or run_completed(paths.outputs_dir(fold)))
+            ),
             label=fold_name,
         )
         train_ids.append(student["job_id"])
@@ -253,11 +366,40 @@ def submit_folds(
         baseline = slurm.submit(ctx, "train", task, plan.baseline, role="baseline", label=fold_name)
         train_ids.append(baseline["job_id"])
     if plan.evaluate and evaluate:
-        dependency = "afterany:" + ":".join(train_ids) if train_ids and ctx.mode == "slurm" else ""
+        if plan.superseded and ctx.mode == "slurm" and not slurm.is_dry_run():  # never two evaluations at once
+            slurm.cancel(plan.superseded, "superseded by a new evaluation of this submission")
+        dependency = "afterany:" + ":".join(train_ids) if train_ids else ""
         slurm.submit(ctx, "evaluate", EvaluateTask(cfg_path, ctx.workdir), dependency=dependency)
     if not ctx.jobs:
         log.info("nothing to submit for %s: %s", cfg.name, ", ".join(f"{k} {v}" for k, v in plan.skipped.items()))
+    try:
+        slurm.run_local(ctx)
+    except KeyboardInterrupt:
+        _record(ctx, kind, paths.root, skipped=plan.skipped)  # the stopped tasks as CANCELLED; a re-run resumes
+        raise
     return _record(ctx, kind, paths.root, skipped=plan.skipped)
+
+
+def config_in_place(exp: Path, workdir: str | Path) -> ExperimentConfig:
+    """The config of experiment folder `exp`, pointing at `exp` (the folder given is the only truth).
+
+    A config whose run_root/name (relative to the submission's `workdir`) is elsewhere belongs to a folder
+    that was moved: its run_root is rewritten to the folder's parent, so that nothing is read from or
+    written to the old place. A renamed folder is refused (the name also names the jobs and the tuning
+    study): rename it back.
+    """
+    cfg = load_config(exp / "config.yaml")
+    here = exp.resolve()
+    saved = (Path(workdir) / cfg.run_root / cfg.name).resolve()
+    if saved == here:
+        return cfg
+    if here.name != cfg.name:
+        raise ConfigError(
+            f"{exp}: the experiment folder was renamed (its config.yaml says name {cfg.name!r}); "
+            f"rename the folder back to {cfg.name!r}"
+        )
+    log.warning("%s was moved (config.yaml said %s): run_root is now %s", exp, saved, here.parent)
+    return apply_overrides(cfg, {"run_root": str(here.parent)})
 
 
 def resubmit(exp_dir: str | Path, workdir: str | Path | None = None) -> dict[str, Any]:
@@ -266,10 +408,16 @@ def resubmit(exp_dir: str | Path, workdir: str | Path | None = None) -> dict[str
     cfg_path = exp / "config.yaml"
     if not cfg_path.is_file():
         raise ConfigError(f"{exp}: no config.yaml; is this an experiment folder (runs/<exp>)?")
-    cfg = load_config(cfg_path)
     registry = read_registry(exp)
     if not registry["submissions"]:
         raise ConfigError(f"{exp}/jobs.json: nothing was submitted yet; use `bonehpc submit folds`")
+    cfg = config_in_place(exp, registry["submissions"][-1].get("workdir") or os.getcwd())
+    with submit_lock(exp):  # what to rerun is decided under the lock that the submission then holds
+        return _resubmit(exp, cfg, workdir)
+
+
+def _resubmit(exp: Path, cfg: ExperimentConfig, workdir: str | Path | None) -> dict[str, Any]:
+    registry = read_registry(exp)
     states = task_states(registry)
     paths = ExperimentPaths(exp)
     only: set[tuple[str, str]] = set()
@@ -277,9 +425,10 @@ def resubmit(exp_dir: str | Path, workdir: str | Path | None = None) -> dict[str
         if task["kind"] != "train":
             continue
         fold: int | str = "final" if fname == "final" else int(fname.removeprefix("fold"))
-        if states.get(task["task_id"]) in RETRY_STATES and not paths.role_completed(fold, role):
+        done = _outputs_current(cfg, fold) if role == OUTPUTS_ROLE else paths.role_completed(fold, role)
+        if states.get(task["task_id"]) in RETRY_STATES and not done:
             only.add((fname, role))
-            if role == "teacher" and not paths.role_completed(fold, "student"):
+            if role in ("teacher", OUTPUTS_ROLE) and not paths.role_completed(fold, "student"):
                 only.add((fname, "student"))  # the dependent student (cancelled or never run) goes too
     log.info("resubmitting %s", ", ".join(f"{f}/{r}" for f, r in sorted(only)) or "no training task")
     if not registry["submissions"][-1].get("workdir") and workdir is None:
@@ -317,6 +466,7 @@ def submit_pack(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dic
             compression=d.compression,
             images_per_shard=d.images_per_shard,
             min_side=d.min_side,
+            cross_split_patients=d.cross_split_patients,
         )
     out = str(Path(d.shards).resolve())
     shards = list(range(len(plan.shards)))
@@ -327,36 +477,88 @@ def submit_pack(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dic
     return _record(ctx, "pack", paths.root)
 
 
+def tune_tasks_needed(cfg: ExperimentConfig, study: Any, folder: Path) -> tuple[int, str]:
+    """How many array tasks top the study up to `tune.trials` (each task runs one trial), and why.
+
+    Finished trials count (COMPLETE, PRUNED, and a FAIL that was not retried: its answer is "this fails"),
+    and so does every task of an earlier submission that is still pending or running (it will run one).
+    """
+    trials = study.get_trials(deepcopy=False) if study is not None else []
+    retried = {n for t in trials for n in (t.system_attrs.get("retry_history") or [])}
+    finished = sum(
+        t.state.name in ("COMPLETE", "PRUNED") or (t.state.name == "FAIL" and t.number not in retried) for t in trials
+    )
+    registry = read_registry(folder)
+    states = task_states(registry) if registry["submissions"] else {}
+    in_flight = sum(state in ACTIVE_STATES for state in states.values())
+    needed = max(0, cfg.tune.trials - finished - in_flight)
+    why = f"{finished} trial(s) finished, {in_flight} task(s) pending or running, tune.trials={cfg.tune.trials}"
+    return needed, why
+
+
 def submit_tune(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dict[str, Any]:
-    """Check, create the study, then submit ONE array of `tune.trials` tasks (`tune.parallel` at a time).
+    """Check, create the study, then submit ONE array that tops the study up to `tune.trials` trials
+    (`tune.parallel` at a time): submitting again adds only what is missing.
 
     cluster.mode local/debug runs the tasks with submitit's local/debug executor, one after another, before
     returning. The submission is recorded in `runs/<exp>/tune/jobs.json` (the registry format of
-    `runs/<exp>/jobs.json`, kept apart so fold status tables stay about folds).
+    `runs/<exp>/jobs.json`, kept apart so fold status tables stay about folds). A dry run creates nothing
+    (no study, no journal) and shows what a submission would add. Concurrent submits of one study: the
+    others stop (exit 2) naming the first.
 
     Returns:
         The registry entry, plus `run_dir`, `study` and `storage`.
     """
     from bonehpc import tune
 
-    study = tune.prepare(cfg)
     folder = tune.study_dir(cfg)
     ctx = _context(cfg, ExperimentPaths.of(cfg), workdir)
     per_kind = {k: dict(v) for k, v in ctx.profile.per_kind.items()}
     per_kind.get("tune", {}).pop("array_parallelism", None)
     ctx.profile = dataclasses.replace(ctx.profile, array_parallelism=cfg.tune.parallel, per_kind=per_kind)
+    from bonehpc.teacher_outputs import check_tune_space
+
+    check_tune_space(cfg)  # cached + a space over the views: refused before anything is written
+    study = tune.prepare(cfg, create=False)  # every check first: bad input writes nothing
     preflight.preflight_training(cfg, ctx.paths, ctx.profile, ctx.mode, ["student"], "tune")
-    task = TuneTask(str((folder / RUN_CONFIG).resolve()), ctx.workdir)
+    if slurm.is_dry_run():
+        return _submit_tune(cfg, ctx, study, folder)
+    with submit_lock(folder):
+        return _submit_tune(cfg, ctx, tune.prepare(cfg), folder)
+
+
+def _submit_tune(cfg: ExperimentConfig, ctx: slurm.SubmitContext, study: Any, folder: Path) -> dict[str, Any]:
+    from bonehpc import tune
+
+    needed, why = tune_tasks_needed(cfg, study, folder)
+    name = study.study_name if study is not None else tune.study_name(cfg)
     log.info(
-        "study %r in %s: %d trial(s) so far; submitting %d task(s), %d at a time (%s)",
-        study.study_name,
+        "study %r in %s: %s; submitting %d task(s), %d at a time (%s)",
+        name,
         tune.storage_label(cfg),
-        len(study.trials),
-        cfg.tune.trials,
+        why,
+        needed,
         cfg.tune.parallel,
         ctx.mode,
     )
-    record = slurm.submit(ctx, "tune", task, list(range(cfg.tune.trials)), role="tune")
-    for t in record["tasks"]:
-        t["slot"] = t["index"]
-    return _record(ctx, "tune", folder, study=study.study_name, storage=tune.storage_label(cfg))
+    if needed:
+        outputs = _tune_outputs(ctx, cfg, folder)
+        dependency = f"afterok:{outputs['job_id']}" if outputs is not None and ctx.mode != "debug" else ""
+        task = TuneTask(str((folder / RUN_CONFIG).resolve()), ctx.workdir)
+        record = slurm.submit(ctx, "tune", task, list(range(needed)), role="tune", dependency=dependency)
+        for t in record["tasks"]:
+            t["slot"] = t["index"]
+    return _record(ctx, "tune", folder, study=name, storage=tune.storage_label(cfg))
+
+
+def _tune_outputs(ctx: slurm.SubmitContext, cfg: ExperimentConfig, folder: Path) -> dict[str, Any] | None:
+    """The outputs array of the tune folds whose cache is not current (every trial then reads it), or None."""
+    if not uses_outputs(cfg):
+        return None
+    folds: list[int | str] = [f for f in cfg.tune.folds if not _outputs_current(cfg, f)]
+    if not folds:
+        log.info("teacher outputs of tune.folds=%s are current: every trial reads them", list(cfg.tune.folds))
+        return None
+    nproc = cfg.cluster.nproc_per_node or ctx.profile.for_kind("train").nproc_per_node
+    task = OutputsTask(str((folder / RUN_CONFIG).resolve()), OUTPUTS_ROLE, ctx.workdir, nproc)
+    return slurm.submit(ctx, "train", task, folds, role=OUTPUTS_ROLE, label=fold_name)

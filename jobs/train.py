@@ -26,6 +26,7 @@ from typing import Any
 import submitit
 
 from bonehpc.constants import PREEMPTED_EXIT_CODE
+from bonehpc.lease import die_with_parent
 from bonehpc.paths import run_completed
 from bonehpc.resources import (
     DEFAULT_SAVE_WAIT_S,
@@ -51,6 +52,13 @@ def _ignore_usr2() -> None:
     # default action would kill it; ignoring it here is inherited through exec. The trainers install
     # their own handler (bonehpc.dist.StopFlag), which replaces the inherited SIG_IGN.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def _torchrun_preexec(parent: int) -> None:
+    """In the torchrun child before exec: ignore USR2, and die with this task (torchrun runs in its own
+    session, so nothing else would end it once the task process is killed)."""
+    _ignore_usr2()
+    die_with_parent(signal.SIGKILL, parent)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -197,7 +205,10 @@ class TrainTask(submitit.helpers.Checkpointable):
         env = self._launch_env(nproc)
         omp = " ".join(f"{k}={env[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in env)
         log.info("starting (%s): %s", omp, " ".join(cmd))
-        self._proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_ignore_usr2)
+        parent = os.getpid()
+        self._proc = subprocess.Popen(
+            cmd, env=env, start_new_session=True, preexec_fn=lambda: _torchrun_preexec(parent)
+        )
         previous_term = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             # poll, not wait(): wait() holds Popen's lock while blocked, and checkpoint() (run by submitit's

@@ -51,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mura-root", required=True, type=Path, help="folder that contains MURA-v1.1/ (or MURA-v1.1)")
     p.add_argument("--out", type=Path, help="write the manifest CSV here (e.g. runs/<exp>/manifest.csv)")
     p.add_argument("--strict", action="store_true", help="fail (instead of warn) on labeled studies without images")
+    p.add_argument(
+        "--cross-split-patients",
+        action="store_true",
+        help="accept a patient number in both the train and the valid split (refused by default: a holdout leak)",
+    )
     p.set_defaults(func=cmd_manifest)
 
     p = sub.add_parser(
@@ -99,7 +104,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     from bonehpc.data.mura import ManifestError, build_manifest, summarize, write_manifest
 
     try:
-        df = build_manifest(args.mura_root, strict=args.strict)
+        df = build_manifest(args.mura_root, strict=args.strict, cross_split_patients=args.cross_split_patients)
     except ManifestError as err:
         return _fail("manifest error", err)
     print(summarize(df).to_string(index=False))

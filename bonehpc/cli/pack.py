@@ -39,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--min-side", type=int, help="reject images whose shorter side is below this (data.min_side)")
     p.add_argument("--quiet", action="store_true", help="no per-shard progress lines")
+    p.add_argument(
+        "--cross-split-patients",
+        action="store_true",
+        help="accept a patient number in both the train and the valid split (data.cross_split_patients; "
+        "refused by default: a holdout leak)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="repack an --out packed at another pack_size")
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser(
@@ -91,13 +98,16 @@ def cmd_pack(args: argparse.Namespace) -> int:
         if settings["min_side"] < 0:
             raise PackInputError(f"min_side must be >= 0, got {settings['min_side']}")
         manifest = read_manifest(args.manifest) if args.manifest else None
+        cross = args.cross_split_patients or data.cross_split_patients
         if manifest is not None:
-            check_manifest(manifest, args.manifest)  # named here; pack_dataset checks it again (cheap)
+            check_manifest(manifest, args.manifest, cross)  # named here; pack_dataset checks it again (cheap)
         summary = pack_dataset(
             _given(args.mura_root, Path(data.mura_root)),
             _given(args.out, Path(data.shards)),
             manifest=manifest,
             progress=not args.quiet,
+            cross_split_patients=cross,
+            overwrite=args.overwrite,
             **settings,
         )
     except (ManifestError, PackInputError) as err:

@@ -137,7 +137,7 @@ def _resubmit(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from bonehpc.accounting import experiment_status, totals
+    from bonehpc.accounting import experiment_status, status_records, totals
     from bonehpc.paths import ExperimentPaths
 
     d = exp_dir(args)
@@ -147,9 +147,10 @@ def _status(args: argparse.Namespace) -> int:
     df = experiment_status(d)
     tot = totals(df)
     if args.json:
-        print(json.dumps({"experiment": str(d), "tasks": df.to_dict(orient="records"), "totals": tot}, default=str))
+        doc = {"experiment": str(d), "tasks": status_records(df), "totals": tot}
+        print(json.dumps(doc, default=str, allow_nan=False))  # strict JSON: null, never NaN
         return 0
-    cols = ["fold", "role", "task_id", "state", "elapsed_s", "exit_code", "requeues", "node", "gpu_hours", "metrics"]
+    cols = ["fold", "role", "task_id", "state", "elapsed_s", "exit", "requeues", "node", "gpu_hours", "metrics"]
     print(df[cols].to_string(index=False))
     errors = df[df["error"].fillna("") != ""] if "error" in df else df.iloc[0:0]
     for row in errors.itertuples():  # failures explained: the last exception line of each failed task

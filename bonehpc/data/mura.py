@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -149,7 +150,9 @@ def _duplicates(rows: list[tuple[int, str, int, re.Match[str]]], name: str) -> l
     return dups
 
 
-def build_manifest(mura_root: str | Path, *, strict: bool = False, check_files: bool = True) -> pd.DataFrame:
+def build_manifest(
+    mura_root: str | Path, *, strict: bool = False, check_files: bool = True, cross_split_patients: bool = False
+) -> pd.DataFrame:
     """One row per image of the official CSVs (train first, then valid), in CSV order.
 
     Args:
@@ -157,13 +160,16 @@ def build_manifest(mura_root: str | Path, *, strict: bool = False, check_files: 
         strict: Treat labeled studies without any image row as an error instead of a warning.
         check_files: Raise when listed image files are missing. The packer passes False: it records
             missing files in rejected.csv (with every other unusable image) instead of stopping.
+        cross_split_patients: Accept a patient number in both the train and the valid split (refused
+            by default: a holdout leak; see check_split_integrity).
 
     Returns:
         DataFrame with the columns of MANIFEST_COLUMNS (see docs/architecture.md).
 
     Raises:
         ManifestError: For a missing CSV, malformed or duplicate rows, a label that disagrees with its
-            study folder, images without a labeled study, or image files that do not exist.
+            study folder, images without a labeled study, image files that do not exist, one file listed
+            under two paths, or a patient in both splits (see check_split_integrity).
     """
     base = locate(mura_root)
     folder = base / MURA_DIR
@@ -221,7 +227,7 @@ def build_manifest(mura_root: str | Path, *, strict: bool = False, check_files: 
             raise ManifestError(msg)
         log.warning("%s (ignored: a per-image manifest has no rows for them)", msg)
 
-    absent = [path for split in SPLITS for _, path, _, _ in images[split] if not os.path.isfile(base / path)]
+    absent = _absent_or_twice(base, [path for split in SPLITS for _, path, _, _ in images[split]])
     if absent and not check_files:
         log.warning("%d image file(s) listed in the CSVs are missing under %s: %s", len(absent), base, _listing(absent))
     elif absent:
@@ -229,25 +235,94 @@ def build_manifest(mura_root: str | Path, *, strict: bool = False, check_files: 
             f"{len(absent)} image file(s) listed in the CSVs are missing under {base}: {_listing(absent)}"
         )
 
+    df = _frame(images, labels)
+    check_split_integrity(df, folder, cross_split_patients)
+    warn_unknown_parts(df)
+    return _typed(df)
+
+
+def _frame(images: dict[str, list[tuple[int, str, int, re.Match[str]]]], labels: dict[str, int]) -> pd.DataFrame:
+    """The manifest rows of the checked image rows (train first, then valid), image_id in that order."""
     records = []
     for split in SPLITS:
         for _, path, _, match in images[split]:
             study = path.rsplit("/", 1)[0] + "/"
-            records.append(
-                (
-                    path,
-                    split,
-                    match["part"],
-                    f"{split}/patient{match['patient']}",
-                    study,
-                    int(match["view"]),
-                    labels[study],
-                )
-            )
+            part, patient, view = match["part"], f"{split}/patient{match['patient']}", int(match["view"])
+            records.append((path, split, part, patient, study, view, labels[study]))
     df = pd.DataFrame.from_records(records, columns=list(MANIFEST_COLUMNS[1:]))
     df.insert(0, "image_id", range(len(df)))
-    warn_unknown_parts(df)
-    return _typed(df)
+    return df
+
+
+def _absent_or_twice(base: Path, paths: list[str]) -> list[str]:
+    """The listed image files that do not exist; ManifestError when one file is listed under two paths
+    (a symlinked or hard-linked folder: the same image would be counted, and maybe split, twice)."""
+    absent: list[str] = []
+    twice: list[str] = []
+    seen: dict[tuple[int, int], str] = {}
+    for path in paths:
+        try:
+            st = os.stat(base / path)
+        except (OSError, ValueError):
+            absent.append(path)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            absent.append(path)
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            twice.append(f"{seen[key]} and {path}")
+        else:
+            seen[key] = path
+    if twice:
+        raise ManifestError(f"{len(twice)} image file(s) listed twice under two paths (one file): {_listing(twice)}")
+    return absent
+
+
+def check_split_integrity(df: pd.DataFrame, source: str | Path, cross_split_patients: bool = False) -> None:
+    """Refuse a patient number that is in both the train and the valid split (a holdout leak: bonehpc
+    prefixes patient ids with their split, so it would count them as two patients), unless
+    `cross_split_patients`; and always a patient number spelled two ways (patient7 and patient00007: one
+    patient as two, possibly in two folds).
+
+    Raises:
+        ManifestError: naming the source and the patients (with their body parts and splits).
+    """
+    parts = df["patient"].astype(str).str.extract(r"^(?P<split>[^/]+)/patient(?P<digits>\d+)$")
+    if parts["digits"].isna().any():
+        return  # malformed ids are check_manifest's to report
+    table = pd.DataFrame(
+        {
+            "number": parts["digits"].str.lstrip("0"),  # the patient number, however many leading zeros
+            "spelling": parts["digits"],
+            "split": parts["split"],
+            "part": df["body_part"].astype(str),
+        }
+    )
+    spellings = table.groupby("number")["spelling"].unique()
+    twice = [" and ".join(f"patient{v}" for v in sorted(vs)) for vs in spellings if len(vs) > 1]
+    if twice:
+        raise ManifestError(
+            f"{source}: {len(twice)} patient number(s) spelled two ways (one patient, two ids): {_listing(twice)}"
+        )
+    splits = table.groupby("number")["split"].nunique()
+    both = splits[splits > 1].index
+    if len(both) and not cross_split_patients:
+        shown = []
+        for n in both[:MAX_LISTED]:
+            rows = table[table["number"] == n].drop_duplicates(["split", "part"])
+            where = ", ".join(f"{r.split} XR_{r.part}" for r in rows.itertuples())
+            shown.append(f"patient{rows['spelling'].iloc[0]} ({where})")
+        more = f", ... and {len(both) - MAX_LISTED} more" if len(both) > MAX_LISTED else ""
+        raise ManifestError(
+            f"{source}: {len(both)} patient(s) in both the train and the valid split (a holdout leak): "
+            f"{_listing(shown)}{more}; "
+            "if the data set means it, set data.cross_split_patients=true (--cross-split-patients)"
+        )
+    if len(both):
+        log.warning(
+            "%d patient(s) in both the train and the valid split (allowed by data.cross_split_patients)", len(both)
+        )
 
 
 def warn_unknown_parts(df: pd.DataFrame) -> list[str]:
@@ -262,7 +337,7 @@ def warn_unknown_parts(df: pd.DataFrame) -> list[str]:
     return extra
 
 
-def check_manifest(df: pd.DataFrame, source: str | Path) -> None:
+def check_manifest(df: pd.DataFrame, source: str | Path, cross_split_patients: bool = False) -> None:
     """Validate a manifest that did not come from build_manifest (e.g. `pack --manifest CSV`) like the CSVs.
 
     Every path must match the MURA layout (so it stays inside the data root: no '..', no absolute
@@ -305,6 +380,7 @@ def check_manifest(df: pd.DataFrame, source: str | Path) -> None:
         problems.append(f"path {df.loc[df['path'].duplicated(), 'path'].iloc[0]!r} repeats")
     if problems:
         raise ManifestError(f"{source}: {len(problems)} bad row(s): {_listing(problems, 5)}")
+    check_split_integrity(df, source, cross_split_patients)
     warn_unknown_parts(df)
 
 

@@ -267,11 +267,30 @@ def _shard_key(settings: PackSettings, rows: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
-def _manifest_of(mura_root: str | Path) -> pd.DataFrame:
+def _manifest_of(mura_root: str | Path, cross_split_patients: bool = False) -> pd.DataFrame:
     from bonehpc.data.mura import build_manifest
 
     # Missing image files are the packer's to report (rejected.csv), not a reason to stop.
-    return build_manifest(mura_root, check_files=False)
+    return build_manifest(mura_root, check_files=False, cross_split_patients=cross_split_patients)
+
+
+def check_size_change(out: Path, pack_size: int, overwrite: bool = False) -> None:
+    """Refuse to pack into a shard folder packed at another pack_size unless `overwrite`: every shard
+    would be replaced, and experiments that use the folder would silently get other images."""
+    old = None
+    for path in (out / PLAN_DIR / PLAN_JSON, out / MANIFEST_JSON):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        old = (doc.get("settings") or doc).get("pack_size") if isinstance(doc, dict) else None
+        if old is not None:
+            break
+    if old is not None and old != pack_size and not overwrite:
+        raise PackInputError(
+            f"--out {out} holds images packed at pack_size {old}, not {pack_size}: every shard would be "
+            "replaced; pass --overwrite to repack it, or give another folder"
+        )
 
 
 def plan_pack(
@@ -285,13 +304,16 @@ def plan_pack(
     images_per_shard: int = 2048,
     min_side: int = DEFAULT_MIN_SIDE,
     check: bool = True,
+    cross_split_patients: bool = False,
+    overwrite: bool = False,
 ) -> PackPlan:
     """Assign manifest rows to shards (in manifest order), prepare `out` and save the plan there.
 
     Removes what could make an unfinished pack look finished (manifest.json, index.csv, the verify
     stamp), temporary files of killed runs and shards beyond the new shard count. Complete shards
     stay; `pack_shard` decides whether they still match. A given `manifest` is checked like the CSVs
-    (check_manifest) unless `check` is false (the caller did it).
+    (check_manifest) unless `check` is false (the caller did it), and so is a pack_size change
+    (check_size_change; `overwrite` allows it); `cross_split_patients` as in build_manifest.
     """
     from bonehpc.data.mura import check_manifest, locate
 
@@ -299,15 +321,19 @@ def plan_pack(
     settings = PackSettings(pack_size=pack_size, fit=fit, compression=compression, min_side=min_side)
     out_dir = Path(out).resolve()
     check_out_folder(out_dir)
+    if check:
+        check_size_change(out_dir, pack_size, overwrite)
     root = locate(mura_root).resolve()
-    df = _manifest_of(root) if manifest is None else manifest
+    df = _manifest_of(root, cross_split_patients) if manifest is None else manifest
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise PackInputError(f"manifest lacks columns {missing}")
     if df.empty:
         raise PackInputError(f"the manifest of {root} lists no images")
     if manifest is not None and check:
-        check_manifest(df, "the given manifest")  # paths inside the root, split, labels: as from the CSVs
+        check_manifest(
+            df, "the given manifest", cross_split_patients
+        )  # paths inside the root, split, labels: as from the CSVs
     if check:
         check_free_space(out_dir, len(df), pack_size, compression)
     df = df.loc[:, list(MANIFEST_COLUMNS)].reset_index(drop=True)
@@ -793,6 +819,8 @@ def pack_dataset(
     max_reject_frac: float = 0.01,
     min_side: int = DEFAULT_MIN_SIDE,
     progress: bool = True,
+    cross_split_patients: bool = False,
+    overwrite: bool = False,
 ) -> PackSummary:
     """Pack a MURA-layout data set into HDF5 shards under `out` (resumable; see the module docstring).
 
@@ -809,6 +837,8 @@ def pack_dataset(
         max_reject_frac: fail (PackError) when more than this fraction of images is rejected.
         min_side: reject images whose shorter side is below this many pixels.
         progress: log a line per finished shard (img/s, ETA); otherwise only at debug level.
+        cross_split_patients: accept a patient number in both splits (refused by default: a holdout leak).
+        overwrite: repack an `out` that was packed at another pack_size (refused by default).
 
     Returns:
         PackSummary.
@@ -833,10 +863,11 @@ def pack_dataset(
 
     root = locate(mura_root).resolve()
     if manifest is None:
-        manifest = _manifest_of(root)
+        manifest = _manifest_of(root, cross_split_patients)
     else:
-        check_manifest(manifest, "the given manifest")
+        check_manifest(manifest, "the given manifest", cross_split_patients)
     check_out_folder(Path(out).resolve())
+    check_size_change(Path(out).resolve(), pack_size, overwrite)
     check_free_space(Path(out).resolve(), len(manifest), pack_size, compression)
     out_dir = _open_out(out)
     with contextlib.ExitStack() as stack:

@@ -622,6 +622,24 @@ def read_marker(mura_root: Path | str) -> dict[str, Any] | None:
     return None
 
 
+def _check_settings(
+    patients: int, max_side: int, valid_frac: float, rgb_frac: float, bad_frac: float, abnormal_rate: float
+) -> None:
+    """ValueError naming the first setting of `generate` out of its range."""
+    if patients < 2:
+        raise ValueError(f"patients: need at least 2 (one per split), got {patients}")
+    if max_side < 16:
+        raise ValueError(f"max_side: need at least 16 px, got {max_side}")
+    if not 0 < valid_frac < 1:
+        raise ValueError(f"valid_frac: must be in (0, 1), got {valid_frac}")
+    if not 0 <= rgb_frac <= 1:
+        raise ValueError(f"rgb_frac: must be in [0, 1], got {rgb_frac}")
+    if not 0 <= bad_frac <= 0.5:
+        raise ValueError(f"bad_frac: must be in [0, 0.5], got {bad_frac}")
+    if not 0 < abnormal_rate < 1:
+        raise ValueError(f"abnormal_rate: must be in (0, 1), got {abnormal_rate}")
+
+
 def generate(
     out: Path | str,
     patients: int,
@@ -658,18 +676,7 @@ def generate(
         ValueError: On invalid arguments.
         FileExistsError: When `out/MURA-v1.1` exists and overwrite is false.
     """
-    if patients < 2:
-        raise ValueError(f"patients: need at least 2 (one per split), got {patients}")
-    if max_side < 16:
-        raise ValueError(f"max_side: need at least 16 px, got {max_side}")
-    if not 0 < valid_frac < 1:
-        raise ValueError(f"valid_frac: must be in (0, 1), got {valid_frac}")
-    if not 0 <= rgb_frac <= 1:
-        raise ValueError(f"rgb_frac: must be in [0, 1], got {rgb_frac}")
-    if not 0 <= bad_frac <= 0.5:
-        raise ValueError(f"bad_frac: must be in [0, 0.5], got {bad_frac}")
-    if not 0 < abnormal_rate < 1:
-        raise ValueError(f"abnormal_rate: must be in (0, 1), got {abnormal_rate}")
+    _check_settings(patients, max_side, valid_frac, rgb_frac, bad_frac, abnormal_rate)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file, not a folder")

@@ -133,3 +133,70 @@ def test_experiment_status_table_and_totals(tmp_path: Path) -> None:
 
 def test_status_of_experiment_without_registry(tmp_path: Path) -> None:
     assert experiment_status(tmp_path).empty
+
+
+# Fault drills as sacct and the task logs show them (issue 19 item 6): a task killed by a signal (the
+# batch shell died of USR2), a launch failure (srun exit 65), submitit giving up after too many time
+# limits, a node failure followed by a requeue.
+FAULTS = """\
+7_0|x|FAILED|0:12|00:00:40|vm|cpu=2,gres/gpu=1|2026-12-06T10:00:00|2026-12-06T10:00:40|0:0
+7_1|x|FAILED|65:0|00:00:01|vm|cpu=2|2026-12-06T10:00:00|2026-12-06T10:00:01|0:0
+8|x|FAILED|1:0|00:01:00|vm|cpu=2|2026-12-06T10:00:00|2026-12-06T10:01:00|0:0
+9|x|NODE_FAIL|0:0|00:10:00|n1|cpu=2,gres/gpu=2|2026-12-06T10:00:00|2026-12-06T10:10:00|0:0
+9|x|COMPLETED|0:0|00:20:00|n2|cpu=2,gres/gpu=2|2026-12-06T10:11:00|2026-12-06T10:31:00|0:0
+10|x|COMPLETED|0:0|00:00:05|vm|cpu=2|2026-12-06T10:00:00|2026-12-06T10:00:05|0:9
+"""
+
+
+def test_fault_drills_are_explained(tmp_path: Path) -> None:
+    from bonehpc.accounting import exit_label, failure_line
+
+    recs = group_rows(parse_sacct(FAULTS))
+    assert exit_label(0, 12) == "0:12 (USR2)" and exit_label(65, 0) == "65:0" and exit_label(None, None) == ""
+    sub = tmp_path / "submitit"
+    # signal kill without a line in the log: the signal, named
+    assert failure_line(sub, "7_0", recs["7_0"]) == "killed by signal 12 (USR2)"
+    (sub / "7_1").mkdir(parents=True)
+    (sub / "7_1" / "7_1_0_log.err").write_text(
+        "srun: error: Task launch for StepId=7.0 failed on node vm: Unable to layout tasks on given cpus\n"
+        "srun: error: Application launch failed: Unable to layout tasks on given cpus\n"
+    )
+    assert (
+        failure_line(sub, "7_1", recs["7_1"])
+        == "srun: error: Application launch failed: Unable to layout tasks on given cpus"
+    )
+    (sub / "8").mkdir()
+    (sub / "8" / "8_0_log.err").write_text(
+        "submitit WARNING - Caught signal SIGUSR2 on vm: this job is timed-out.\n"
+        "submitit.core.utils.UncompletedJobError: Job not requeued because: timed-out too many times.\n"
+    )
+    assert failure_line(sub, "8", recs["8"]).endswith("Job not requeued because: timed-out too many times.")
+    node = recs["9"]
+    assert node.requeues == 1 and node.elapsed_s == 1800 and node.gpu_hours == pytest.approx(1.0)
+    assert recs["10"].last.derived_signal == 9  # a step killed by SIGKILL although the batch shell exited 0
+
+
+def test_status_json_is_strict_and_sums_every_run(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    exp = _registry(tmp_path)
+    recs = group_rows(parse_sacct((GOLDEN / "sacct_done.txt").read_text()))
+    df = experiment_status(exp, records=recs)
+    row = df.set_index(["fold", "role"])
+    assert row.loc[("fold0", "student"), "elapsed_s"] == 3 + 8  # both runs of the requeued task
+    # the evaluation is in neither sacct nor squeue: its numbers are missing -> null in JSON, never NaN
+    out = subprocess.run(
+        [sys.executable, "-m", "bonehpc", "status", "--exp", str(exp), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    ).stdout
+
+    def no_nan(text: str) -> None:
+        raise AssertionError(f"not strict JSON: {text}")
+
+    doc = json.loads(out, parse_constant=no_nan)
+    ev = next(t for t in doc["tasks"] if t["role"] == "evaluate")
+    assert ev["elapsed_s"] is None and ev["state"] == "UNKNOWN"

@@ -450,6 +450,8 @@ def test_operating_point_section_and_the_final_model_flag(built: Path, tmp_path:
     build_report(exp)
     md = (exp / "report" / "report.md").read_text()
     flags = re.findall(
-        r"FLAG final_teacher: holdout study kappa -0\.\d+ at (0\.5|oof [\d.]+) is outside the 95 % CI \[1\.000, 1\.000\]", md
+        r"FLAG final_teacher: holdout study kappa -0\.\d+ at (0\.5|oof [\d.]+) is outside the 95 % CI "
+        r"\[1\.000, 1\.000\]",
+        md,
     )
     assert "0.5" in flags and cut in flags  # both cuts, in the holdout and the operating point sections

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from bonehpc.config import ConfigError, load_config
-from bonehpc.slurm import PROFILE_DIR, executor_parameters, load_profile, render_sbatch, resolve_mode
+from bonehpc.slurm import (
+    BATCH_SHELL_SHIELD,
+    PROFILE_DIR,
+    executor_parameters,
+    load_profile,
+    render_sbatch,
+    resolve_mode,
+)
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "sbatch_profiles.txt"
 
@@ -106,8 +113,10 @@ def test_every_job_requeues_and_gets_its_cpus_in_the_step() -> None:
     params = executor_parameters(load_profile("dev").for_kind("train"), "x", "slurm")
     assert params["slurm_additional_parameters"]["requeue"] is True
     setup = params["slurm_setup"]
+    # the batch shell first shields itself from the signals its step handles (scancel --full, B: signals)
+    assert setup[:2] == list(BATCH_SHELL_SHIELD) and all(line.startswith("trap ") for line in setup[:2])
     # derived inside the job (never a hard-coded number that could conflict with the allocation)
-    assert setup[0] == "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK"
+    assert setup[2] == "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK"
     assert "export BONEHPC_SAVE_WAIT_S=15" in setup and setup[-1].startswith("export OMP_NUM_THREADS=1")
     text = render_sbatch(load_profile("example-gpu").for_kind("tune"), "/R/%j", "t", array=6)
     assert "#SBATCH --array=0-5%6" in text and "#SBATCH --gpus-per-node=1" in text and "#SBATCH --requeue" in text

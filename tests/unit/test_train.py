@@ -219,6 +219,7 @@ def test_preempted_run_resumes_to_the_same_result(tiny_cfg, tmp_path: Path, ever
     resumed = run(cfg, 0, "teacher", interrupted)
     assert resumed == pytest.approx(ref, nan_ok=True)
     assert _comparable(_records(interrupted / "metrics.jsonl")) == _comparable(_records(straight / "metrics.jsonl"))
+    _assert_curves_match_jsonl(interrupted)  # the resumed run's curves: each epoch once, as in metrics.jsonl
     a, b = load_checkpoint(interrupted / "last.pt"), load_checkpoint(straight / "last.pt")
     assert a["step"] == b["step"]
     for k, v in b["model"].items():
@@ -405,3 +406,67 @@ def test_corrupt_resume_point_is_one_line_exit_2(tiny_cfg, tmp_path: Path, capsy
     assert rc == 2 and len(err) == 1, err
     assert "CheckpointError" in err[0] and "last.pt: corrupt or truncated" in err[0]
     assert (out / "last.pt").read_bytes() == b"PK\x03\x04 truncated"  # not ours to delete or replace
+
+
+# ---------------------------------------------------------------------------------------------- live curves
+
+
+def _curves(run_dir: Path) -> dict[str, dict[int, float]]:
+    """The scalars of a folder's TensorBoard event files, read with TensorBoard's own reader: tag -> {step: value}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def _assert_curves_match_jsonl(run_dir: Path) -> None:
+    """Every numeric key of every metrics.jsonl record is a TensorBoard scalar with that value at step=epoch."""
+    curves = _curves(run_dir)
+    records = _records(run_dir / "metrics.jsonl")
+    assert records
+    for rec in records:
+        for key, value in rec.items():
+            if key == "epoch":
+                continue
+            assert key in curves, (key, sorted(curves))
+            assert curves[key][rec["epoch"]] == pytest.approx(value, rel=1e-6, abs=1e-12, nan_ok=True), key
+    assert {step for c in curves.values() for step in c} == {r["epoch"] for r in records}
+
+
+def test_tensorboard_curves_hold_every_metric_of_metrics_jsonl(trained) -> None:  # noqa: ANN001
+    cfg = trained[0]
+    for role in ("teacher", "student"):
+        _assert_curves_match_jsonl(ExperimentPaths.of(cfg).role_dir(0, role))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the writer thread's own raise
+def test_curves_writer_never_fails_a_run(tmp_path: Path, monkeypatch, caplog) -> None:  # noqa: ANN001
+    """A full disk (the writer thread's ENOSPC) and a missing tensorboard package are one warning each."""
+    import errno
+    import sys
+
+    from tensorboard.summary.writer import record_writer
+
+    from bonehpc.curves import Curves
+
+    def full(self, data):  # noqa: ANN001, ANN202, ARG001
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(record_writer.RecordWriter, "write", full)
+        curves = Curves(tmp_path / "full")
+        for epoch in range(3):
+            curves.scalars(epoch, {"train/loss": 1.0, "lr": 0.1})
+        curves.close()
+    assert not curves.enabled
+    warned = [r.getMessage() for r in caplog.records if "curves" in r.getMessage()]
+    assert len(warned) == 1 and "No space left on device" in warned[0], warned
+
+    caplog.clear()
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails: the package is missing
+    curves = Curves(tmp_path / "missing")
+    curves.scalars(0, {"train/loss": 1.0})
+    curves.close()
+    assert not curves.enabled and not (tmp_path / "missing").exists()
+    assert [r.levelname for r in caplog.records if "curves" in r.getMessage()] == ["WARNING"]

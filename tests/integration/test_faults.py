@@ -1,0 +1,86 @@
+"""Fault drills on the real dev Slurm cluster (issue 19), loader workers on, both backends side by side.
+
+One experiment per backend (DALI CPU-only and torch, `data.num_workers=1`), fold 0 and fold 1 teachers:
+- drill 1: `scancel --signal=USR2 --full` on fold 0 mid-run (the batch shell is signalled too): the task
+  is requeued, resumes from last.pt and completes, never FAILED 0:12;
+- cancel: `scancel` on fold 1 mid-run: 10 s later no process of that task is alive (`ps`, by the task's
+  Slurm environment), torchrun, trainers and loader workers included;
+- after both drills every run folder's metrics.jsonl has strictly increasing epochs (one writer).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_submit_folds import _cfg, _row, _wait
+
+from bonehpc.paths import ExperimentPaths
+from jobs.submit import submit_folds
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+BACKENDS = ("dali", "torch")
+EPOCHS = 5
+
+
+def _first_epoch(history: Path, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (history.is_file() and history.read_text().strip()):
+        assert time.monotonic() < deadline, f"{history}: no epoch finished in {timeout_s:.0f} s"
+        time.sleep(0.1)
+
+
+def task_processes(task_id: str) -> list[str]:
+    """`pid args` of every process whose environment is that of Slurm array task `task_id` (ps eww)."""
+    job, _, index = task_id.partition("_")
+    out = subprocess.run(["ps", "-e", "ww", "e", "-o", "pid=,args="], capture_output=True, text=True, check=True)
+    marks = (f"SLURM_ARRAY_JOB_ID={job} ", f"SLURM_ARRAY_TASK_ID={index} ")
+    return [line[:200] for line in out.stdout.splitlines() if all(m in line + " " for m in marks)]
+
+
+def epochs_of(history: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in history.read_text().splitlines() if line.strip()]
+
+
+def test_full_signal_requeues_and_cancel_leaves_no_process(slurm_cluster, synth_root, shards_dir, tmp_path) -> None:
+    only = {("fold0", "teacher"), ("fold1", "teacher")}
+    t0 = time.monotonic()
+    exps = {}
+    for backend in BACKENDS:
+        cfg = _cfg(
+            tmp_path / "runs",
+            synth_root,
+            shards_dir,
+            f"fault{backend}",
+            f"teacher.epochs={EPOCHS}",
+            f"data.backend={backend}",
+            "data.num_workers=1",
+        )
+        entry = submit_folds(cfg, only=only, evaluate=False)
+        exps[backend] = (ExperimentPaths.of(cfg), [t["task_id"] for t in entry["jobs"][0]["tasks"]])
+    for paths, (full, _) in exps.values():
+        _first_epoch(paths.role_dir(0, "teacher") / "metrics.jsonl")
+        subprocess.run(["scancel", "--signal=USR2", "--full", full], check=True, timeout=60)
+    for paths, (_, cancel) in exps.values():
+        _first_epoch(paths.role_dir(1, "teacher") / "metrics.jsonl")
+        assert task_processes(cancel), "the running task's processes are not visible to ps"
+        subprocess.run(["scancel", cancel], check=True, timeout=60)
+        cancelled_at = time.monotonic()
+        time.sleep(max(0.0, 10 - (time.monotonic() - cancelled_at)))
+        assert task_processes(cancel) == []
+    for backend, (paths, _) in exps.items():
+        df = _wait(paths.root)
+        row = _row(df, "fold0", "teacher")
+        assert row["state"] == "COMPLETED" and row["requeues"] >= 1, (backend, df.to_string())
+        assert _row(df, "fold1", "teacher")["state"] == "CANCELLED", df.to_string()
+        run0 = paths.role_dir(0, "teacher")
+        assert "resumed from" in (run0 / "train.log").read_text()
+        assert json.loads((run0 / "metrics.json").read_text())["epochs_run"] == EPOCHS
+        assert epochs_of(run0 / "metrics.jsonl") == list(range(EPOCHS))
+        got = epochs_of(paths.role_dir(1, "teacher") / "metrics.jsonl")
+        assert got == sorted(set(got)), got  # strictly increasing
+        assert not (run0 / ".lease").exists()  # released at the end of the run
+    print(f"\n[timing] fault drills (USR2 --full, cancel) on both backends: {time.monotonic() - t0:.0f} s")
