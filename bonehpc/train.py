@@ -613,6 +613,20 @@ def _preempt(ckpts: RunCheckpoints | None, ctx: RunContext, epoch: int) -> Preem
     return Preempted(ctx.out, epoch, ctx.stop.signal)
 
 
+def selects_epoch(cfg: ExperimentConfig, fold: int | str) -> bool:
+    """Whether the run keeps its best epoch (fold runs; final runs with train.final_epoch=best) or its last one
+    (final runs by default: no selection on the small held-out slice, and no early stop)."""
+    return fold != "final" or cfg.train.final_epoch == "best"
+
+
+def _improved(state: TrainState, metric: float, epoch: int, selects: bool) -> bool:
+    """Record the epoch as best.pt's: when the metric improved (selecting), or when it is the last (not)."""
+    if selects:
+        return state.improve(metric, epoch)
+    state.best_metric, state.best_epoch = float(metric), epoch  # every epoch replaces the last: best.pt = last
+    return True
+
+
 def epoch_loop(
     ctx: RunContext, data: RunData, learner: Learner, state: TrainState, history: list[dict[str, Any]]
 ) -> pd.DataFrame | None:
@@ -627,6 +641,7 @@ def epoch_loop(
     ckpts = RunCheckpoints(ctx.out, tcfg, to_dict(ctx.cfg), learner) if info.is_main else None
     curves = Curves(ctx.out, purge_step=state.epoch) if info.is_main else None
     last_preds: pd.DataFrame | None = None
+    selects = selects_epoch(ctx.cfg, ctx.fold)
     try:
         for epoch in range(state.epoch, rcfg.epochs):
             t0 = time.perf_counter()
@@ -647,12 +662,12 @@ def epoch_loop(
             metric = record.get(tcfg.early_stop_metric)
             if metric is None:
                 raise KeyError(f"train.early_stop_metric {tcfg.early_stop_metric!r} is not a metric: {sorted(record)}")
-            improved = state.improve(metric, epoch)
+            improved = _improved(state, metric, epoch, selects)
             state.epoch = epoch + 1
             history.append(record)
             last_preds = preds
             log.info("%s", epoch_line(record, tcfg.early_stop_metric, improved))
-            early_stop = bool(tcfg.patience) and epoch - state.best_epoch >= tcfg.patience
+            early_stop = selects and bool(tcfg.patience) and epoch - state.best_epoch >= tcfg.patience
             final = early_stop or state.epoch == rcfg.epochs
             if ckpts is not None:
                 if ctx.lease is not None:
@@ -708,7 +723,10 @@ def finish(
         "epochs_run": len(history),
         "status": STATUS_COMPLETED,
         "metrics": metrics,
-        "selection": data.selection,
+        "selection": {
+            **data.selection,
+            "epoch": "best on the validation side" if selects_epoch(ctx.cfg, ctx.fold) else "last (train.final_epoch)",
+        },
         "prob_correction": learner.prob_correction,
         "distill": learner.distill,
         "teacher_outputs": learner.loss_fn.source,
