@@ -304,6 +304,10 @@ def write_calibration(exp_root: str | Path, roles: tuple[str, ...] | list[str], 
             continue
         y, p = oof["label"].to_numpy(), oof["prob"].to_numpy(dtype=float)
         t = fit_temperature(y, p)
+        # the class-weighted model's own probabilities, for the record: each fold's correction undone
+        shifts = {k: float((c or {}).get("logit_shift", 0.0)) for k, c in zip(folds, corrections, strict=True)}
+        shift = oof["fold"].map(shifts)
+        raw = correct_prior(p, -shift.to_numpy(float)) if shift.any() else p
         studies = pd.concat(
             [study_table(g).assign(fold=k) for k, g in oof.groupby("fold", sort=True)], ignore_index=True
         )
@@ -315,6 +319,8 @@ def write_calibration(exp_root: str | Path, roles: tuple[str, ...] | list[str], 
             "ece_after": expected_calibration_error(y, apply_temperature(p, t)),
             "mean_prob": float(p.mean()),
             "prevalence": float(y.mean()),
+            "mean_prob_uncorrected": float(raw.mean()),
+            "ece_uncorrected": expected_calibration_error(y, raw),
             "prob_correction": dict(zip(map(str, folds), corrections, strict=True)),
             "threshold": fit_operating_point(studies, t),
         }
@@ -567,9 +573,10 @@ def checkpoint_logit_shift(state: Mapping[str, Any]) -> float | None:
     return float(rec["logit_shift"])
 
 
-def correct_prior(p: np.ndarray, shift: float) -> np.ndarray:
-    """sigmoid(logit(p) - shift): a class-weighted model's probability on the unweighted prior (`logit_shift`)."""
-    if shift == 0.0:
+def correct_prior(p: np.ndarray, shift: float | np.ndarray) -> np.ndarray:
+    """sigmoid(logit(p) - shift): a class-weighted model's probability on the unweighted prior (`logit_shift`);
+    `shift` is one number or one per row."""
+    if np.isscalar(shift) and shift == 0.0:
         return np.asarray(p, dtype=float)
     return 1.0 / (1.0 + np.exp(-(_logit(np.asarray(p, dtype=float)) - shift)))
 

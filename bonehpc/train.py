@@ -14,8 +14,10 @@ Roles: teacher; student (distils from the fold's teacher best.pt); baseline (the
 trained without distillation and without loading a teacher, to measure what KD buys).
 
 Model selection never sees the holdout: a fold run validates on its fold of the train split; a final
-run validates on a patient-grouped slice of the train patients (`train.final_val_frac`), and the
-official valid split is left to the one holdout evaluation (`bonehpc evaluate`).
+run validates on a patient-grouped slice of the train patients (`train.final_val_frac`) and keeps its last
+epoch (`train.final_epoch`: the slice monitors, it does not select), and the official valid split is left
+to the one holdout evaluation (`bonehpc evaluate`). Probabilities are corrected for the class weights of
+the loss (`bonehpc.metrics.correct_prior`; the record is `prob_correction` in metrics.json and checkpoints).
 
 Preemption: SIGUSR2 (Slurm `--signal=USR2@N`) and SIGTERM only set a flag. The loop acts on it at a
 step boundary, all ranks together: the epoch in progress is abandoned, the newest epoch-end state is
@@ -508,7 +510,8 @@ def run(
     Args:
         cfg: the experiment config.
         fold: 0..num_folds-1 (validate on that fold of the train split) or "final" (train on the train
-            patients but a held-out slice of them, `train.final_val_frac`, which selects best.pt).
+            patients but a held-out slice of them, `train.final_val_frac`; best.pt is the last epoch unless
+            train.final_epoch=best selects it on the slice).
         role: "teacher", "student" (distils from the fold's teacher best.pt) or "baseline" (the
             student's model without distillation).
         run_dir: where the run's files go (default ExperimentPaths.of(cfg).role_dir(fold, role)).

@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train one fold/role (teacher, distilled student or baseline student) in this process",
         description="Train the teacher, student or baseline of one fold (or the final model on the train "
-        "patients; a held-out slice of them, train.final_val_frac, selects its best epoch).",
+        "patients less a held-out slice, train.final_val_frac, that monitors it; it keeps its last epoch unless "
+        "train.final_epoch=best).",
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -83,7 +83,10 @@ def points_table(exp: Experiment) -> pd.DataFrame:
                 "cross-fitted cuts": ", ".join(f"{k}: {v:.3f}" for k, v in (op.get("cross_fitted") or {}).items()),
                 "class-weight logit shift": ", ".join(map(str, shifts)) or "none recorded",
                 "mean probability (out-of-fold images)": c.get("mean_prob"),
+                "mean probability before the correction": c.get("mean_prob_uncorrected"),
                 "prevalence (out-of-fold images)": c.get("prevalence"),
+                "ECE": c.get("ece_before"),
+                "ECE before the correction": c.get("ece_uncorrected"),
                 "temperature": c.get("temperature"),
             }
         )

@@ -320,7 +320,8 @@ def test_holdout_protocol_calibration_data_counts_and_synthetic_seed_section(bui
 
     report = built / "report"
     html = (report / "index.html").read_text()
-    assert "select their epoch on a patient-grouped slice of the train patients" in html
+    assert "slice of the train patients is held out of their training and monitors it" in html
+    assert "they keep their last epoch" in html
     assert "The official valid split is evaluated once" in html
     # ECE beside the reliability diagram; the temperature was fitted out-of-fold by evaluate_holdout
     ece = pd.read_csv(report / "calibration_ece.csv").set_index("predictions")
