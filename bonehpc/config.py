@@ -263,9 +263,19 @@ class DistillConfig:
     """Temperature of soft distillation."""
     baseline: bool = False
     """Also train the student without KD per fold (role baseline, distill.kind=none): what distillation buys."""
+    teacher_outputs: str = "auto"
+    """Where the student's teacher logits come from. cached: the fold's teacher-outputs file (the outputs job
+    of the fold graph; computed once over exactly the student's views), an error when it does not match the
+    run; online: the frozen teacher runs on every batch; auto: the cache when it matches, else online (the log
+    says which and why)."""
+    outputs_batch_size: int = 0
+    """Images per batch of the teacher-outputs job (0: 4 x train.batch_size; inference keeps no activations)."""
 
     def __post_init__(self) -> None:
         _choice("distill.kind", self.kind, ("none", "soft", "hard"))
+        _choice("distill.teacher_outputs", self.teacher_outputs, ("auto", "online", "cached"))
+        if self.outputs_batch_size < 0:
+            raise ConfigError(f"distill.outputs_batch_size: must be >= 0, got {self.outputs_batch_size}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"distill.alpha: must be in [0, 1], got {self.alpha}")
         _positive("distill.tau", self.tau)
