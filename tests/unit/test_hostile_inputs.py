@@ -576,6 +576,7 @@ CASES = [
     Case("name-percent-override", "HOSTILE", lambda c: (_submit_dry(c, "name=a%jb"), r"name: 'a%jb' is not a valid")),
     Case("name-semicolon-params", "HOSTILE", _name_in_params("name: a;reboot\n", r"name: 'a;reboot'")),
     Case("run-root-percent", "HOSTILE", lambda c: (_submit_dry(c, "run_root=/srv/%u/runs"), r"run_root: .*'%'")),
+    Case("run-root-tilde", "HOSTILE", lambda c: (_submit_dry(c, "run_root=~/runs"), r"run_root: '~/runs' starts with")),
     Case("profile-partition-newline", "HOSTILE", _profile_case('partition: "gpu\\nrm -rf ~"\n', r"partition: 'gpu\\n")),
     Case("profile-qos-space", "HOSTILE", _profile_case("qos: high prio\n", r"qos: 'high prio' is not a Slurm name")),
     Case(
