@@ -5,7 +5,10 @@ One experiment per backend (DALI CPU-only and torch, `data.num_workers=1`), fold
   is requeued, resumes from last.pt and completes, never FAILED 0:12;
 - cancel: `scancel` on fold 1 mid-run: 10 s later no process of that task is alive (`ps`, by the task's
   Slurm environment), torchrun, trainers and loader workers included;
-- after both drills every run folder's metrics.jsonl has strictly increasing epochs (one writer).
+- drill 5 (torch experiment): its evaluation waits (afterany) on both teachers; after the cancel,
+  `resubmit` reruns fold 1 (teacher, then its student) with a new evaluation and cancels the old one,
+  still queued behind the requeued fold 0: one evaluation runs, never two;
+- after the drills every run folder's metrics.jsonl has strictly increasing epochs (one writer).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import pytest
 from test_submit_folds import _cfg, _row, _wait
 
 from bonehpc.paths import ExperimentPaths
-from jobs.submit import submit_folds
+from jobs.submit import resubmit, submit_folds
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 BACKENDS = ("dali", "torch")
@@ -59,7 +62,7 @@ def test_full_signal_requeues_and_cancel_leaves_no_process(slurm_cluster, synth_
             f"data.backend={backend}",
             "data.num_workers=1",
         )
-        entry = submit_folds(cfg, only=only, evaluate=False)
+        entry = submit_folds(cfg, only=only, evaluate=backend == "torch")
         exps[backend] = (ExperimentPaths.of(cfg), [t["task_id"] for t in entry["jobs"][0]["tasks"]])
     for paths, (full, _) in exps.values():
         _first_epoch(paths.role_dir(0, "teacher") / "metrics.jsonl")
@@ -71,16 +74,35 @@ def test_full_signal_requeues_and_cancel_leaves_no_process(slurm_cluster, synth_
         cancelled_at = time.monotonic()
         time.sleep(max(0.0, 10 - (time.monotonic() - cancelled_at)))
         assert task_processes(cancel) == []
+    # drill 5: the old evaluation still waits for fold 0 (requeued); resubmit replaces it
+    paths, _ = exps["torch"]
+    old_eval = json.loads(paths.jobs.read_text())["submissions"][0]["jobs"][-1]
+    assert old_eval["kind"] == "evaluate"
+    again = resubmit(paths.root)
+    assert [(j["role"], [t.get("fold") for t in j["tasks"]]) for j in again["jobs"]] == [
+        ("teacher", ["fold1"]),
+        ("student", ["fold1"]),
+        ("", [None]),
+    ]
     for backend, (paths, _) in exps.items():
         df = _wait(paths.root)
         row = _row(df, "fold0", "teacher")
         assert row["state"] == "COMPLETED" and row["requeues"] >= 1, (backend, df.to_string())
-        assert _row(df, "fold1", "teacher")["state"] == "CANCELLED", df.to_string()
         run0 = paths.role_dir(0, "teacher")
         assert "resumed from" in (run0 / "train.log").read_text()
         assert json.loads((run0 / "metrics.json").read_text())["epochs_run"] == EPOCHS
+        for fold in (0, 1):  # strictly increasing, whatever the drills did
+            got = epochs_of(paths.role_dir(fold, "teacher") / "metrics.jsonl")
+            assert got == sorted(set(got)), got
         assert epochs_of(run0 / "metrics.jsonl") == list(range(EPOCHS))
-        got = epochs_of(paths.role_dir(1, "teacher") / "metrics.jsonl")
-        assert got == sorted(set(got)), got  # strictly increasing
         assert not (run0 / ".lease").exists()  # released at the end of the run
+        if backend == "dali":
+            assert _row(df, "fold1", "teacher")["state"] == "CANCELLED", df.to_string()
+            continue
+        assert set(df["state"]) == {"COMPLETED"}, df.to_string()  # fold 1 rerun, its student, the new evaluation
+        assert epochs_of(paths.role_dir(1, "teacher") / "metrics.jsonl") == list(range(EPOCHS))
+        old = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "--format=State", "-j", old_eval["job_id"]], capture_output=True, text=True
+        ).stdout.split()
+        assert old and old[-1].startswith("CANCELLED"), old  # superseded while queued: it never ran
     print(f"\n[timing] fault drills (USR2 --full, cancel) on both backends: {time.monotonic() - t0:.0f} s")
