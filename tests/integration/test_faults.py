@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,10 +49,39 @@ def epochs_of(history: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in history.read_text().splitlines() if line.strip()]
 
 
+HOLD = (
+    "import sys, time; from bonehpc.lease import RunLease; RunLease(sys.argv[1]).acquire(); "
+    "print('held', flush=True); time.sleep(600)"
+)
+
+
 def test_full_signal_requeues_and_cancel_leaves_no_process(slurm_cluster, synth_root, shards_dir, tmp_path) -> None:
     only = {("fold0", "teacher"), ("fold1", "teacher")}
     t0 = time.monotonic()
     exps = {}
+    # drill 2: another process writes the dali experiment's final teacher run (a trainer left behind):
+    # the Slurm task of that run must not become a second writer
+    held = tmp_path / "runs" / "faultdali" / "final" / "teacher"
+    held.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(held)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    try:
+        _drills(exps, only, synth_root, shards_dir, tmp_path)
+        df = _wait(exps["dali"][0].root)
+        final = _row(df, "final", "teacher")
+        assert final["state"] == "FAILED", df.to_string()
+        assert f"another process is writing this run: pid {holder.pid} on host" in final["error"], final["error"]
+        assert not (held / "metrics.jsonl").exists()  # it wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    print(
+        f"\n[timing] fault drills (USR2 --full, cancel, resubmit, second writer), both backends: "
+        f"{time.monotonic() - t0:.0f} s"
+    )
+
+
+def _drills(exps: dict, only: set, synth_root: Path, shards_dir: Path, tmp_path: Path) -> None:
     for backend in BACKENDS:
         cfg = _cfg(
             tmp_path / "runs",
@@ -62,12 +92,13 @@ def test_full_signal_requeues_and_cancel_leaves_no_process(slurm_cluster, synth_
             f"data.backend={backend}",
             "data.num_workers=1",
         )
-        entry = submit_folds(cfg, only=only, evaluate=backend == "torch")
+        selected = only | {("final", "teacher")} if backend == "dali" else only
+        entry = submit_folds(cfg, only=selected, evaluate=backend == "torch")
         exps[backend] = (ExperimentPaths.of(cfg), [t["task_id"] for t in entry["jobs"][0]["tasks"]])
-    for paths, (full, _) in exps.values():
+    for paths, (full, *_) in exps.values():
         _first_epoch(paths.role_dir(0, "teacher") / "metrics.jsonl")
         subprocess.run(["scancel", "--signal=USR2", "--full", full], check=True, timeout=60)
-    for paths, (_, cancel) in exps.values():
+    for paths, (_, cancel, *_) in exps.values():
         _first_epoch(paths.role_dir(1, "teacher") / "metrics.jsonl")
         assert task_processes(cancel), "the running task's processes are not visible to ps"
         subprocess.run(["scancel", cancel], check=True, timeout=60)
@@ -98,11 +129,10 @@ def test_full_signal_requeues_and_cancel_leaves_no_process(slurm_cluster, synth_
         assert not (run0 / ".lease").exists()  # released at the end of the run
         if backend == "dali":
             assert _row(df, "fold1", "teacher")["state"] == "CANCELLED", df.to_string()
-            continue
+            continue  # its final teacher: checked by the caller
         assert set(df["state"]) == {"COMPLETED"}, df.to_string()  # fold 1 rerun, its student, the new evaluation
         assert epochs_of(paths.role_dir(1, "teacher") / "metrics.jsonl") == list(range(EPOCHS))
         old = subprocess.run(
             ["sacct", "-X", "-n", "-P", "--format=State", "-j", old_eval["job_id"]], capture_output=True, text=True
-        ).stdout.split()
+        ).stdout.splitlines()
         assert old and old[-1].startswith("CANCELLED"), old  # superseded while queued: it never ran
-    print(f"\n[timing] fault drills (USR2 --full, cancel) on both backends: {time.monotonic() - t0:.0f} s")

@@ -171,3 +171,29 @@ def test_a_time_limit_without_room_to_progress_is_refused(tmp_path, synth_root, 
     short.write_text("partition: debug\ntime_min: 2\nsignal_delay_s: 25\nsave_wait_s: 15\nstartup_s: 30\n")
     with slurm.dry_run():
         assert submit_folds(cfg)["jobs"]
+
+
+def test_a_second_evaluation_of_one_experiment_is_refused(tiny_cfg, tmp_path) -> None:
+    """Drill 5's two evaluations at once on one folder: the second stops naming the first, writes nothing."""
+    from bonehpc.config import save_config
+    from bonehpc.lease import LeaseHeldError
+    from jobs.evaluate import EvaluateTask
+
+    paths = ExperimentPaths.of(tiny_cfg)
+    cfg_path = tmp_path / "config.yaml"
+    save_config(tiny_cfg, cfg_path)
+    paths.holdout.mkdir(parents=True)
+    hold = (
+        "import sys, time; from bonehpc.lease import RunLease; RunLease(sys.argv[1]).acquire(); "
+        "print('held', flush=True); time.sleep(60)"
+    )
+    cmd = [sys.executable, "-c", hold, str(paths.holdout)]
+    holder = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(LeaseHeldError, match=f"evaluating this experiment: pid {holder.pid}"):
+            EvaluateTask(str(cfg_path))()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (paths.holdout / "outcome.json").exists()
