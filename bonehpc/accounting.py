@@ -358,7 +358,7 @@ def experiment_status(
         num = fold.removeprefix("fold")
         group = {"pack": 0, "final": 2, "holdout": 3}.get(fold, 1)
         shard = role.removeprefix("shard")
-        rank = {"teacher": 0, "student": 1}.get(role, 2)
+        rank = {"teacher": 0, "outputs": 1, "student": 2}.get(role, 3)
         return (group, int(num) if num.isdigit() else 0, int(shard) if shard.isdigit() else rank, role)
 
     for (fold, role), task in sorted(latest.items(), key=lambda kv: order(kv[0])):

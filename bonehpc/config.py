@@ -263,9 +263,19 @@ class DistillConfig:
     """Temperature of soft distillation."""
     baseline: bool = False
     """Also train the student without KD per fold (role baseline, distill.kind=none): what distillation buys."""
+    teacher_outputs: str = "auto"
+    """Where the student's teacher logits come from. cached: the fold's teacher-outputs file (the outputs job
+    of the fold graph; computed once over exactly the student's views), an error when it does not match the
+    run; online: the frozen teacher runs on every batch; auto: the cache when it matches, else online (the log
+    says which and why)."""
+    outputs_batch_size: int = 0
+    """Images per batch of the teacher-outputs job (0: 4 x train.batch_size; inference keeps no activations)."""
 
     def __post_init__(self) -> None:
         _choice("distill.kind", self.kind, ("none", "soft", "hard"))
+        _choice("distill.teacher_outputs", self.teacher_outputs, ("auto", "online", "cached"))
+        if self.outputs_batch_size < 0:
+            raise ConfigError(f"distill.outputs_batch_size: must be >= 0, got {self.outputs_batch_size}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"distill.alpha: must be in [0, 1], got {self.alpha}")
         _positive("distill.tau", self.tau)
@@ -332,10 +342,15 @@ class ClusterConfig:
     """Cluster profile name: slurm/clusters/<profile>.yaml (or a path to a YAML file)."""
     nproc_per_node: int = 0
     """Training processes per node (0: one per GPU, or 1 on CPU-only nodes)."""
+    local_parallel: int | str = "auto"
+    """mode local: tasks of the job graph run at once; auto: one per visible GPU, else one per core (within
+    memory); threads are shared out (bonehpc.localgraph.plan_share)."""
 
     def __post_init__(self) -> None:
         _choice("cluster.mode", self.mode, ("auto", "slurm", "local", "debug"))
         _positive("cluster.nproc_per_node", self.nproc_per_node, allow_zero=True)
+        if self.local_parallel != "auto" and not (isinstance(self.local_parallel, int) and self.local_parallel >= 1):
+            raise ConfigError(f"cluster.local_parallel: expected auto or an integer >= 1, got {self.local_parallel!r}")
 
 
 @dataclass(kw_only=True)

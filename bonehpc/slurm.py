@@ -21,10 +21,10 @@ from typing import Any
 
 import submitit
 
-from bonehpc import shellsafe
+from bonehpc import localgraph, shellsafe
 from bonehpc.config import ConfigError, ExperimentConfig, _build, read_yaml
 from bonehpc.paths import ExperimentPaths
-from bonehpc.resources import DEFAULT_SAVE_WAIT_S, check_signal_delay, last_error_line, task_failure_line
+from bonehpc.resources import DEFAULT_SAVE_WAIT_S, check_signal_delay, last_error_line
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,9 @@ def _dry_submit(
         folder = ctx.paths.submitit / "%j"
         out.append(f"{head}\n{render_sbatch(spec, str(folder), name, dependency, None, len(items or []))}")
     else:
-        out.append(f"{head}: would run with submitit's {ctx.mode} executor, after the jobs before it")
+        after = f" when {dependency}" if dependency and ctx.mode == "local" else ""
+        where = "the local graph (tasks at once as the machine allows)" if ctx.mode == "local" else "in-process"
+        out.append(f"{head}: would run in {where}{after}")
     ctx.jobs.append(record)
     return record
 
@@ -352,6 +354,10 @@ class SubmitContext:
     mode: str
     workdir: str
     jobs: list[dict[str, Any]] = field(default_factory=list)
+    graph: localgraph.LocalGraph | None = None
+    """mode local: the job graph of this submission (bonehpc.localgraph)."""
+    deferred: bool = False
+    """After `defer_local(ctx)`: local jobs wait for `run_local(ctx)`."""
 
     def __post_init__(self) -> None:
         # the folder's absolute path is written into every job script (log paths, submitit's job folder)
@@ -371,8 +377,11 @@ def submit(
 ) -> dict[str, Any]:
     """THE submit path of every job kind: one job, or an array over `items`; records it in ctx.jobs.
 
-    Slurm: returns at once (the scheduler orders jobs by `dependency`). Local/debug: runs the jobs now,
-    one after another, skipping an item whose `run_if(item)` is false (its dependency failed).
+    Slurm: returns at once (the scheduler orders jobs by `dependency`). Local: the job joins the local graph
+    (bonehpc.localgraph) with synthetic ids and the same `dependency` string; after `defer_local(ctx)` the
+    graph runs at `run_local(ctx)`, otherwise now (tasks concurrently as far as the machine allows). Debug:
+    runs the tasks now, in this process, one after another. Local and debug skip an item whose
+    `run_if(item)` is false when it would start (its dependency failed).
     `label(item)` names each task in the registry (its "fold" key: fold0, final, shard3, finalize) and in
     the log; a single job (items None) gets `label(None)`.
     """
@@ -393,35 +402,10 @@ def submit(
             for i, (item, job) in enumerate(zip(items, jobs, strict=True)):
                 record["tasks"].append({"index": i, **_label(label, item), "task_id": job.job_id})
         log.info("submitted %s %s as job %s%s", kind, role, record["job_id"], f" ({dependency})" if dependency else "")
+    elif ctx.mode == "local":
+        _local_submit(ctx, spec, executor, kind, role, task, items, record, dependency, run_if, label)
     else:
-        record["job_id"] = ""
-        for i, item in enumerate(items if items is not None else [None]):
-            entry: dict[str, Any] = {"index": i} if items is not None else {}
-            entry.update(_label(label, item))
-            if run_if is not None and not run_if(item):
-                entry.update(task_id=f"skipped-{kind}-{role}-{i}", state="CANCELLED", reason="dependency failed")
-                record["tasks"].append(entry)
-                continue
-            t0 = time.monotonic()
-            job = executor.submit(task) if items is None else executor.submit(task, item)
-            entry["task_id"] = str(job.job_id)
-            item_label = entry.get("fold", "") or (f"task {i}" if items is not None else "")
-            what = " ".join(str(x) for x in dict.fromkeys((kind, role, item_label)) if x)
-            log.info("running %s locally (job %s; log %s)", what, job.job_id, job.paths.stdout)
-            try:
-                job.result()
-                entry.update(state="COMPLETED", exit_code=0)
-                log.info("%s COMPLETED in %.0f s", what, time.monotonic() - t0)
-            except Exception as err:  # noqa: BLE001 - a failed job is recorded, the graph goes on
-                # failures explained: the exception line of the task's log, not only the wrapper's message
-                text = str(err).strip()
-                line = task_failure_line(ctx.paths.submitit, str(job.job_id)) or last_error_line(text)
-                line = line or (text.splitlines() or ["(no message)"])[0][:500]
-                log.error("%s FAILED: %s (log %s)", what, line, job.paths.stderr)
-                entry.update(state="FAILED", exit_code=1, error=line)
-            entry["elapsed_s"] = round(time.monotonic() - t0)
-            record["tasks"].append(entry)
-        record["job_id"] = record["tasks"][0]["task_id"] if record["tasks"] else ""
+        _debug_submit(ctx, executor, kind, role, task, items, record, run_if, label)
     ctx.jobs.append(record)
     return record
 
@@ -439,3 +423,110 @@ def cancel(task_ids: Sequence[str], why: str) -> None:
 
 def _label(label: Callable[[Any], str] | None, item: Any) -> dict[str, str]:
     return {"fold": label(item)} if label is not None else {}
+
+
+def _what(kind: str, role: str, index: int | None, entry: dict[str, Any]) -> str:
+    """'train teacher fold0', 'tune task 3', 'evaluate': how the console names a task."""
+    item_label = entry.get("fold", "") or (f"task {index}" if index is not None else "")
+    return " ".join(str(x) for x in dict.fromkeys((kind, role, item_label)) if x)
+
+
+def local_share(ctx: SubmitContext) -> localgraph.Share:
+    """How this machine is shared out between local tasks (cluster.local_parallel, cores, GPUs, memory)."""
+    train = ctx.profile.for_kind("train")
+    return localgraph.plan_share(
+        ctx.cfg.cluster.local_parallel,
+        cores=len(os.sched_getaffinity(0)),
+        gpus=localgraph.visible_gpus(),
+        gpus_per_task=ctx.cfg.cluster.nproc_per_node or train.nproc_per_node or 1,
+        workers=ctx.cfg.data.num_workers,
+        mem_gb=train.mem_gb,
+        mem_total_gb=localgraph.total_memory_gb(),
+        user_threads=bool(os.environ.get("OMP_NUM_THREADS", "").strip()),
+    )
+
+
+def defer_local(ctx: SubmitContext) -> None:
+    """Local mode: the jobs submitted from now on wait for `run_local(ctx)` and then run together (a student
+    starts as soon as its teacher is done, whatever was submitted after it). Elsewhere a no-op."""
+    ctx.deferred = ctx.mode == "local" and not is_dry_run()
+
+
+def run_local(ctx: SubmitContext) -> None:
+    """Run the deferred local graph of `ctx` until every task ended (no-op outside local mode).
+
+    Raises:
+        KeyboardInterrupt: Ctrl-C; the running tasks were stopped (they save last.pt) and every task that
+            did not finish is marked CANCELLED in ctx.jobs, so the caller can still record them.
+    """
+    ctx.deferred = False
+    if ctx.graph is not None:
+        ctx.graph.run()
+
+
+def _local_submit(
+    ctx: SubmitContext,
+    spec: ResourceSpec,
+    executor: submitit.AutoExecutor,
+    kind: str,
+    role: str,
+    task: Callable[..., Any],
+    items: Sequence[Any] | None,
+    record: dict[str, Any],
+    dependency: str,
+    run_if: Callable[[Any], bool] | None,
+    label: Callable[[Any], str] | None,
+) -> None:
+    if ctx.graph is None:
+        ctx.graph = localgraph.LocalGraph(local_share(ctx), ctx.paths.submitit)
+    ctx.graph.add(
+        executor,
+        task,
+        items,
+        record,
+        what=lambda index, entry: _what(kind, role, index, entry),
+        dependency=dependency,
+        run_if=run_if,
+        parallelism=spec.array_parallelism if items is not None else 0,
+        label=lambda item: _label(label, item),
+    )
+    if not ctx.deferred:
+        ctx.graph.run()
+
+
+def _debug_submit(
+    ctx: SubmitContext,
+    executor: submitit.AutoExecutor,
+    kind: str,
+    role: str,
+    task: Callable[..., Any],
+    items: Sequence[Any] | None,
+    record: dict[str, Any],
+    run_if: Callable[[Any], bool] | None,
+    label: Callable[[Any], str] | None,
+) -> None:
+    """cluster.mode debug: each task now, in this process, one after another."""
+    for i, item in enumerate(items if items is not None else [None]):
+        entry: dict[str, Any] = {"index": i} if items is not None else {}
+        entry.update(_label(label, item))
+        if run_if is not None and not run_if(item):
+            entry.update(task_id=f"skipped-{kind}-{role}-{i}", state="CANCELLED", reason="dependency failed")
+            record["tasks"].append(entry)
+            continue
+        t0 = time.monotonic()
+        job = executor.submit(task) if items is None else executor.submit(task, item)
+        entry["task_id"] = str(job.job_id)
+        what = _what(kind, role, i if items is not None else None, entry)
+        log.info("running %s (job %s)", what, job.job_id)
+        try:
+            job.result()
+            entry.update(state="COMPLETED", exit_code=0)
+            log.info("%s COMPLETED in %.0f s", what, time.monotonic() - t0)
+        except Exception as err:  # noqa: BLE001 - a failed job is recorded, the graph goes on
+            text = str(err).strip()
+            line = last_error_line(text) or (text.splitlines() or ["(no message)"])[0][:500]
+            log.error("%s FAILED: %s", what, line)
+            entry.update(state="FAILED", exit_code=1, error=line)
+        entry["elapsed_s"] = round(time.monotonic() - t0)
+        record["tasks"].append(entry)
+    record["job_id"] = record["tasks"][0]["task_id"] if record["tasks"] else ""

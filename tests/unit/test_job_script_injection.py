@@ -313,12 +313,10 @@ def _check_structure(text: str, spec: slurm.ResourceSpec) -> None:
     assert all(len(v) == 1 for v in directives.values()), directives
     assert directives["signal"] == [f"USR2@{spec.signal_delay_s}"] and "requeue" in directives
     shell = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    assert shell[:2] == [
-        "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK",
-        f"export BONEHPC_SAVE_WAIT_S={spec.save_wait_s}",
-    ]
-    assert shell[2:-2] == spec.setup and shell[-2] == "export SUBMITIT_EXECUTOR=slurm"
-    assert shell[-1].startswith("srun --unbuffered --output ") and len(shell) == len(spec.setup) + 4
+    setup = slurm.executor_parameters(spec, "x", "slurm")["slurm_setup"]  # bonehpc's lines, then the profile's
+    assert setup[len(setup) - len(spec.setup) :] == spec.setup
+    assert shell[:-2] == setup and shell[-2] == "export SUBMITIT_EXECUTOR=slurm"
+    assert shell[-1].startswith("srun --unbuffered --output ") and len(shell) == len(setup) + 2
     assert subprocess.run(["bash", "-n"], input=text, text=True, check=False).returncode == 0
 
 
