@@ -20,6 +20,7 @@ what bonehpc relies on (signal, requeue, array, dependency, output paths) unless
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import shutil
@@ -295,7 +296,7 @@ def check_additional(prefix: str, additional: Mapping[str, Any], override: list[
                 f"{where}: bonehpc sets --{opt} and relies on it (requeue, USR2 before the limit, job graph, "
                 f"logs); list {opt} in additional_override to replace it"
             )
-        if value is True or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        if value is True or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
             out[submitit_key(opt)] = value
             continue
         if not isinstance(value, str) or not value:

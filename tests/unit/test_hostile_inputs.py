@@ -414,6 +414,11 @@ def _yaml_deep(c: Ctx) -> tuple[list[str], str]:
     return [*_submit_dry(c), "--params", _params_file(c, text)], r"best_params.yaml line 1: nested deeper than"
 
 
+def _yaml_huge(c: Ctx) -> tuple[list[str], str]:
+    text = "name: x\n" + "# padding\n" * 500_000  # 5 MB: refused before it is read
+    return [*_submit_dry(c), "--params", _params_file(c, text)], r"best_params.yaml: 5,000,008 bytes, more than"
+
+
 def _cli_nul(c: Ctx) -> tuple[list[str], str]:
     return ["status", "--exp", "a\x00b", "--run-root", str(c.tmp)], r"--exp: 'a\\x00b' holds the control character"
 
@@ -587,6 +592,7 @@ CASES = [
     # family 4: inputs that would exhaust time or memory, refused before the expensive work
     Case("yaml-alias-bomb", "HOSTILE", _yaml_bomb),
     Case("yaml-50000-deep", "HOSTILE", _yaml_deep),
+    Case("yaml-5-mb", "HOSTILE", _yaml_huge),
     Case("name-nul-in-params", "HOSTILE", _name_in_params('name: "a\\0b"\n', r"name: 'a\\x00b'")),
     Case("cli-nul", "HOSTILE", _cli_nul),
     Case("predict-checkpoint-gigantic-model", "HOSTILE", _gigantic),
@@ -762,6 +768,10 @@ def test_a_jpeg_named_png_claiming_20000_squared_is_refused_from_its_header(
     with pytest.raises(images.RejectedImageError, match=r"JPEG header claims 300x300 px, above the cap of 1000"):
         data[sof + 5 : sof + 9] = (300).to_bytes(2, "big") + (300).to_bytes(2, "big")
         images.decode_gray8(bytes(data), max_pixels=1000)
+    # a format whose header cannot be read first is not decoded (OpenCV reads Radiance HDR up to 1 Gpx)
+    hdr = b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 20000 +X 20000\n" + bytes(64)
+    with pytest.raises(images.RejectedImageError, match=r"not_an_image"):
+        images.decode_gray8(hdr)
 
 
 def _png(arr: object, exif_orientation: int = 1, sbit: int = 0) -> bytes:

@@ -140,6 +140,7 @@ def test_every_profile_field_refuses_or_quotes_every_hostile_value(tmp_path: Pat
         ({"wrap": "rm -rf ~"}, r"additional.wrap: not an sbatch option"),
         ({"exclusive": False}, r"additional.exclusive: False is not an sbatch option value"),
         ({"comment": ""}, r"additional.comment: '' is not"),
+        ({"nice": float("nan")}, r"additional.nice: nan is not an sbatch option value"),
     ],
 )
 def test_additional_is_known_options_that_do_not_replace_bonehpcs(
