@@ -395,6 +395,10 @@ def experiment_status(
                 node="local",
             )
         row["metrics"] = _metrics_status(exp, fold, role)
+        if row["metrics"] == "completed" and row["state"] in RETRY_STATES:
+            # the run's files and its Slurm task disagree: say both (the run trained to its end, then the
+            # task failed, or another run wrote them); never just "completed" next to FAILED
+            row["metrics"] = f"completed, task {row['state']}"
         if row["state"] in RETRY_STATES:  # failures explained: the task's log, else what sacct says
             row["error"] = task.get("error") or failure_line(exp / "submitit", tid, rec)
         rows.append(row)

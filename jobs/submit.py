@@ -261,7 +261,7 @@ def stage_groups(
     if ctx.mode == "debug" or not folds:
         return [(list(folds), "")] if folds else []
     tasks = (upstream or {}).get("tasks", [])
-    if upstream is not None and [fold_name(f) for f in folds] == [t["fold"] for t in tasks]:
+    if upstream and upstream.get("job_id") and [fold_name(f) for f in folds] == [t["fold"] for t in tasks]:
         return [(list(folds), f"aftercorr:{upstream['job_id']}")]
     by_fold = {t["fold"]: t["task_id"] for t in tasks}
     groups: list[tuple[list[int | str], str]] = []
@@ -330,7 +330,7 @@ def _submit_graph(ctx: slurm.SubmitContext, plan: Plan, kind: str, evaluate: boo
         task = TrainTask(cfg_path, "teacher", ctx.workdir, nproc)
         teacher = slurm.submit(ctx, "train", task, plan.teacher, role="teacher", label=fold_name)
         train_ids.append(teacher["job_id"])
-    outputs: dict[str, Any] | None = None
+    outputs_jobs: list[dict[str, Any]] = []
     # teacher -> outputs (aftercorr) -> students: no student runs the teacher
     for folds, dependency in stage_groups(ctx, plan.outputs, teacher, plan, "teacher"):
         outputs = slurm.submit(
@@ -344,8 +344,12 @@ def _submit_graph(ctx: slurm.SubmitContext, plan: Plan, kind: str, evaluate: boo
             label=fold_name,
         )
         train_ids.append(outputs["job_id"])
-    if len(stage_groups(ctx, plan.outputs, teacher, plan, "teacher")) > 1:
-        outputs = None  # several outputs jobs: each student depends on its own fold's (afterok, stage_groups)
+        outputs_jobs.append(outputs)
+    # several outputs jobs: their tasks together (no single array to aftercorr on), so that student k still
+    # waits for outputs k (afterok on exactly that task), never for teacher k only
+    outputs = outputs_jobs[0] if len(outputs_jobs) == 1 else None
+    if len(outputs_jobs) > 1:
+        outputs = {"job_id": "", "tasks": [t for job in outputs_jobs for t in job["tasks"]]}
     for folds, dependency in student_groups(ctx, plan, teacher, outputs):
         student = slurm.submit(
             ctx,
