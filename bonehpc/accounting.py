@@ -358,7 +358,7 @@ def experiment_status(
         num = fold.removeprefix("fold")
         group = {"pack": 0, "final": 2, "holdout": 3}.get(fold, 1)
         shard = role.removeprefix("shard")
-        rank = {"teacher": 0, "student": 1}.get(role, 2)
+        rank = {"teacher": 0, "outputs": 1, "student": 2}.get(role, 3)
         return (group, int(num) if num.isdigit() else 0, int(shard) if shard.isdigit() else rank, role)
 
     for (fold, role), task in sorted(latest.items(), key=lambda kv: order(kv[0])):
@@ -395,6 +395,10 @@ def experiment_status(
                 node="local",
             )
         row["metrics"] = _metrics_status(exp, fold, role)
+        if row["metrics"] == "completed" and row["state"] in RETRY_STATES:
+            # the run's files and its Slurm task disagree: say both (the run trained to its end, then the
+            # task failed, or another run wrote them); never just "completed" next to FAILED
+            row["metrics"] = f"completed, task {row['state']}"
         if row["state"] in RETRY_STATES:  # failures explained: the task's log, else what sacct says
             row["error"] = task.get("error") or failure_line(exp / "submitit", tid, rec)
         rows.append(row)

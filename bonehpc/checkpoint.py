@@ -23,6 +23,7 @@ not hold the training loop (and the ranks waiting for it at the next collective)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 import random
@@ -30,6 +31,7 @@ import re
 import shutil
 import threading
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -347,12 +349,80 @@ def build_model_from_checkpoint(state: dict[str, Any], **overrides: Any) -> torc
     kwargs = {**dict(spec.get("kwargs") or {}), **overrides}
     kwargs.pop("pretrained", None)
     kwargs.pop("weights", None)
+    what = f"checkpoint weights of {spec['name']}"
     try:
-        model = create_model(spec["name"], pretrained=False, **kwargs)
+        # first without memory (meta device), bounded by the weights the file holds: a spec that asks for a
+        # gigantic model is refused before anything is allocated or a million blocks are built
+        try:
+            with torch.device("meta"), _bounded_build(state["model"], spec):
+                skeleton = create_model(spec["name"], pretrained=False, **kwargs)
+        except (NotImplementedError, RuntimeError) as err:
+            if isinstance(err, CheckpointError):
+                raise
+            skeleton = None  # a model that cannot be built on the meta device: bounded while it is built below
+        problem = weights_fit(unwrap_model(skeleton).state_dict(), state["model"]) if skeleton is not None else ""
+        if problem:
+            raise CheckpointError(f"{what} do not fit the model: {problem}")
+        with _bounded_build(state["model"], spec):
+            model = create_model(spec["name"], pretrained=False, **kwargs)
     except (ModelKwargsError, ModelNotFoundError) as err:
         raise CheckpointError(f"checkpoint model_spec: {err}") from None
-    load_weights(unwrap_model(model), state["model"], what=f"checkpoint weights of {spec['name']}")
+    except (TypeError, ValueError) as err:  # a value the constructor cannot use (embed_dim: "wide")
+        raise CheckpointError(f"checkpoint model_spec: {_first_line(err)}") from None
+    load_weights(unwrap_model(model), state["model"], what=what)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _bounded_build(weights: dict[str, Any], spec: dict[str, Any]) -> Iterator[None]:
+    """While a model is built from `spec`: CheckpointError as soon as it registers more tensors, elements
+    or modules than a network that fits `weights` could (with room for non-persistent buffers)."""
+    from torch.nn.modules import module as nn_module
+
+    tensors = [v for v in weights.values() if isinstance(v, torch.Tensor)]
+    limits = (2 * len(tensors) + 64, 2 * sum(t.numel() for t in tensors) + (1 << 24), 8 * len(tensors) + 256)
+    seen = [0, 0, 0]
+
+    def count(kind: int, numel: int) -> None:  # kind 0: a tensor, 2: a module; seen[1] sums the elements
+        seen[kind] += 1
+        seen[1] += numel
+        if seen[0] > limits[0] or seen[1] > limits[1] or seen[2] > limits[2]:
+            raise CheckpointError(
+                f"checkpoint model_spec {spec['name']} {spec.get('kwargs')!r:.200} builds a model larger than "
+                f"the {len(tensors)} tensors ({sum(t.numel() for t in tensors):,} values) the file holds"
+            )
+
+    def on_tensor(_module: Any, _name: str, tensor: Any) -> None:
+        if tensor is not None:
+            count(0, int(tensor.numel()))
+
+    def on_module(_module: Any, _name: str, _sub: Any) -> None:
+        count(2, 0)
+
+    handles = [
+        nn_module.register_module_parameter_registration_hook(on_tensor),
+        nn_module.register_module_buffer_registration_hook(on_tensor),
+        nn_module.register_module_module_registration_hook(on_module),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def weights_fit(own: dict[str, Any], weights: dict[str, Any]) -> str:
+    """'' when `weights` fit a model whose state_dict is `own` (same keys and shapes, "module." and
+    "_orig_mod." prefixes removed), else the first missing, unexpected and mis-shaped keys in words."""
+    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shape = [k for k, v in own.items() if k in weights and getattr(weights[k], "shape", None) != v.shape]
+    return ", ".join(
+        f"{name} {len(keys)} (e.g. {keys[0]})"
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shape))
+        if keys
+    )
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, Any], what: str = "checkpoint weights") -> None:
@@ -361,16 +431,7 @@ def load_weights(model: torch.nn.Module, weights: dict[str, Any], what: str = "c
     Raises:
         CheckpointError: one line naming the first missing, unexpected and mis-shaped keys.
     """
-    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    shape = [k for k, v in own.items() if k in weights and getattr(weights[k], "shape", None) != v.shape]
-    if missing or unexpected or shape:
-        parts = [
-            f"{name} {len(keys)} (e.g. {keys[0]})"
-            for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shape))
-            if keys
-        ]
-        raise CheckpointError(f"{what} do not fit the model: {', '.join(parts)}")
-    model.load_state_dict(weights)
+    problem = weights_fit(model.state_dict(), weights)
+    if problem:
+        raise CheckpointError(f"{what} do not fit the model: {problem}")
+    model.load_state_dict({k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()})

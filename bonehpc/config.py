@@ -30,6 +30,8 @@ _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 MAX_YAML_DEPTH = 64
 """Deepest nesting of a config or profile file (a real one nests 4 levels; 50,000 would overflow the stack)."""
+MAX_YAML_BYTES = 4 << 20
+"""Largest config, --params or profile file read (4 MiB; real ones are a few KB)."""
 MAX_YAML_NODES = 100_000
 """Most values a file may hold with every alias (*name) expanded: an alias bomb (each level repeating the
 one before) is refused while it is still small, before anything walks the expanded tree."""
@@ -263,9 +265,19 @@ class DistillConfig:
     """Temperature of soft distillation."""
     baseline: bool = False
     """Also train the student without KD per fold (role baseline, distill.kind=none): what distillation buys."""
+    teacher_outputs: str = "auto"
+    """Where the student's teacher logits come from. cached: the fold's teacher-outputs file (the outputs job
+    of the fold graph; computed once over exactly the student's views), an error when it does not match the
+    run; online: the frozen teacher runs on every batch; auto: the cache when it matches, else online (the log
+    says which and why)."""
+    outputs_batch_size: int = 0
+    """Images per batch of the teacher-outputs job (0: 4 x train.batch_size; inference keeps no activations)."""
 
     def __post_init__(self) -> None:
         _choice("distill.kind", self.kind, ("none", "soft", "hard"))
+        _choice("distill.teacher_outputs", self.teacher_outputs, ("auto", "online", "cached"))
+        if self.outputs_batch_size < 0:
+            raise ConfigError(f"distill.outputs_batch_size: must be >= 0, got {self.outputs_batch_size}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"distill.alpha: must be in [0, 1], got {self.alpha}")
         _positive("distill.tau", self.tau)
@@ -628,6 +640,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
+        size = p.stat().st_size
+        if size > MAX_YAML_BYTES:  # before reading it: configs, params and profiles are a few KB
+            raise ConfigError(f"{p}: {size:,} bytes, more than a config file may hold ({MAX_YAML_BYTES:,})")
         raw = p.read_bytes()
     except OSError as err:
         raise ConfigError(f"{p}: cannot read ({err.strerror or err})") from None

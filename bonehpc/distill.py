@@ -1,7 +1,9 @@
 """Knowledge distillation as a loss wrapper: plain training (none) and soft / hard distillation share one loop.
 
 The frozen teacher sees the very same augmented batch tensor as the student, inside the caller's autocast, so
-the two are consistent; only the student gets gradients. When the teacher expects another input normalisation
+the two are consistent; only the student gets gradients. With cached teacher outputs (`bonehpc.teacher_outputs`)
+the teacher does not run at all: its logits on exactly these views were computed once, and are looked up by
+(epoch, image id). When the teacher expects another input normalisation
 than the loader's (`renormalisation`), one fused affine on the batch converts it; when they match, the batch
 tensor itself goes to the teacher (no copy).
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,6 +90,30 @@ def load_frozen_teacher(checkpoint_path: str | os.PathLike[str], device: str | t
     return freeze(model.to(device))
 
 
+def teacher_and_input(
+    checkpoint_path: str | os.PathLike[str],
+    device: torch.device,
+    channels_last: bool,
+    loader_mean: Sequence[float],
+    loader_std: Sequence[float],
+) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The frozen teacher (channels_last on a GPU when the batches are) and its `renormalisation` from the loader's.
+
+    The one way a teacher is made ready for batches: the online KD loss and the teacher-outputs job both use
+    it, so the cached logits are the ones the online loss would compute.
+    """
+    teacher = load_frozen_teacher(checkpoint_path, device)
+    if device.type == "cuda" and channels_last:  # same layout as the batches it sees
+        teacher.to(memory_format=torch.channels_last)
+    model_mean, model_std = teacher.mean, teacher.std  # plain attributes set by create_model
+    renorm = renormalisation(loader_mean, loader_std, model_mean, model_std)  # type: ignore[arg-type]
+    if renorm is not None:
+        log.info(
+            "teacher input renormalised from mean/std %s/%s to %s/%s", loader_mean, loader_std, model_mean, model_std
+        )
+    return teacher, renorm
+
+
 def renormalisation(
     loader_mean: Sequence[float], loader_std: Sequence[float], model_mean: Sequence[float], model_std: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -108,7 +135,7 @@ def renormalisation(
 class DistillationLoss(nn.Module):
     """Task loss plus, for kind soft or hard, a distillation term from a frozen teacher.
 
-    Called as ``loss_fn(images, logits, labels) -> {"loss", "task_loss", "kd_loss"}`` (tensors; kd_loss is a
+    Called as ``loss_fn(images, logits, labels, ids=None) -> {"loss", "task_loss", "kd_loss"}`` (tensors; kd_loss is a
     zero tensor for kind none). The teacher is a registered submodule (``loss_fn.to(device)`` moves it) but
     ``train()`` never takes it out of eval mode, and its parameters never require gradients.
 
@@ -120,6 +147,9 @@ class DistillationLoss(nn.Module):
         tau: Temperature of soft distillation.
         teacher_input: (scale, shift) from `renormalisation` when the teacher expects another input
             normalisation than the batches have (one fused affine per batch); None: the batch as it is.
+        cached: the teacher's logits read from the fold's teacher-outputs file
+            (`bonehpc.teacher_outputs.CachedTeacherOutputs`: ``set_epoch(e)``, ``lookup(ids)``) instead of a
+            teacher forward; the loss is then called with the batch's image ids.
     """
 
     input_scale: torch.Tensor | None
@@ -133,6 +163,7 @@ class DistillationLoss(nn.Module):
         alpha: float = 0.5,
         tau: float = 1.0,
         teacher_input: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cached: Any = None,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -141,13 +172,14 @@ class DistillationLoss(nn.Module):
             raise ValueError(f"distillation alpha must be in [0, 1], got {alpha}")
         if tau <= 0:
             raise ValueError(f"distillation tau must be > 0, got {tau}")
-        if kind != "none" and teacher is None:
-            raise ValueError(f"distillation kind {kind!r} needs a teacher model")
+        if kind != "none" and teacher is None and cached is None:
+            raise ValueError(f"distillation kind {kind!r} needs a teacher model or cached teacher outputs")
         self.task_loss = task_loss
         self.kind = kind
         self.alpha = float(alpha)
         self.tau = float(tau)
-        self.teacher = freeze(teacher) if teacher is not None and kind != "none" else None
+        self.teacher = freeze(teacher) if teacher is not None and kind != "none" and cached is None else None
+        self.cached = cached if kind != "none" else None
         scale, shift = teacher_input if teacher_input is not None and self.teacher is not None else (None, None)
         self.register_buffer("input_scale", scale, persistent=False)
         self.register_buffer("input_shift", shift, persistent=False)
@@ -168,11 +200,28 @@ class DistillationLoss(nn.Module):
                 images = torch.addcmul(self.input_shift.to(dtype), images, self.input_scale.to(dtype))
             return self.teacher(images).float()
 
-    def forward(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    @property
+    def source(self) -> str:
+        """Where the teacher logits come from: cached, online or none."""
+        return "cached" if self.cached is not None else "online" if self.teacher is not None else "none"
+
+    def set_epoch(self, epoch: int, ids: Any = None) -> None:
+        """The epoch of the next batches and this rank's ids in it (cached outputs: read and looked up by id)."""
+        if self.cached is not None:
+            self.cached.set_epoch(epoch, ids)
+
+    def forward(
+        self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         task = self.task_loss(logits, labels)
-        if self.teacher is None:
+        if self.teacher is None and self.cached is None:
             return {"loss": task, "task_loss": task.detach(), "kd_loss": torch.zeros((), device=task.device)}
-        t_logits = self.teacher_logits(images)
+        if self.cached is not None:
+            if ids is None:
+                raise RuntimeError("cached teacher outputs are looked up by image id: call the loss with the ids")
+            t_logits = self.cached.lookup(ids)
+        else:
+            t_logits = self.teacher_logits(images)
         s_logits = logits.float()
         if self.kind == "soft":
             kd = F.kl_div(

@@ -18,7 +18,8 @@ from bonehpc.log import MetricLogger
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+LossFn = Callable[..., dict[str, torch.Tensor]]
+"""loss_fn(images, logits, labels, ids) -> {"loss", "task_loss"?, "kd_loss"?} (ids: the batch's image ids)."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,12 +81,12 @@ def train_one_epoch(
             means = (sums / steps).tolist()
             meter.update(loss=means[0], task=means[1], kd=means[2], lr=optimizer.param_groups[0]["lr"])
 
-    for step, (images, labels, _ids) in enumerate(
+    for step, (images, labels, ids) in enumerate(
         meter.log_every(_take(loader, total), log_every, header, total, on_log=sync)
     ):
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
-            out = loss_fn(images, logits, labels)
+            out = loss_fn(images, logits, labels, ids)
         loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -31,6 +31,9 @@ RUN_PREDICTIONS = "predictions_val.csv"
 RUN_LOG = "train.log"
 LAST_CKPT = "last.pt"
 BEST_CKPT = "best.pt"
+# The teacher-outputs stage of a fold (bonehpc.teacher_outputs): runs/<exp>/<fold>/outputs/, beside the teacher.
+OUTPUTS_ROLE = "outputs"
+OUTPUTS_FILE = "teacher_outputs.h5"
 # Files of one holdout model (ExperimentPaths.holdout_dir(model)).
 HOLDOUT_PREDICTIONS = "predictions.csv"
 HOLDOUT_METRICS = "metrics.json"
@@ -49,7 +52,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
     exist: bonehpc writes atomically)."""
     try:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -146,6 +149,10 @@ class ExperimentPaths:
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         return self.root / fold_name(fold) / role
+
+    def outputs_dir(self, fold: int | str) -> Path:
+        """The teacher-outputs folder of a fold (OUTPUTS_FILE, metrics.json, outputs.log)."""
+        return self.root / fold_name(fold) / OUTPUTS_ROLE
 
     def holdout_dir(self, model: str) -> Path:
         if model not in HOLDOUT_MODELS:

@@ -19,7 +19,9 @@ anything is computed; outputs are written atomically, so a failure leaves no hal
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import os
 import re
 import tempfile
@@ -40,10 +42,13 @@ from bonehpc.constants import THRESHOLD
 from bonehpc.data.images import RejectedImageError, fit_square, letterbox_geometry, read_gray8
 from bonehpc.fsio import atomic_write_bytes, atomic_write_csv
 from bonehpc.metrics import CALIBRATION_FILE, apply_temperature, read_temperatures, study_table
+from bonehpc.paths import read_json
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+TEMPERATURE_RANGE = (0.05, 20.0)
+"""Temperatures a calibration file may hold: the range bonehpc.metrics.fit_temperature searches."""
 IMAGE_COLUMNS = ["path", "study", "status", "reason", "prob"]
 STUDY_COLUMNS = ["study", "n_images", "n_unreadable", "prob", "pred", "status"]
 
@@ -121,10 +126,18 @@ def _temperature(model: Path, paths: list[Path], role: str) -> float:
             "in the experiment folder); run without --calibrate"
         )
     run_role = paths[0].parent.name if len(paths) == 1 else role
-    temps = read_temperatures(exp)
-    if run_role not in temps:
+    doc = read_json(exp / CALIBRATION_FILE) or {}
+    entry = doc.get("roles", {}).get(run_role) if isinstance(doc.get("roles"), dict) else None
+    if not isinstance(entry, dict) or "temperature" not in entry:
         raise PredictError(f"--calibrate: {exp / CALIBRATION_FILE} has no temperature for role {run_role!r}")
-    return temps[run_role]
+    t = entry["temperature"]
+    low, high = TEMPERATURE_RANGE
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not low <= t <= high:
+        raise PredictError(
+            f"--calibrate: {exp / CALIBRATION_FILE}: temperature of role {run_role!r} is {t!r:.40}, not a number "
+            f"in [{low}, {high}] (the range `bonehpc evaluate` fits in); re-run `bonehpc evaluate`"
+        )
+    return float(read_temperatures(exp)[run_role])
 
 
 def load_predictor(
@@ -270,6 +283,37 @@ def check_outputs(out_csv: Path, gradcam_dir: Path | None) -> None:
         raise PredictError(f"--gradcam {gradcam_dir} is a file; give a folder for the overlays")
 
 
+def _within(path: Path, folder: Path) -> bool:
+    real, base = os.path.realpath(path), os.path.realpath(folder)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def check_apart(inputs: Path, files: list[Path], out_csv: Path, gradcam_dir: Path | None) -> None:
+    """Outputs are never written where inputs are read: overlays inside an input folder would be inputs of
+    the next predict (and could replace an image), an --out equal to the input CSV would replace it."""
+    for path in (out_csv, studies_csv_path(out_csv)):
+        if os.path.realpath(path) == os.path.realpath(inputs) or any(_within(path, f) for f in files):
+            raise PredictError(f"--out {path} is an input of this predict; write it elsewhere")
+    if gradcam_dir is None:
+        return
+    if inputs.is_dir() and _within(gradcam_dir, inputs):
+        raise PredictError(
+            f"--gradcam {gradcam_dir} is inside the input folder {inputs}: the overlays would become inputs of the "
+            "next predict; give a folder outside it"
+        )
+    inside = next((f for f in files if _within(f, gradcam_dir)), None)
+    if inside is not None:
+        raise PredictError(f"--gradcam {gradcam_dir} holds input {inside}; give a folder without inputs")
+
+
+def overlay_name(image: str | Path, study: str) -> str:
+    """The Grad-CAM file of one image: readable (the study's last folders and the image name) and unique
+    (a hash of the image's full resolved path: two images with the same last folders get two files)."""
+    tag = hashlib.sha256(os.path.realpath(image).encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    short = "_".join(PurePath(study).parts[-3:])
+    return f"{_safe(short)}__{_safe(Path(image).stem)}__{tag}.png"
+
+
 def check_writable(out_csv: Path, gradcam_dir: Path | None) -> None:
     """PredictError when an output cannot be written (read-only folder, immutable folder, read-only mount)."""
     _writable(out_csv, "--out")
@@ -390,6 +434,7 @@ def predict(
     resolve_device(device)
     pred = load_predictor(model, role, device, calibrate=calibrate)
     files = list_inputs(inputs)
+    check_apart(Path(inputs), files, out, cams)
     check_writable(out, cams)  # last: root's probe touches the folder
     df = _score(pred, files, batch_size)
     studies = _studies(df)
@@ -479,9 +524,7 @@ def _write_gradcams(pred: Predictor, df: pd.DataFrame, studies: pd.DataFrame, ou
         x = torch.stack([apply_albu(transform, fit_square(g, pack, fit)) for g in sources]).to(pred.device)
         cams = np.mean([gradcam(m, x) for m in pred.models], axis=0)
         for i, cam, gray in zip(chunk, cams, sources, strict=True):
-            # the study's last folders (body part / patient / study) keep names short and unique enough
-            study = "_".join(PurePath(str(df.at[i, "study"])).parts[-3:])
-            path = out_dir / f"{_safe(study)}__{_safe(Path(str(df.at[i, 'path'])).stem)}.png"
+            path = out_dir / overlay_name(str(df.at[i, "path"]), str(df.at[i, "study"]))
             ok, png = cv2.imencode(".png", side_by_side(gray, cam_on_source(cam, gray.shape, pack, fit)))
             if not ok:
                 raise PredictError(f"{path}: PNG encoding failed")

@@ -22,8 +22,8 @@ step boundary, all ranks together: the epoch in progress is abandoned, the newes
 written to `last.pt` (it may be only in memory when `train.checkpoint_every_*` skipped writing it),
 and `run()` raises `Preempted`; the command exits with status 3 (`PREEMPTED_EXIT_CODE`) so a wrapper
 can requeue. On restart the abandoned epoch is redone from the same state with the same data order
-and augmentation (they depend only on seed, epoch and rank), so an interrupted run ends with the same
-metrics as an uninterrupted one.
+and augmentation (the order depends on seed and epoch, each view on seed, epoch and image id), so an
+interrupted run ends with the same metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -309,30 +309,34 @@ class Learner:
         )
 
 
-def _build_loss(cfg: ExperimentConfig, fold: int | str, role: str, task_loss: torch.nn.Module, device: torch.device):  # noqa: ANN202
-    """DistillationLoss: with the fold's frozen teacher for a KD student, plain task loss otherwise."""
-    from bonehpc.distill import DistillationLoss, load_frozen_teacher, renormalisation
+def _build_loss(  # noqa: ANN202
+    cfg: ExperimentConfig,
+    fold: int | str,
+    role: str,
+    task_loss: torch.nn.Module,
+    device: torch.device,
+    data: RunData | None = None,
+):
+    """DistillationLoss: with the fold's frozen teacher (or its cached outputs) for a KD student, plain task loss
+    otherwise. `data` (the train ids) lets distill.teacher_outputs auto|cached find the fold's cache."""
+    from bonehpc.distill import DistillationLoss, teacher_and_input
 
-    if role != "student" or cfg.distill.kind == "none":
-        return DistillationLoss(task_loss, None, "none", cfg.distill.alpha, cfg.distill.tau).to(device)
+    d = cfg.distill
+    if role != "student" or d.kind == "none":
+        return DistillationLoss(task_loss, None, "none", d.alpha, d.tau).to(device)
     teacher_ckpt = ExperimentPaths.of(cfg).role_dir(fold, "teacher") / BEST
     if not teacher_ckpt.is_file():
         raise MissingTeacherError(f"{teacher_ckpt} is missing: train the teacher of {fold_name(fold)} first")
-    teacher = load_frozen_teacher(teacher_ckpt, device)
-    if device.type == "cuda" and cfg.train.channels_last:  # same layout as the batches it sees
-        teacher.to(memory_format=torch.channels_last)
-    teacher_mean, teacher_std = teacher.mean, teacher.std  # plain attributes set by create_model
-    renorm = renormalisation(cfg.augment.mean, cfg.augment.std, teacher_mean, teacher_std)  # type: ignore[arg-type]
-    if renorm is not None:
-        log.info(
-            "teacher input renormalised from mean/std %s/%s to %s/%s",
-            cfg.augment.mean,
-            cfg.augment.std,
-            teacher.mean,
-            teacher.std,
-        )
-    loss = DistillationLoss(task_loss, teacher, cfg.distill.kind, cfg.distill.alpha, cfg.distill.tau, renorm)
-    return loss.to(device)
+    if data is not None and d.teacher_outputs != "online":
+        from bonehpc.teacher_outputs import open_for_run
+
+        cached = open_for_run(cfg, fold, data.train_ids, device)
+        if cached is not None:
+            return DistillationLoss(task_loss, None, d.kind, d.alpha, d.tau, cached=cached).to(device)
+    teacher, renorm = teacher_and_input(
+        teacher_ckpt, device, cfg.train.channels_last, cfg.augment.mean, cfg.augment.std
+    )
+    return DistillationLoss(task_loss, teacher, d.kind, d.alpha, d.tau, renorm).to(device)
 
 
 def build_learner(cfg: ExperimentConfig, fold: int | str, role: str, data: RunData, info: dist.DistInfo) -> Learner:
@@ -358,7 +362,7 @@ def build_learner(cfg: ExperimentConfig, fold: int | str, role: str, data: RunDa
     if tcfg.class_weight == "auto":
         class_weights = inverse_frequency_weights(data.train_labels)
         log.info("class weights %s", [round(float(w), 3) for w in class_weights])
-    loss_fn = _build_loss(cfg, fold, role, build_task_loss(class_weights), device)
+    loss_fn = _build_loss(cfg, fold, role, build_task_loss(class_weights), device, data)
 
     global_batch = tcfg.batch_size * info.world_size
     lr = rcfg.lr * global_batch / 256
@@ -368,7 +372,7 @@ def build_learner(cfg: ExperimentConfig, fold: int | str, role: str, data: RunDa
     amp_dtype = amp_dtype_of(tcfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     log.info(
-        "model %s (%.2f M params, %.3f GFLOPs), %s lr %.3g (global batch %d), amp %s, distill %s, "
+        "model %s (%.2f M params, %.3f GFLOPs), %s lr %.3g (global batch %d), amp %s, distill %s (teacher %s), "
         "%d steps/epoch x %d epochs",
         rcfg.model,
         net_info["params"] / 1e6,
@@ -378,6 +382,7 @@ def build_learner(cfg: ExperimentConfig, fold: int | str, role: str, data: RunDa
         global_batch,
         amp_dtype,
         loss_fn.kind,
+        loss_fn.source,
         steps,
         rcfg.epochs,
     )
@@ -618,6 +623,8 @@ def epoch_loop(
             seed_everything(tcfg.seed, epoch, info.rank)
             if hasattr(data.train_loader, "set_epoch"):
                 data.train_loader.set_epoch(epoch)
+            plan = getattr(data.train_loader, "plan", None)  # this rank's samples: the cached rows it reads
+            learner.loss_fn.set_epoch(epoch, plan.rank_ids(epoch) if plan is not None else None)
             lr_now = learner.optimizer.param_groups[0]["lr"]
             stats = learner.train_epoch(data.train_loader, tcfg, stop, epoch)
             if stop.stopped:
@@ -692,6 +699,7 @@ def finish(
         "metrics": metrics,
         "selection": data.selection,
         "distill": learner.distill,
+        "teacher_outputs": learner.loss_fn.source,
         "model": learner.net_info,
         "world_size": info.world_size,
         "time_s": round(elapsed_s, 3),

@@ -3,8 +3,13 @@
 Fold graph of one experiment (Slurm mode), every job through the one primitive `bonehpc.slurm.submit`:
 
     teacher array   index i -> fold i (0..K-1), index K -> "final" (all training patients)
-    student array   same index -> fold mapping, --dependency=aftercorr:<teacher array>, so student task i
-                    starts when teacher task i succeeded (--kill-on-invalid-dep=yes cancels it otherwise)
+    outputs array   (KD with distill.teacher_outputs auto|cached) same mapping, --dependency=aftercorr:<teacher
+                    array>: the frozen teacher's logits on every training view of the students' schedule
+                    (bonehpc.outputs_job), so no student or tune trial runs the teacher
+    student array   same index -> fold mapping, --dependency=aftercorr:<outputs array> (or <teacher array>
+                    without the outputs stage), so student task i starts when its upstream task i succeeded
+                    (--kill-on-invalid-dep=yes cancels it otherwise: a failed teacher cancels its outputs and
+                    student tasks)
     baseline array  (distill.baseline) the student without KD, same index -> fold mapping, no dependency
     evaluate        --dependency=afterany:<all arrays>: holdout evaluation + report, also when folds failed
 
@@ -31,9 +36,19 @@ from bonehpc import preflight, slurm
 from bonehpc.accounting import ACTIVE_STATES, RETRY_STATES, task_states
 from bonehpc.config import ConfigError, ExperimentConfig, apply_overrides, load_config, save_config
 from bonehpc.lease import submit_lock
-from bonehpc.paths import ROLES, RUN_CONFIG, ExperimentPaths, experiment_roles, fold_keys, fold_name
+from bonehpc.paths import (
+    OUTPUTS_ROLE,
+    ROLES,
+    RUN_CONFIG,
+    ExperimentPaths,
+    experiment_roles,
+    fold_keys,
+    fold_name,
+    run_completed,
+)
 from bonehpc.registry import append_submission, config_hash, latest_tasks, new_entry, read_registry, registry_tasks
 from jobs.evaluate import EvaluateTask
+from jobs.outputs import OutputsTask
 from jobs.pack import FinalizePackTask, PackShardTask
 from jobs.train import TrainTask
 from jobs.tune import TuneTask
@@ -139,6 +154,48 @@ class Plan:
     """Folds of the no-KD student (distill.baseline); it depends on no teacher."""
     superseded: list[str] = field(default_factory=list)
     """Task ids of a still queued earlier evaluation that the new one replaces (cancelled on submit)."""
+    outputs: list[int | str] = field(default_factory=list)
+    """Folds whose teacher-outputs job runs (`uses_outputs`): the teacher reruns, or a student runs and the
+    fold's cache does not match its teacher and config."""
+
+
+def uses_outputs(cfg: ExperimentConfig) -> bool:
+    """Whether the fold graph has the teacher-outputs stage (a KD student that may read cached outputs)."""
+    return cfg.distill.kind != "none" and cfg.distill.teacher_outputs != "online"
+
+
+def _outputs_current(cfg: ExperimentConfig, fold: int | str) -> bool:
+    from bonehpc.teacher_outputs import outputs_current
+
+    return outputs_current(cfg, fold)
+
+
+def _plan_outputs(
+    cfg: ExperimentConfig,
+    todo: dict[str, list[int | str]],
+    plan_state: tuple[dict, dict, dict, dict],
+    only: set[tuple[str, str]] | None,
+) -> list[int | str]:
+    """Folds of the outputs stage: under a rerun teacher, or under a student when the fold's cache is not current
+    (an explicit selection runs it only with its student, or when it names it)."""
+    latest, states, skipped, active = plan_state
+    out: list[int | str] = []
+    for fold in fold_keys(cfg.data.num_folds) if uses_outputs(cfg) else []:
+        fname = fold_name(fold)
+        wanted = fold in todo["student"] or (only is not None and (fname, OUTPUTS_ROLE) in only)
+        prev = latest.get((fname, OUTPUTS_ROLE))
+        if prev and states.get(prev["task_id"], "UNKNOWN") in ACTIVE_STATES:
+            skipped[f"{fname}/{OUTPUTS_ROLE}"] = f"{states[prev['task_id']].lower()} as {prev['task_id']}"
+            active[(fname, OUTPUTS_ROLE)] = prev["task_id"]
+        elif fold in todo["teacher"] and (only is None or wanted):
+            out.append(fold)  # a new teacher: new outputs
+        elif _outputs_current(cfg, fold):
+            skipped[f"{fname}/{OUTPUTS_ROLE}"] = "completed"
+        elif wanted:
+            out.append(fold)
+        else:
+            skipped[f"{fname}/{OUTPUTS_ROLE}"] = "no student to run" if only is None else "not selected"
+    return out
 
 
 def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[str, str]] | None = None) -> Plan:
@@ -173,10 +230,11 @@ def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[st
             todo["student"].append(fold)
             skipped.pop(f"{fold_name(fold)}/student", None)
     todo["student"].sort(key=keys.index)
+    outputs = _plan_outputs(cfg, todo, (latest, states, skipped, active), only)
     prev_eval = latest.get(("holdout", "evaluate"))
     prev_state = states.get(prev_eval["task_id"], "UNKNOWN") if prev_eval else ""
     superseded: list[str] = []
-    if any(todo.values()):
+    if any(todo.values()) or outputs:
         need_eval = True
         if prev_state in ACTIVE_STATES:  # it waits on the old tasks only: the new evaluation replaces it
             superseded.append(prev_eval["task_id"])  # type: ignore[index]
@@ -188,36 +246,46 @@ def plan_folds(cfg: ExperimentConfig, paths: ExperimentPaths, only: set[tuple[st
         skipped["holdout/evaluate"] = "completed"
     else:
         need_eval = True
-    return Plan(todo["teacher"], todo["student"], need_eval, skipped, active, todo["baseline"], superseded)
+    return Plan(todo["teacher"], todo["student"], need_eval, skipped, active, todo["baseline"], superseded, outputs)
 
 
-def student_groups(
-    ctx: slurm.SubmitContext, plan: Plan, teacher: dict[str, Any] | None
+def stage_groups(
+    ctx: slurm.SubmitContext, folds: list[int | str], upstream: dict[str, Any] | None, plan: Plan, role: str
 ) -> list[tuple[list[int | str], str]]:
-    """The student arrays to submit, each with its dependency: student k waits for teacher k only.
+    """The arrays of one stage over `folds`, each with its dependency: task k waits for upstream task k only.
 
-    Slurm: one array with aftercorr on the teacher array when both have the same folds in the same order;
-    otherwise a student whose teacher is new or still active in an earlier submission is its own job,
-    afterok on exactly that teacher task, and students whose teachers are done share one array without a
-    dependency (an afterok on several teachers would make every student wait for all of them). Local mode
-    the same (its graph reads the same strings); debug: one array (its jobs check the teacher with run_if).
+    Slurm: one array with aftercorr on the upstream array (role `role`) when both have the same folds in the
+    same order; otherwise a fold whose upstream task is new or still active in an earlier submission is its
+    own job, afterok on exactly that task, and folds whose upstream is done share one array without a
+    dependency (an afterok on several tasks would make every fold wait for all of them). Local mode the same
+    (its graph reads the same strings); debug: one array (its jobs check the upstream with run_if).
     """
-    if ctx.mode == "debug" or not plan.student:
-        return [(list(plan.student), "")] if plan.student else []
-    tasks = (teacher or {}).get("tasks", [])
-    if teacher is not None and [fold_name(f) for f in plan.student] == [t["fold"] for t in tasks]:
-        return [(list(plan.student), f"aftercorr:{teacher['job_id']}")]
+    if ctx.mode == "debug" or not folds:
+        return [(list(folds), "")] if folds else []
+    tasks = (upstream or {}).get("tasks", [])
+    if upstream and upstream.get("job_id") and [fold_name(f) for f in folds] == [t["fold"] for t in tasks]:
+        return [(list(folds), f"aftercorr:{upstream['job_id']}")]
     by_fold = {t["fold"]: t["task_id"] for t in tasks}
     groups: list[tuple[list[int | str], str]] = []
     free: list[int | str] = []
-    for fold in plan.student:
+    for fold in folds:
         fname = fold_name(fold)
-        dep = by_fold.get(fname) or plan.active.get((fname, "teacher"))
+        dep = by_fold.get(fname) or plan.active.get((fname, role))
         if dep:
             groups.append(([fold], f"afterok:{dep}"))
         else:
             free.append(fold)
     return ([(free, "")] if free else []) + groups
+
+
+def student_groups(
+    ctx: slurm.SubmitContext, plan: Plan, teacher: dict[str, Any] | None, outputs: dict[str, Any] | None = None
+) -> list[tuple[list[int | str], str]]:
+    """The student arrays (`stage_groups`): student k waits for outputs k when the graph has the outputs stage
+    (new, or still active from an earlier submission), else for teacher k."""
+    if outputs is not None or any((fold_name(f), OUTPUTS_ROLE) in plan.active for f in plan.student):
+        return stage_groups(ctx, plan.student, outputs, plan, OUTPUTS_ROLE)
+    return stage_groups(ctx, plan.student, teacher, plan, "teacher")
 
 
 def submit_folds(
@@ -240,7 +308,7 @@ def submit_folds(
     paths = ExperimentPaths.of(cfg)
     ctx = _context(cfg, paths, workdir)
     plan = plan_folds(cfg, paths, only)
-    if plan.teacher or plan.student or plan.baseline or plan.evaluate:  # one line, exit 2, nothing written
+    if plan.teacher or plan.student or plan.baseline or plan.outputs or plan.evaluate:  # one line, exit 2
         roles = [r for r in ROLES if getattr(plan, r)]
         preflight.preflight_training(cfg, paths, ctx.profile, ctx.mode, roles, "train")
     if slurm.is_dry_run():  # a dry run leaves the experiment folder as it was (and takes no lock)
@@ -264,7 +332,27 @@ def _submit_graph(ctx: slurm.SubmitContext, plan: Plan, kind: str, evaluate: boo
         task = TrainTask(cfg_path, "teacher", ctx.workdir, nproc)
         teacher = slurm.submit(ctx, "train", task, plan.teacher, role="teacher", label=fold_name)
         train_ids.append(teacher["job_id"])
-    for folds, dependency in student_groups(ctx, plan, teacher):
+    outputs_jobs: list[dict[str, Any]] = []
+    # teacher -> outputs (aftercorr) -> students: no student runs the teacher
+    for folds, dependency in stage_groups(ctx, plan.outputs, teacher, plan, "teacher"):
+        outputs = slurm.submit(
+            ctx,
+            "train",
+            OutputsTask(cfg_path, OUTPUTS_ROLE, ctx.workdir, nproc),
+            folds,
+            role=OUTPUTS_ROLE,
+            dependency=dependency,
+            run_if=lambda fold: paths.role_completed(fold, "teacher"),
+            label=fold_name,
+        )
+        train_ids.append(outputs["job_id"])
+        outputs_jobs.append(outputs)
+    # several outputs jobs: their tasks together (no single array to aftercorr on), so that student k still
+    # waits for outputs k (afterok on exactly that task), never for teacher k only
+    outputs = outputs_jobs[0] if len(outputs_jobs) == 1 else None
+    if len(outputs_jobs) > 1:
+        outputs = {"job_id": "", "tasks": [t for job in outputs_jobs for t in job["tasks"]]}
+    for folds, dependency in student_groups(ctx, plan, teacher, outputs):
         student = slurm.submit(
             ctx,
             "train",
@@ -272,7 +360,10 @@ def _submit_graph(ctx: slurm.SubmitContext, plan: Plan, kind: str, evaluate: boo
             folds,
             role="student",
             dependency=dependency,
-            run_if=lambda fold: paths.role_completed(fold, "teacher"),
+            run_if=lambda fold: (
+                paths.role_completed(fold, "teacher")
+                and (fold not in plan.outputs or run_completed(paths.outputs_dir(fold)))
+            ),
             label=fold_name,
         )
         train_ids.append(student["job_id"])
@@ -340,9 +431,10 @@ def _resubmit(exp: Path, cfg: ExperimentConfig, workdir: str | Path | None) -> d
         if task["kind"] != "train":
             continue
         fold: int | str = "final" if fname == "final" else int(fname.removeprefix("fold"))
-        if states.get(task["task_id"]) in RETRY_STATES and not paths.role_completed(fold, role):
+        done = _outputs_current(cfg, fold) if role == OUTPUTS_ROLE else paths.role_completed(fold, role)
+        if states.get(task["task_id"]) in RETRY_STATES and not done:
             only.add((fname, role))
-            if role == "teacher" and not paths.role_completed(fold, "student"):
+            if role in ("teacher", OUTPUTS_ROLE) and not paths.role_completed(fold, "student"):
                 only.add((fname, "student"))  # the dependent student (cancelled or never run) goes too
     log.info("resubmitting %s", ", ".join(f"{f}/{r}" for f, r in sorted(only)) or "no training task")
     if not registry["submissions"][-1].get("workdir") and workdir is None:
@@ -437,6 +529,9 @@ def submit_tune(
     per_kind = {k: dict(v) for k, v in ctx.profile.per_kind.items()}
     per_kind.get("tune", {}).pop("array_parallelism", None)
     ctx.profile = dataclasses.replace(ctx.profile, array_parallelism=cfg.tune.parallel, per_kind=per_kind)
+    from bonehpc.teacher_outputs import check_tune_space
+
+    check_tune_space(cfg)  # cached + a space over the views: refused before anything is written
     waits = {**teacher_waits(cfg, ctx.paths), **(waits or {})}
     study = tune.prepare(cfg, create=False, queued=waits)  # every check first: bad input writes nothing
     preflight.preflight_training(cfg, ctx.paths, ctx.profile, ctx.mode, ["student"], "tune")
@@ -476,15 +571,33 @@ def _submit_tune(
         ctx.mode,
     )
     if needed:
-        task = TuneTask(str((folder / RUN_CONFIG).resolve()), ctx.workdir)
         # trials start when the teachers they reuse succeeded; a failed teacher cancels them (kill_on_invalid_dep)
-        dependency = "afterok:" + ":".join(dict.fromkeys(waits.values())) if waits else ""
+        teachers = "afterok:" + ":".join(dict.fromkeys(waits.values())) if waits else ""
         if waits:
             log.info("the trials wait for teacher task(s) %s", ", ".join(f"fold{f}={t}" for f, t in waits.items()))
+        outputs = _tune_outputs(ctx, cfg, folder, teachers)
+        dependency = f"afterok:{outputs['job_id']}" if outputs is not None and ctx.mode != "debug" else teachers
+        task = TuneTask(str((folder / RUN_CONFIG).resolve()), ctx.workdir)
         record = slurm.submit(ctx, "tune", task, list(range(needed)), role="tune", dependency=dependency)
         for t in record["tasks"]:
             t["slot"] = t["index"]
     return _record(ctx, "tune", folder, study=name, storage=tune.storage_label(cfg))
+
+
+def _tune_outputs(
+    ctx: slurm.SubmitContext, cfg: ExperimentConfig, folder: Path, dependency: str = ""
+) -> dict[str, Any] | None:
+    """The outputs array of the tune folds whose cache is not current (every trial then reads it), or None.
+    `dependency`: the teacher tasks it waits for (teachers still queued or running)."""
+    if not uses_outputs(cfg):
+        return None
+    folds: list[int | str] = [f for f in cfg.tune.folds if not _outputs_current(cfg, f)]
+    if not folds:
+        log.info("teacher outputs of tune.folds=%s are current: every trial reads them", list(cfg.tune.folds))
+        return None
+    nproc = cfg.cluster.nproc_per_node or ctx.profile.for_kind("train").nproc_per_node
+    task = OutputsTask(str((folder / RUN_CONFIG).resolve()), OUTPUTS_ROLE, ctx.workdir, nproc)
+    return slurm.submit(ctx, "train", task, folds, role=OUTPUTS_ROLE, dependency=dependency, label=fold_name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 SECTIONS = ("pack", "reads", "loader", "train", "infer", "ddp", "parity")
 BACKENDS = ("dali", "torch")
 MODES = ("eager", "compile")
-ROLES = ("teacher", "student", "kd")
+ROLES = ("teacher", "student", "kd", "kd_cached", "outputs")
 TARGETS = {"pack": 0.8, "reads": 10.0, "infer": 3.0}
 FORMAT_VERSION = 1
 
@@ -55,7 +55,8 @@ class BenchOptions:
     kd: str = "soft"
     """Distillation kind of the KD step (soft or hard)."""
     roles: tuple[str, ...] = ROLES
-    """Training steps to measure: teacher, student and/or kd (student + frozen teacher)."""
+    """Steps to measure: teacher, student, kd (student + frozen teacher forward), kd_cached (student + cached teacher
+    logits looked up by image id: `bonehpc.teacher_outputs`) and/or outputs (the outputs job's teacher inference)."""
     workers: int = 0
     """Loader worker processes; 0: min(8, cores - 1), at least 1."""
     pack_workers: int = 0

@@ -49,15 +49,21 @@ def _train(rows: _Rows, s: dict[str, Any]) -> None:
     rate = {(r["role"], r.get("mode"), r.get("source")): r.get("img_s") for r in s["runs"]}
     for r in s["runs"]:
         role, mode, source = r["role"], r.get("mode"), r.get("source")
-        what = f"train {role} {r.get('model', '')}{'+' + r['teacher'] if r.get('teacher') else ''} {mode}"
+        if role == "outputs":  # the outputs job: the frozen teacher alone, inference mode
+            what = f"outputs job {r.get('teacher', '')} inference {mode}"
+        else:
+            teacher = f"+{r['teacher']}{' cached logits' if role == 'kd_cached' else ''}" if r.get("teacher") else ""
+            what = f"train {role.replace('_', ' ')} {r.get('model', '')}{teacher} {mode}"
         if source is not None:  # None: the model did not build
             what += " ceiling (device batch)" if source == "ceiling" else f" {source} e2e"
         if "img_s" not in r:
             rows.add(what, r.get("skipped") or r.get("error"))
             continue
-        if source != "ceiling":
+        if role == "outputs":  # the outputs job's inference next to the teacher's training step, same source
+            vs, b = "teacher train", rate.get(("teacher", mode, source))
+        elif source != "ceiling":
             vs, b = "ceiling", rate.get((role, mode, "ceiling"))
-        elif role == "kd":
+        elif role in ("kd", "kd_cached"):
             vs, b = "student ceiling", rate.get(("student", mode, "ceiling"))
         elif mode == "compile":
             vs, b = "eager ceiling", rate.get((role, "eager", "ceiling"))

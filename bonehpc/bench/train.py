@@ -1,6 +1,9 @@
 """Section train: img/s of the real training step (`bonehpc.engine.train_one_epoch`).
 
-For the teacher, the student and the KD step (student + frozen teacher), on a device-resident batch
+For the teacher, the student, the KD step (student + frozen teacher forward), the cached KD step (student +
+teacher logits looked up by image id, `bonehpc.teacher_outputs.CachedTeacherOutputs`) and the outputs job's
+teacher inference (inference mode, the training autocast; compared with the teacher's training step), on a
+device-resident batch
 ("ceiling": the synthetic backend, no reading, no augmentation) and end to end with each loader
 backend; eager and/or torch.compile. The timed windows of all sources of one model interleave, so
 that load changes on a shared machine hit every source alike.
@@ -47,8 +50,29 @@ class _Step:
     compiled: bool = False
 
 
+def _cached_outputs(teacher: torch.nn.Module, cfg: ExperimentConfig, dev: torch.device, ids: np.ndarray) -> Any:
+    """A cache over `ids` (one epoch) for the cached KD step: the teacher's logits on random images of the bench
+    size (the lookup is what is timed; its values only have to be a teacher's)."""
+    from bonehpc.engine import amp_dtype_of
+    from bonehpc.teacher_outputs import CachedTeacherOutputs
+
+    size, amp = cfg.data.image_size, amp_dtype_of(cfg.train.amp, dev)
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+        logits = teacher(torch.randn(min(len(ids), 64), 3, size, size, device=dev)).float().cpu().numpy()
+    table = logits[np.arange(len(ids)) % len(logits)][None]
+    cached = CachedTeacherOutputs.in_memory(np.sort(ids), table, dev)
+    cached.set_epoch(0)
+    return cached
+
+
 def _make_step(
-    cfg: ExperimentConfig, name: str, dev: torch.device, channels_last: bool, compiled: bool, teacher: str | None
+    cfg: ExperimentConfig,
+    name: str,
+    dev: torch.device,
+    channels_last: bool,
+    compiled: bool,
+    teacher: str | None,
+    cached_ids: np.ndarray | None = None,
 ) -> _Step:
     from bonehpc.distill import DistillationLoss, build_task_loss
     from bonehpc.models.info import count_params
@@ -56,11 +80,14 @@ def _make_step(
 
     model = build_model(name, dev, channels_last)
     rcfg = cfg.student
-    kind, t_model = "none", None
+    kind, t_model, cached = "none", None, None
     if teacher:
         t_model = build_model(teacher, dev, channels_last)
         kind = cfg.distill.kind
-    loss_fn = DistillationLoss(build_task_loss(None), t_model, kind, cfg.distill.alpha, cfg.distill.tau).to(dev)
+        if cached_ids is not None:  # kd_cached: the teacher only fills the cache, it never runs in the step
+            cached, t_model = _cached_outputs(t_model.eval(), cfg, dev, cached_ids), None
+    d = cfg.distill
+    loss_fn = DistillationLoss(build_task_loss(None), t_model, kind, d.alpha, d.tau, cached=cached).to(dev)
     opt = build_optimizer(model, rcfg.optimizer, rcfg.lr, rcfg.weight_decay, rcfg.momentum)
     sched = build_scheduler(opt, 0, 10**9)  # constant-ish lr: the cosine barely moves in a benchmark
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.train.amp == "fp16" and dev.type == "cuda")
@@ -112,6 +139,21 @@ class _Timer:
             "img_s_repeats": [round(r, 1) for r in self.rates],
             "loss": round(self.loss, 4),
         }
+
+
+class _InferTimer(_Timer):
+    """The outputs job's step: the frozen teacher in inference mode under the training autocast, no student."""
+
+    def _epoch(self, steps: int, header: str) -> dict[str, float]:
+        teacher = self.step.loss_fn
+        amp = self.kwargs["amp_dtype"]
+        it = iter(self.stream)
+        with torch.inference_mode():
+            for _ in range(steps):
+                images = next(it)[0]
+                with torch.autocast(self.dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    out = teacher.teacher_logits(images)
+        return {"train/loss": float("nan") if steps == 0 else float(out.float().mean())}
 
 
 def _error(err: Exception) -> str:
@@ -193,7 +235,7 @@ class _TrainSection:
                 run["skipped"] = self.errors.get(source, "unavailable")
                 continue
             try:
-                timer = _Timer(step, s, self.cfg, self.dev, self.opts)
+                timer = (_InferTimer if role == "outputs" else _Timer)(step, s, self.cfg, self.dev, self.opts)
                 run["warmup_s"] = timer.warmup()
                 self.out["loader_format"].setdefault(source, {}).update(s.first)
                 timers.append((run, timer))
@@ -205,7 +247,10 @@ class _TrainSection:
     def measure(self, mode: str, role: str, name: str, teacher: str | None) -> None:
         """Warm up on every source, then interleave the timed windows (ceiling, dali, torch, ceiling, ...)."""
         try:
-            step = _make_step(self.cfg, name, self.dev, self.cl, mode == "compile", teacher)
+            cached_ids = None
+            if role == "kd_cached":  # every id a stream can give: the ceiling's and the shards'
+                cached_ids = np.union1d(np.arange(max(len(self.reader), self.opts.batch_size)), self.reader.image_ids)
+            step = _make_step(self.cfg, name, self.dev, self.cl, mode == "compile", teacher, cached_ids)
         except Exception as err:  # noqa: BLE001
             log.exception("building %s %s failed", role, mode)
             self.out["runs"].append({"role": role, "mode": mode, "error": _error(err)})
@@ -238,6 +283,8 @@ def bench_train(opts: BenchOptions, data: BenchData, dev: torch.device, workdir:
             ("teacher", opts.teacher, None),
             ("student", opts.student, None),
             ("kd", opts.student, opts.teacher),
+            ("kd_cached", opts.student, opts.teacher),
+            ("outputs", opts.teacher, opts.teacher),
         )
         if role in opts.roles
     ]
@@ -267,8 +314,12 @@ def train_ratios(runs: list[dict[str, Any]]) -> dict[str, float | None]:
             ratios[f"{role}/{source}/compile_vs_eager"] = ratio(
                 rate[(role, "compile", source)], rate.get((role, "eager", source))
             )
-        if role == "kd":
-            ratios[f"kd/{mode}/{source}_vs_student"] = ratio(
-                rate[("kd", mode, source)], rate.get(("student", mode, source))
+        if role in ("kd", "kd_cached"):
+            ratios[f"{role}/{mode}/{source}_vs_student"] = ratio(
+                rate[(role, mode, source)], rate.get(("student", mode, source))
+            )
+        if role == "outputs":
+            ratios[f"outputs/{mode}/{source}_vs_teacher_train"] = ratio(
+                rate[("outputs", mode, source)], rate.get(("teacher", mode, source))
             )
     return {k: v for k, v in ratios.items() if v is not None}

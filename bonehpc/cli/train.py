@@ -46,6 +46,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", help="output folder (default: runs/<name>/fold<k>|final/<role>)")
     p.set_defaults(func=_train)
 
+    o = sub.add_parser(
+        "outputs",
+        help="teacher outputs of one fold: the frozen teacher's logits on every training view of the students",
+        description="Runs the fold's frozen teacher (best.pt) in inference mode over every training image of "
+        "every epoch of the student schedule, with the students' views (seed, preset, size), and writes "
+        "runs/<name>/<fold>/outputs/teacher_outputs.h5; students with distill.teacher_outputs auto|cached read "
+        "it instead of running the teacher. Resumable; torchrun -m bonehpc.cli.outputs for several processes.",
+    )
+    add_config_args(o)
+    o.add_argument("--fold", required=True, help="fold number 0..K-1 or 'final'")
+    o.add_argument("--role", choices=["outputs"], default="outputs", help=argparse.SUPPRESS)  # the task launcher's
+    o.set_defaults(func=_outputs)
+
     e = sub.add_parser(
         "evaluate",
         help="holdout evaluation on the official valid split: final models and fold ensembles",
@@ -82,6 +95,23 @@ def _train(args: argparse.Namespace) -> int:
     except Preempted:  # run() logged it
         return PREEMPTED_EXIT_CODE
     log.info("best val metrics: %s", {k: round(v, 4) for k, v in metrics.items() if "/" not in k[4:]})
+    return 0
+
+
+def _outputs(args: argparse.Namespace) -> int:
+    cfg = load_cfg(args)
+    from bonehpc.outputs_job import compute
+    from bonehpc.train import Preempted
+
+    try:
+        fold = parse_fold(args.fold)
+    except ValueError as err:
+        print(f"bonehpc outputs: {err}", file=sys.stderr)
+        return INPUT_ERROR_EXIT_CODE
+    try:
+        compute(cfg, fold)
+    except Preempted:
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

@@ -10,13 +10,19 @@ never quotes the file's bytes (rejected.csv must not carry bytes of foreign file
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import re
 import stat
 import struct
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 REJECT_REASONS = (
     "missing",
@@ -119,12 +125,36 @@ def _check_png(data: bytes, max_pixels: int) -> None:
             raise RejectedImageError("too_large", f"PNG header claims {w}x{h} px, above the cap of {max_pixels} px")
 
 
-def to_gray8(img: np.ndarray) -> np.ndarray:
+def _png_sbit(data: bytes) -> int | None:
+    """The significant bits a PNG declares in its sBIT chunk (before the image data), or None."""
+    end = data.find(b"IDAT")
+    at = data.find(b"sBIT", 0, end if end > 0 else len(data))
+    if at < 4:
+        return None
+    (length,) = struct.unpack(">I", data[at - 4 : at])
+    values = data[at + 4 : at + 4 + min(length, 4)]
+    return max(values) if values and 0 < max(values) <= 16 else None
+
+
+def data_bits(img: np.ndarray, declared: int | None = None) -> int:
+    """Bit depth of the data in a 16-bit image: what the file declares (PNG sBIT), else the smallest of
+    8, 10, 12, 14, 16 that holds its largest value (a 12-bit detector's image stored in 16 bits is 12)."""
+    if declared:
+        return int(declared)
+    need = int(img.max()).bit_length() if img.size else 8
+    return next(b for b in (8, 10, 12, 14, 16) if need <= b)
+
+
+_SAID: set[int] = set()
+
+
+def to_gray8(img: np.ndarray, bits: int | None = None) -> np.ndarray:
     """An image as cv2.imdecode(IMREAD_UNCHANGED) returns it, as uint8 gray [H, W].
 
     BGR / BGRA (palette PNGs arrive as BGR) use the luma weights of cv2.cvtColor (alpha is dropped);
-    gray+alpha keeps the gray plane; 16-bit values are scaled to 0..255 (x / 257, rounded), not
-    truncated.
+    gray+alpha keeps the gray plane; 16-bit values are scaled by their data's bit depth (`bits`, else
+    `data_bits`) to 0..255: full 16-bit data by x / 257, 12-bit data by x x 255 / 4095, so that 12-bit
+    X-rays are not packed almost black; each bit depth other than 16 is logged once per process.
 
     Raises:
         RejectedImageError: ('unsupported') for other depths or channel counts.
@@ -146,16 +176,71 @@ def to_gray8(img: np.ndarray) -> np.ndarray:
     if img.dtype == np.uint8:
         return img
     if img.dtype == np.uint16:
-        # 65535 / 257 == 255 exactly, so the full 16-bit range maps onto the full 8-bit range.
-        return cv2.convertScaleAbs(img, alpha=1.0 / 257.0)
+        b = data_bits(img, bits)
+        if b != 16 and b not in _SAID:
+            _SAID.add(b)
+            log.info("16-bit image(s) holding %d-bit data: scaled by 255/%d to 8 bits", b, 2**b - 1)
+        # 65535 / 257 == 255 exactly, so the full range of the data maps onto the full 8-bit range.
+        return cv2.convertScaleAbs(img, alpha=255.0 / (2**b - 1))
     raise RejectedImageError("unsupported", f"pixel type {img.dtype}")
 
 
+def _header(data: bytes, is_png: bool, max_pixels: int) -> int:
+    """Check the size a non-PNG header claims (Pillow reads headers without decoding), before OpenCV decodes
+    it: a 20000 x 20000 JPEG named .png is refused from its header, and a format Pillow cannot read the header
+    of is not decoded at all. Returns the EXIF orientation (1: none)."""
+    if is_png and b"eXIf" not in data:
+        return 1  # the IHDR check covered the size; no EXIF chunk
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise RejectedImageError(
+                        "too_large", f"{im.format} header claims {w}x{h} px, above the cap of {max_pixels} px"
+                    )
+                orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Image.DecompressionBombError as err:  # Pillow's own cap (~179 Mpx), checked when it opens
+        n = re.search(r"\((\d+) pixels\)", str(err))
+        claim = f"{n.group(1)} px" if n else "too many pixels"
+        raise RejectedImageError("too_large", f"header claims {claim}, a decompression bomb") from None
+    except RejectedImageError:
+        raise
+    except Exception:  # noqa: BLE001 - any failure to read a header means: not decoded
+        if is_png:
+            return 1  # an unreadable EXIF chunk: the IHDR check covered the size, OpenCV decodes the pixels
+        # a format whose size cannot be read first is not decoded at all (OpenCV would decode e.g. a Radiance
+        # HDR claiming 20000 x 20000 px in full, up to its own cap of 1 Gpx)
+        if data.startswith(_KNOWN_SIGNATURES):
+            raise RejectedImageError("corrupt", "image header cannot be read") from None
+        raise RejectedImageError("not_an_image", "not a PNG or other image format whose header can be read") from None
+    return orientation if orientation in ORIENTATIONS else 1
+
+
+EXIF_ORIENTATION = 0x0112
+ORIENTATIONS = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.T,
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].T,
+    8: lambda a: np.rot90(a, 1),
+}
+"""EXIF orientation -> the transform that shows the image upright (as Pillow's ImageOps.exif_transpose)."""
+
+
 def decode_gray8(data: bytes, min_side: int = 0, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> uint8 gray [H, W] with OpenCV; every failure is a RejectedImageError."""
+    """Encoded image bytes -> uint8 gray [H, W] with OpenCV, upright (EXIF orientation applied, which
+    IMREAD_UNCHANGED ignores); the size a header claims is checked before decoding. Every failure is a
+    RejectedImageError."""
     is_png = data.startswith(_PNG_SIGNATURE)
     if is_png:
         _check_png(data, max_pixels)
+    orientation = _header(data, is_png, max_pixels)
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as err:
@@ -166,7 +251,9 @@ def decode_gray8(data: bytes, min_side: int = 0, max_pixels: int = MAX_PIXELS) -
         raise RejectedImageError("not_an_image", "not a PNG or other image format OpenCV reads")
     if img.shape[0] * img.shape[1] > max_pixels:
         raise RejectedImageError("too_large", f"{img.shape[0]}x{img.shape[1]} px, above the cap of {max_pixels} px")
-    gray = to_gray8(img)
+    gray = to_gray8(img, _png_sbit(data) if is_png else None)
+    if orientation != 1:
+        gray = np.ascontiguousarray(ORIENTATIONS[orientation](gray))
     h, w = gray.shape
     if min(h, w) < min_side:
         raise RejectedImageError("too_small", f"{h}x{w} px, shorter side below min_side={min_side}")

@@ -13,8 +13,11 @@ Sharding and shuffling are done here, the same way for every backend (`EpochPlan
   most one), every image is visited exactly once across ranks, the last batch may be partial, nothing is
   padded. Ranks may differ by one step; gather predictions with a variable-size gather.
 
-Augmentation draws are seeded per sample from ``(seed, rank, epoch, position)`` on both real backends,
-so the same seed gives the same batches, and a resumed run sees the same epochs as an uninterrupted one.
+Views: each sample's augmentation draw is seeded by ``(seed, epoch, image id)`` on both real backends, never
+by rank, world size or position. The view of an image in an epoch is therefore the same for 1 or 8
+processes, in a resumed run, a tune trial and the teacher-outputs job (`bonehpc.teacher_outputs`, which
+reads every training id of an epoch in fixed order with the training preset: ``augment=True`` on an
+evaluation plan). The two backends draw with different generators: a view is keyed on the backend too.
 
 Preemption: Slurm signals every process of a step. Loader workers (and the helper processes
 multiprocessing starts for them) start with SIGUSR2/SIGTERM blocked and ignore them
@@ -143,6 +146,11 @@ def _derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(parts).generate_state(1)[0])
 
 
+def view_seed(tag: int, seed: int, epoch: int, image_id: int) -> int:
+    """The seed of one view: the augmentation draw of image `image_id` in `epoch` under `seed` (backend `tag`)."""
+    return _derive_seed(tag, seed, epoch, image_id)
+
+
 def _input_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype:
     """float32 on the CPU; on a GPU the autocast dtype (fp16 or bf16), float32 when amp is off."""
     if device.type != "cuda" or cfg.train.amp == "off":
@@ -203,12 +211,12 @@ class BatchLoader:
 
 
 class _ShardDataset(Dataset):
-    """Reads one shard image and applies the albumentations preset; keyed by (image_id, epoch, position)."""
+    """Reads one shard image and applies the albumentations preset; its view is keyed by (seed, epoch, image_id)."""
 
-    def __init__(self, reader: ShardReader, preset: Preset, labels: dict[int, int], seed: int, rank: int) -> None:
+    def __init__(self, reader: ShardReader, preset: Preset, labels: dict[int, int], seed: int) -> None:
         from bonehpc.augment.albu import build_albu_transform
 
-        self.reader, self.preset, self.labels, self.seed, self.rank = reader, preset, labels, seed, rank
+        self.reader, self.preset, self.labels, self.seed = reader, preset, labels, seed
         self.transform = build_albu_transform(preset, seed=seed)
 
     def __len__(self) -> int:
@@ -217,10 +225,10 @@ class _ShardDataset(Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int, int]:
         from bonehpc.augment.albu import apply_albu
 
-        image_id, epoch, pos = key
+        image_id, epoch, _pos = key
         if self.preset.is_random:
-            # Per-sample seed: results do not depend on which worker gets the sample, or on resuming.
-            self.transform.set_random_seed(_derive_seed(_SAMPLE, self.seed, self.rank, epoch, pos))
+            # The view's seed: (seed, epoch, id) only, so no worker, rank, world size or resume changes it.
+            self.transform.set_random_seed(view_seed(_SAMPLE, self.seed, epoch, image_id))
         return apply_albu(self.transform, self.reader.read(image_id)), self.labels[image_id], image_id
 
 
@@ -293,7 +301,7 @@ class TorchLoader(BatchLoader):
         self.channels_last = cuda and cfg.train.channels_last
         self.dtype = _input_dtype(cfg, device)
         labels = _labels_of(reader, plan.ids)
-        dataset = _ShardDataset(reader, preset, labels, plan.seed, plan.rank)
+        dataset = _ShardDataset(reader, preset, labels, plan.seed)
         workers = cfg.data.num_workers
         if workers > 0:
             # The fork server imports these once; each worker then starts without re-importing them.
@@ -352,11 +360,10 @@ class _DaliSource:
     """Per-sample callable for DALI's parallel external_source; picklable (runs in DALI's workers).
 
     Returns the image, its label and id, and the sample's augmentation draws (rotation angle, flip)
-    seeded by ``(seed, rank, epoch, position)`` like the torch backend: an epoch's batches depend on
-    the epoch only, not on how long the pipeline has run, so a resumed run sees the same images as an
-    uninterrupted one. DALI drops a batch that StopIteration cuts short, so an epoch always ends on a
-    batch boundary: a partial last batch (evaluation) is filled up by repeating ids, and the loader
-    trims it again.
+    seeded by ``(seed, epoch, image id)`` like the torch backend: a view depends on neither the rank nor
+    how long the pipeline has run, so a resumed run sees the same images as an uninterrupted one. DALI
+    drops a batch that StopIteration cuts short, so an epoch always ends on a batch boundary: a partial
+    last batch (evaluation) is filled up by repeating ids, and the loader trims it again.
     """
 
     def __init__(
@@ -386,7 +393,7 @@ class _DaliSource:
         )
         if not self.draws:
             return out
-        rng = np.random.default_rng(_derive_seed(_DALI, self.plan.seed, self.plan.rank, epoch, pos))
+        rng = np.random.default_rng(view_seed(_DALI, self.plan.seed, epoch, image_id))
         angle = np.array(rng.uniform(-self.preset.rotate_deg, self.preset.rotate_deg), dtype=np.float32)
         flip = np.array(rng.random() < self.preset.hflip_p, dtype=np.int32)
         return out + tuple(angle if d == "angle" else flip for d in self.draws)
@@ -493,7 +500,8 @@ class DaliLoader(BatchLoader):
     def _iter(self) -> Iterator[Batch]:
         if self._pending_end:
             self._end_epoch()
-        wanted = self.epoch if self.plan.train else self._pipe_epoch
+        # Training and epoch-keyed views (the outputs job's augmented evaluation plan) need the set epoch.
+        wanted = self.epoch if self.plan.train or self.preset.is_random else self._pipe_epoch
         if self._iterator is None or self._dirty or wanted != self._pipe_epoch:
             self._build(self.epoch)
         self._dirty = True  # until the epoch's last batch is out
@@ -598,6 +606,7 @@ def build_loader(
     world_size: int = 1,
     device: torch.device,
     seed: int = 0,
+    augment: bool | None = None,
 ) -> BatchLoader:
     """A loader of ``(images, labels, ids)`` batches for one rank (see the module docstring).
 
@@ -611,6 +620,8 @@ def build_loader(
         world_size: number of processes.
         device: where the batches go.
         seed: seed of shuffling and augmentation.
+        augment: apply the training preset (default: `train`). ``train=False, augment=True`` reads every id
+            once in fixed order with the training views of the set epoch (the teacher-outputs job).
 
     Returns:
         The loader; call ``set_epoch(e)`` before each training epoch.
@@ -629,7 +640,7 @@ def build_loader(
         return SyntheticLoader(cfg, reader, plan, device)
     if reader is None:
         raise LoaderError(f"backend {backend} needs a ShardReader (only 'synthetic' runs without shards)")
-    preset = build_preset(cfg, train)
+    preset = build_preset(cfg, train if augment is None else augment)
     if backend == "torch":
         return TorchLoader(cfg, reader, plan, preset, device)
     if device.type == "cuda" and cfg.data.num_workers == 0:

@@ -6,8 +6,8 @@ training run" and "Experiment layout"), recomputes every metric from the saved p
 `<exp_dir>/report/{index.html, report.md, *.csv, *.png}`. A partial experiment (failed or running folds,
 no holdout, no tuning, no Slurm) still gets a report that says what is missing and why.
 
-One module per section (cv, holdout, body_parts, curves, learning, kd, seed, data, tuning, cluster, repro,
-overview), over the document model (doc), the experiment as read from disk (experiment: through
+One module per section (cv, holdout, body_parts, curves, learning, kd, distill_cost, seed, data, tuning,
+cluster, repro, overview), over the document model (doc), the experiment as read from disk (experiment: through
 bonehpc.paths only), the figures (plots) and the two renderers (render).
 """
 
@@ -24,6 +24,7 @@ from bonehpc.report.cluster import failure_lines, section_slurm
 from bonehpc.report.curves import section_curves
 from bonehpc.report.cv import section_cv
 from bonehpc.report.data import section_data
+from bonehpc.report.distill_cost import section_distill_cost
 from bonehpc.report.doc import Figure, Section, Table
 from bonehpc.report.experiment import Experiment, load_experiment, study_level
 from bonehpc.report.holdout import section_holdout
@@ -50,6 +51,7 @@ SECTIONS: tuple[Callable[[Experiment], Section], ...] = (
     section_learning,
     section_teacher_student,
     section_kd_gain,
+    section_distill_cost,
     section_seed,
     section_tuning,
     section_slurm,

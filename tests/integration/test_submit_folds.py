@@ -58,20 +58,29 @@ def test_graph_failure_resubmit_and_idempotency(slurm_cluster, synth_root, shard
     kinds = [(j["kind"], j["role"], [t["fold"] for t in j["tasks"] if "fold" in t]) for j in first["jobs"]]
     assert kinds == [
         ("train", "teacher", ["fold0", "fold1", "final"]),
+        ("train", "outputs", ["fold0", "fold1", "final"]),
         ("train", "student", ["fold0", "fold1", "final"]),
         ("evaluate", "", []),
     ]
-    teacher_id = first["jobs"][0]["job_id"]
+    # teacher -> outputs -> students, task by task (aftercorr): the teacher-outputs stage is its own array
+    teacher_id, outputs_id = first["jobs"][0]["job_id"], first["jobs"][1]["job_id"]
     assert first["jobs"][1]["dependency"] == f"aftercorr:{teacher_id}"
-    assert first["jobs"][2]["dependency"].startswith("afterany:")
+    assert first["jobs"][2]["dependency"] == f"aftercorr:{outputs_id}"
+    assert first["jobs"][3]["dependency"].startswith("afterany:") and outputs_id in first["jobs"][3]["dependency"]
 
     df = _wait(paths.root)
     t_first = time.monotonic() - t0
     assert _row(df, "fold1", "teacher")["state"] == "FAILED"
-    assert _row(df, "fold1", "student")["state"] == "CANCELLED"  # its dependency can never be met
+    # a failed teacher cancels its outputs task, and so its student (their dependencies can never be met)
+    assert _row(df, "fold1", "outputs")["state"] == "CANCELLED"
+    assert _row(df, "fold1", "student")["state"] == "CANCELLED"
     for fold in ("fold0", "final"):
-        for role in ("teacher", "student"):
+        for role in ("teacher", "outputs", "student"):
             assert _row(df, fold, role)["state"] == "COMPLETED", df.to_string()
+        assert _row(df, fold, "teacher")["end"] <= _row(df, fold, "outputs")["start"]
+        assert _row(df, fold, "outputs")["end"] <= _row(df, fold, "student")["start"]
+        student = json.loads((paths.role_dir(0 if fold == "fold0" else fold, "student") / "metrics.json").read_text())
+        assert student["teacher_outputs"] == "cached"  # the students never ran the teacher
     # the evaluation ran although a fold failed, after everything else, and recorded the failure
     ev = _row(df, "holdout", "evaluate")
     assert ev["state"] == "COMPLETED"
@@ -102,6 +111,7 @@ def test_graph_failure_resubmit_and_idempotency(slurm_cluster, synth_root, shard
     second = resubmit(paths.root)
     assert [(j["role"], [t.get("fold") for t in j["tasks"]]) for j in second["jobs"]] == [
         ("teacher", ["fold1"]),
+        ("outputs", ["fold1"]),
         ("student", ["fold1"]),
         ("", [None]),
     ]
@@ -128,7 +138,9 @@ def test_graph_failure_resubmit_and_idempotency(slurm_cluster, synth_root, shard
 def test_baseline_role_runs_through_the_graph(slurm_cluster, synth_root, shards_dir, tmp_path) -> None:
     """distill.baseline=true: a third array, the student without KD (no teacher dependency); the evaluation
     waits for it too (afterany) and records it."""
-    cfg = _cfg(tmp_path / "runs", synth_root, shards_dir, "base", "distill.baseline=true")
+    # online teacher: no outputs stage here (the graph test above has it), which keeps this test short
+    extra = ("distill.baseline=true", "distill.teacher_outputs=online")
+    cfg = _cfg(tmp_path / "runs", synth_root, shards_dir, "base", *extra)
     paths = ExperimentPaths.of(cfg)
     entry = submit_folds(cfg)
     assert [(j["kind"], j["role"]) for j in entry["jobs"]] == [

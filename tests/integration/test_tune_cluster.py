@@ -34,6 +34,7 @@ FINISHED = {"COMPLETE", "PRUNED", "FAIL"}
 def exp_cfg(tmp_path_factory: pytest.TempPathFactory, synth_root: Path, shards_dir: Path) -> ExperimentConfig:
     """A tiny experiment whose fold-0 teacher is trained (once, here) for the studies to reuse."""
     from bonehpc import train
+    from bonehpc.outputs_job import compute
 
     cfg = load_config(
         None,
@@ -60,6 +61,7 @@ def exp_cfg(tmp_path_factory: pytest.TempPathFactory, synth_root: Path, shards_d
         },
     )
     train.run(cfg, 0, "teacher")
+    compute(cfg, 0)  # its teacher outputs (the fold graph's outputs stage): the studies submit no outputs job
     return cfg
 
 
@@ -131,7 +133,10 @@ def test_trial_killed_by_usr2_is_retried_from_its_checkpoint(
     )
     t0 = time.monotonic()
     entry = submit_tune(cfg, workdir=ROOT)
-    task_id = entry["jobs"][0]["tasks"][0]["task_id"]
+    # 30 epochs: more than fold 0's cache covers, so an outputs task extends it first and the trial waits for it
+    outputs, tune_job = entry["jobs"]
+    assert outputs["role"] == "outputs" and tune_job["dependency"] == f"afterok:{outputs['job_id']}"
+    task_id = tune_job["tasks"][0]["task_id"]
     jsonl = trial_run_dir(cfg, 0, 0) / "metrics.jsonl"
     while not (jsonl.is_file() and jsonl.read_text().strip()):  # one epoch done: last.pt exists
         assert time.monotonic() - t0 < 300, "trial 0 did not finish an epoch"
@@ -145,7 +150,7 @@ def test_trial_killed_by_usr2_is_retried_from_its_checkpoint(
     assert retry.system_attrs["retry_history"] == [0] and retry.params == first.params
     run_dir = trial_run_dir(cfg, 0, 0)
     log = (run_dir / "train.log").read_text()
-    assert "resumed from" in log
+    assert "resumed from" in log and "teacher outputs: cached" in log
     assert len(jsonl.read_text().splitlines()) == EPOCHS  # every epoch once: nothing redone, nothing lost
     assert not trial_dir(cfg, 1).exists()
     records = query([task_id.split("_")[0]])

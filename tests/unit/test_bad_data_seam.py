@@ -32,6 +32,7 @@ def test_lost_study_crosses_pack_folds_training_and_report(tmp_path: Path, monke
         f"data.shards={shards}",
         "data.min_side=16",
         "data.max_reject_frac=0.2",
+        "distill.teacher_outputs=online",  # no outputs stage: this test is about the data (keeps it short)
     ]
     monkeypatch.chdir(REPO)  # local jobs run in the working directory (slurm/clusters/local.yaml resolves here)
     assert cli_main(["synth", "--out", str(root), "--patients", "14", "--seed", "3", "--max-side", "128"]) == 0

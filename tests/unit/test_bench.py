@@ -90,7 +90,7 @@ def test_train_runs_cover_roles_sources_and_ratios(result: dict) -> None:
     tr = result["sections"]["train"]
     assert tr["modes"] == ["eager"] and "not measured" in tr["compile"]  # said, not silently skipped
     runs = {(r["role"], r["mode"], r["source"]): r for r in tr["runs"]}
-    for role in ("teacher", "student", "kd"):
+    for role in ("teacher", "student", "kd", "kd_cached", "outputs"):
         for source in ("ceiling", "dali", "torch"):
             run = runs[(role, "eager", source)]
             assert run["img_s"] > 0 and len(run["img_s_repeats"]) == 2, run
@@ -103,6 +103,13 @@ def test_train_runs_cover_roles_sources_and_ratios(result: dict) -> None:
             assert close(ratios[f"{role}/eager/{source}_vs_ceiling"], a, b)
     a, b = runs[("kd", "eager", "ceiling")]["img_s"], runs[("student", "eager", "ceiling")]["img_s"]
     assert close(ratios["kd/eager/ceiling_vs_student"], a, b)
+    # kd cached (student + logits looked up by id) beside kd online; the outputs job's inference beside the
+    # teacher's training step on the same source
+    a = runs[("kd_cached", "eager", "ceiling")]["img_s"]
+    assert close(ratios["kd_cached/eager/ceiling_vs_student"], a, b)
+    for source in ("ceiling", "dali", "torch"):
+        a, b = runs[("outputs", "eager", source)]["img_s"], runs[("teacher", "eager", source)]["img_s"]
+        assert close(ratios[f"outputs/eager/{source}_vs_teacher_train"], a, b)
     # The loaders hand the step what the contract says: float on the device, [B, 3, H, W].
     for source in ("ceiling", "dali", "torch"):
         fmt = tr["loader_format"][source]
@@ -116,6 +123,9 @@ def test_table_lists_every_figure_with_its_comparison(result: dict) -> None:
         assert needle in table, needle
     assert "| infer student hybrid_tiny |" in table and "x | >= 3x |" in table
     assert "| train torch.compile | not measured: eager only" in table  # said in the table too
+    assert "| train kd cached hybrid_tiny+resnet18 cached logits eager ceiling (device batch) |" in table
+    assert "student ceiling" in table and "| outputs job resnet18 inference eager torch e2e |" in table
+    assert "teacher train" in table
 
 
 def test_train_ratios_from_runs() -> None:

@@ -23,7 +23,8 @@ def _batches(n: int, bs: int = 4, size: int = 32, seed: int = 0) -> list[tuple[t
     return out
 
 
-def _ce(images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def _ce(images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    assert ids.shape == labels.shape  # the loss gets the batch's image ids (cached teacher outputs look them up)
     loss = F.cross_entropy(logits, labels)
     return {"loss": loss, "task_loss": loss, "kd_loss": torch.zeros_like(loss)}
 

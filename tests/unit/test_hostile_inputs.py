@@ -414,6 +414,11 @@ def _yaml_deep(c: Ctx) -> tuple[list[str], str]:
     return [*_submit_dry(c), "--params", _params_file(c, text)], r"best_params.yaml line 1: nested deeper than"
 
 
+def _yaml_huge(c: Ctx) -> tuple[list[str], str]:
+    text = "name: x\n" + "# padding\n" * 500_000  # 5 MB: refused before it is read
+    return [*_submit_dry(c), "--params", _params_file(c, text)], r"best_params.yaml: 5,000,008 bytes, more than"
+
+
 def _cli_nul(c: Ctx) -> tuple[list[str], str]:
     return ["status", "--exp", "a\x00b", "--run-root", str(c.tmp)], r"--exp: 'a\\x00b' holds the control character"
 
@@ -464,6 +469,59 @@ def _same_file_twice(c: Ctx) -> tuple[list[str], str]:
 def _pack_size_change(c: Ctx) -> tuple[list[str], str]:
     argv = ["pack", "--mura-root", str(c.world.root), "--out", str(c.world.shards), "--pack-size", "32", "--quiet"]
     return argv, r"holds images packed at pack_size 64, not 32: .*--overwrite"
+
+
+def _ckpt_with_spec(c: Ctx, **kwargs: object) -> Path:
+    """The world's checkpoint with model_spec kwargs changed (as a file received from someone else)."""
+    import torch
+
+    state = torch.load(c.world.ckpt, weights_only=True)
+    state["model_spec"] = {**state["model_spec"], "kwargs": {**state["model_spec"]["kwargs"], **kwargs}}
+    path = c.tmp / "model" / "best.pt"
+    path.parent.mkdir()
+    torch.save(state, path)
+    return path
+
+
+def _gigantic(c: Ctx) -> tuple[list[str], str]:
+    argv = _predict(c, "--out", str(c.tmp / "p.csv"))
+    argv[argv.index("--model") + 1] = str(_ckpt_with_spec(c, depth=100_000, embed_dim=1 << 20))
+    return argv, r"model_spec hybrid_tiny .* builds a model larger than the \d+ tensors"
+
+
+def _spec_wrong_type(c: Ctx) -> tuple[list[str], str]:
+    argv = _predict(c, "--out", str(c.tmp / "p.csv"))
+    argv[argv.index("--model") + 1] = str(_ckpt_with_spec(c, embed_dim="wide"))
+    return argv, r"checkpoint model_spec: TypeError"
+
+
+def _calibration(temperature: object) -> Callable[[Ctx], tuple[list[str], str]]:
+    def build(c: Ctx) -> tuple[list[str], str]:
+        import json
+
+        run = c.tmp / "exp" / "fold0" / "student"
+        run.mkdir(parents=True)
+        shutil.copy(c.world.ckpt, run / "best.pt")
+        doc = {"roles": {"student": {"temperature": temperature}}}
+        (c.tmp / "exp" / "calibration.json").write_text(json.dumps(doc))
+        argv = _predict(c, "--out", str(c.tmp / "p.csv"), "--calibrate")
+        argv[argv.index("--model") + 1] = str(run / "best.pt")
+        return argv, r"calibration.json: temperature of role 'student' is .*not a number in \[0.05, 20.0\]"
+
+    return build
+
+
+def _gradcam_in_input(c: Ctx) -> tuple[list[str], str]:
+    argv = _predict(c, "--out", str(c.tmp / "p.csv"), "--gradcam", str(c.tmp / "images" / "cams"))
+    return argv, r"--gradcam .*images/cams is inside the input folder"
+
+
+def _gradcam_holds_input(c: Ctx) -> tuple[list[str], str]:
+    (c.tmp / "cams").mkdir()
+    shutil.copy(next(c.world.root.glob("MURA-v1.1/valid/*/*/*/image1.png")), c.tmp / "cams" / "x.png")
+    (c.tmp / "list.csv").write_text(f"path\n{c.tmp / 'cams' / 'x.png'}\n")
+    argv = _predict(c, "--out", str(c.tmp / "p.csv"), "--gradcam", str(c.tmp / "cams"), inp=c.tmp / "list.csv")
+    return argv, r"--gradcam .*cams holds input .*x.png"
 
 
 CASES = [
@@ -518,6 +576,7 @@ CASES = [
     Case("name-percent-override", "HOSTILE", lambda c: (_submit_dry(c, "name=a%jb"), r"name: 'a%jb' is not a valid")),
     Case("name-semicolon-params", "HOSTILE", _name_in_params("name: a;reboot\n", r"name: 'a;reboot'")),
     Case("run-root-percent", "HOSTILE", lambda c: (_submit_dry(c, "run_root=/srv/%u/runs"), r"run_root: .*'%'")),
+    Case("run-root-tilde", "HOSTILE", lambda c: (_submit_dry(c, "run_root=~/runs"), r"run_root: '~/runs' starts with")),
     Case("profile-partition-newline", "HOSTILE", _profile_case('partition: "gpu\\nrm -rf ~"\n', r"partition: 'gpu\\n")),
     Case("profile-qos-space", "HOSTILE", _profile_case("qos: high prio\n", r"qos: 'high prio' is not a Slurm name")),
     Case(
@@ -534,8 +593,15 @@ CASES = [
     # family 4: inputs that would exhaust time or memory, refused before the expensive work
     Case("yaml-alias-bomb", "HOSTILE", _yaml_bomb),
     Case("yaml-50000-deep", "HOSTILE", _yaml_deep),
+    Case("yaml-5-mb", "HOSTILE", _yaml_huge),
     Case("name-nul-in-params", "HOSTILE", _name_in_params('name: "a\\0b"\n', r"name: 'a\\x00b'")),
     Case("cli-nul", "HOSTILE", _cli_nul),
+    Case("predict-checkpoint-gigantic-model", "HOSTILE", _gigantic),
+    Case("predict-checkpoint-kwargs-wrong-type", "HOSTILE", _spec_wrong_type),
+    Case("predict-calibration-zero", "HOSTILE", _calibration(0)),
+    Case("predict-calibration-tiny", "HOSTILE", _calibration(1e-300)),
+    Case("predict-calibration-text", "HOSTILE", _calibration("1.5")),
+    Case("predict-calibration-nan", "HOSTILE", _calibration(float("nan"))),
     # family 2: split integrity
     Case("manifest-patient-in-both-splits", "HOSTILE", _leak("manifest")),
     Case("pack-patient-in-both-splits", "HOSTILE", _leak("pack")),
@@ -543,6 +609,8 @@ CASES = [
     Case("manifest-same-file-twice", "HOSTILE", _same_file_twice),
     # family 5: silent data changes
     Case("pack-size-change-into-existing-shards", "HOSTILE", _pack_size_change),
+    Case("predict-gradcam-inside-input-folder", "HOSTILE", _gradcam_in_input),
+    Case("predict-gradcam-holds-an-input", "HOSTILE", _gradcam_holds_input),
 ]
 
 
@@ -675,3 +743,93 @@ def test_cross_split_patients_are_packed_when_the_data_set_means_it(
     with caplog.at_level("WARNING"):
         assert cli_main(["manifest", "--mura-root", str(root), "--cross-split-patients"]) == 0
     assert "1 patient(s) in both the train and the valid split (allowed" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 20, families 4 and 5 below the CLI: images decoded only when their header is sane, upright, at
+# their real bit depth; overlays with unique names
+
+
+def test_a_jpeg_named_png_claiming_20000_squared_is_refused_from_its_header(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cv2
+    import numpy as np
+
+    from bonehpc.data import images
+
+    ok, jpg = cv2.imencode(".jpg", np.zeros((16, 16), np.uint8))
+    data = bytearray(jpg.tobytes())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (20000).to_bytes(2, "big") + (20000).to_bytes(2, "big")  # height, width
+    (tmp_path / "image1.png").write_bytes(bytes(data))
+    monkeypatch.setattr(images.cv2, "imdecode", lambda *a: pytest.fail("decoded before the pixel cap"))
+    with pytest.raises(images.RejectedImageError, match=r"too_large: header claims 400000000 px"):
+        images.read_gray8(tmp_path / "image1.png")
+    with pytest.raises(images.RejectedImageError, match=r"JPEG header claims 300x300 px, above the cap of 1000"):
+        data[sof + 5 : sof + 9] = (300).to_bytes(2, "big") + (300).to_bytes(2, "big")
+        images.decode_gray8(bytes(data), max_pixels=1000)
+    # a format whose header cannot be read first is not decoded (OpenCV reads Radiance HDR up to 1 Gpx)
+    hdr = b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 20000 +X 20000\n" + bytes(64)
+    with pytest.raises(images.RejectedImageError, match=r"not_an_image"):
+        images.decode_gray8(hdr)
+
+
+def _png(arr: object, exif_orientation: int = 1, sbit: int = 0) -> bytes:
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    im = Image.fromarray(arr)  # type: ignore[arg-type]
+    exif = Image.Exif()
+    exif[0x0112] = exif_orientation
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", **({"exif": exif.tobytes()} if exif_orientation != 1 else {}))
+    data = buf.getvalue()
+    if sbit:  # an sBIT chunk right after IHDR (8 + 25 bytes), as detector software writes it
+        chunk = struct.pack(">I", 1) + b"sBIT" + bytes([sbit])
+        chunk += struct.pack(">I", zlib.crc32(b"sBIT" + bytes([sbit])))
+        data = data[:33] + chunk + data[33:]
+    return data
+
+
+def test_16_bit_png_of_12_bit_data_is_scaled_by_its_bit_depth() -> None:
+    import numpy as np
+
+    from bonehpc.data.images import decode_gray8
+
+    g12 = np.array([[0, 1024, 2048, 4095]], np.uint16)
+    assert decode_gray8(_png(g12)).tolist() == [[0, 64, 128, 255]]  # not x / 257: almost black
+    dark = np.array([[0, 256, 512, 1023]], np.uint16)  # a dark 12-bit image, its bit depth declared in sBIT
+    assert decode_gray8(_png(dark, sbit=12)).tolist() == [[0, 16, 32, 64]]
+    assert decode_gray8(_png(dark)).tolist() == [[0, 64, 128, 255]]  # undeclared: the data's 10 bits
+    full = np.array([[0, 257, 65535]], np.uint16)
+    assert decode_gray8(_png(full)).tolist() == [[0, 1, 255]]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_honoured_as_pillow_does(orientation: int) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from bonehpc.data.images import decode_gray8
+
+    arr = (np.arange(35).reshape(5, 7) * 7).astype(np.uint8)
+    data = _png(arr, orientation)
+    want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))
+    assert decode_gray8(data).tolist() == want.tolist()
+
+
+def test_overlays_of_images_with_the_same_last_folders_get_two_files() -> None:
+    from bonehpc.predict import overlay_name
+
+    a = "/site-a/MURA-v1.1/valid/XR_HAND/patient1/study1_positive/image1.png"
+    b = "/site-b/MURA-v1.1/valid/XR_HAND/patient1/study1_positive/image1.png"
+    study = "valid/XR_HAND/patient1/study1_positive/"
+    assert overlay_name(a, study) != overlay_name(b, study)
+    assert overlay_name(a, study).startswith("XR_HAND_patient1_study1_positive__image1__")
+    assert overlay_name("/x/a b.png", "s/") != overlay_name("/x/a_b.png", "s/")  # same once made safe

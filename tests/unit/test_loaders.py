@@ -132,6 +132,33 @@ def test_ddp_sharding_reshuffle_determinism(backend: str, reader: ShardReader) -
         ld.close()
 
 
+def _views(loader, epoch: int) -> dict[int, torch.Tensor]:
+    loader.set_epoch(epoch)
+    images, _, ids = collect(loader)
+    return dict(zip(ids.tolist(), torch.cat(images), strict=True))
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_views_are_keyed_on_seed_epoch_and_id_only(backend: str, reader: ShardReader) -> None:
+    """An image's view in an epoch is the same for 1 or 2 ranks and for the outputs job's fixed-order reading."""
+    cfg = make_cfg(backend, "augment.rotate_deg=30")
+    ids = reader.image_ids
+    one = build_loader(cfg, reader, ids, train=True, device=CPU, seed=3)
+    two = [build_loader(cfg, reader, ids, train=True, rank=r, world_size=2, device=CPU, seed=3) for r in (0, 1)]
+    every = build_loader(cfg, reader, ids, train=False, augment=True, device=CPU, seed=3)
+    for epoch in (1, 0):  # out of order, as after a resume
+        single = _views(one, epoch)
+        split = {**_views(two[0], epoch), **_views(two[1], epoch)}
+        fixed = _views(every, epoch)
+        assert set(fixed) == set(ids.tolist())  # every id once, the dropped remainder too
+        common = set(single) & set(split)
+        assert len(common) >= len(ids) // 2
+        assert all(torch.equal(single[i], split[i]) and torch.equal(single[i], fixed[i]) for i in common)
+    assert not all(torch.equal(a, b) for a, b in zip(_views(every, 0).values(), _views(every, 1).values(), strict=True))
+    for ld in (one, *two, every):
+        ld.close()
+
+
 def test_dali_epoch_left_unfinished_restarts_cleanly(reader: ShardReader) -> None:
     """A `break` mid-epoch (e.g. a step cap in the caller) must not leak batches into the next epoch."""
     cfg = make_cfg("dali")

@@ -37,13 +37,21 @@ def test_dry_run_prints_every_script_and_the_graph_and_submits_nothing(tmp_path,
         entry = submit_folds(cfg)
     assert [s.splitlines()[0] for s in scripts] == [
         "##### train teacher job DRY1: array of 3 (fold0, fold1, final)",
-        "##### train student job DRY2: array of 3 (fold0, fold1, final)",
-        "##### evaluate job DRY3",
+        "##### train outputs job DRY2: array of 3 (fold0, fold1, final)",
+        "##### train student job DRY3: array of 3 (fold0, fold1, final)",
+        "##### evaluate job DRY4",
     ]
     assert "#SBATCH --array=0-2%3" in scripts[0] and "#SBATCH --dependency=aftercorr:DRY1" in scripts[1]
-    assert "#SBATCH --dependency=afterany:DRY1:DRY2" in scripts[2]
+    assert "#SBATCH --dependency=aftercorr:DRY2" in scripts[2] and "bonehpc" in scripts[1]
+    assert "#SBATCH --dependency=afterany:DRY1:DRY2:DRY3" in scripts[3]
     assert all("#SBATCH --requeue" in s and "SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in s for s in scripts)
-    assert [j["dependency"] for j in entry["jobs"]] == ["", "aftercorr:DRY1", "afterany:DRY1:DRY2"]
+    deps = ["", "aftercorr:DRY1", "aftercorr:DRY2", "afterany:DRY1:DRY2:DRY3"]
+    assert [j["dependency"] for j in entry["jobs"]] == deps
+    # the no-KD graph and the online teacher have no outputs stage
+    for extra in ("distill.kind=none", "distill.teacher_outputs=online"):
+        with slurm.dry_run() as scripts:
+            submit_folds(_cfg(tmp_path, synth_root, shards_dir, extra))
+        assert not any(" outputs " in s.splitlines()[0] for s in scripts), extra
     _nothing_queued(cfg)
     assert not slurm.is_dry_run()
 
@@ -58,8 +66,8 @@ def test_dry_run_cli_for_folds(tmp_path, synth_root, shards_dir) -> None:
         check=False,
     )
     assert res.returncode == 0, res.stderr
-    assert res.stdout.count("#!/bin/bash") == 3 and "dependency graph (dry run" in res.stdout
-    assert "train student    job DRY2" in res.stdout
+    assert res.stdout.count("#!/bin/bash") == 4 and "dependency graph (dry run" in res.stdout
+    assert "train student    job DRY3" in res.stdout and "train outputs    job DRY2" in res.stdout
     _nothing_queued(load_config(None, over))
 
 

@@ -479,8 +479,11 @@ def test_local_study_with_real_training_prunes(tiny_cfg: ExperimentConfig, tmp_p
     t_teacher = time.perf_counter() - t0
     entry = submit_tune(cfg, workdir=ROOT)
     t_study = time.perf_counter() - t0 - t_teacher
-    states = [t["state"] for t in entry["jobs"][0]["tasks"]]
-    assert states == ["COMPLETED"] * 3
+    # the teacher outputs of fold 0 first (one task), then the trials, which all read them
+    assert [(j["role"], [t["state"] for t in j["tasks"]]) for j in entry["jobs"]] == [
+        ("outputs", ["COMPLETED"]),
+        ("tune", ["COMPLETED"] * 3),
+    ]
     study = open_study(cfg)
     assert sorted(t.number for t in study.trials) == list(range(3))
     names = [t.state.name for t in study.trials]
@@ -494,6 +497,8 @@ def test_local_study_with_real_training_prunes(tiny_cfg: ExperimentConfig, tmp_p
         assert curve == pytest.approx(t.intermediate_values, rel=1e-6)
         saved = load_config(trial_dir(cfg, t.number) / "config.yaml")
         assert saved.student.lr == pytest.approx(t.params["student.lr"]) and saved.student.epochs == 2
+        log = (trial_run_dir(cfg, t.number, 0) / "train.log").read_text()
+        assert "teacher outputs: cached" in log and "teacher resnet18 loaded" not in log  # no teacher forward
     assert (study_dir(cfg) / "best_params.yaml").is_file()
     with capsys.disabled():
         print(f"\nteacher {t_teacher:.1f} s, 3-trial local study {t_study:.1f} s: {names}")
