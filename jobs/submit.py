@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -504,7 +505,7 @@ def tune_tasks_needed(cfg: ExperimentConfig, study: Any, folder: Path) -> tuple[
 
 
 def submit_tune(
-    cfg: ExperimentConfig, workdir: str | Path | None = None, waits: dict[int, str] | None = None
+    cfg: ExperimentConfig, workdir: str | Path | None = None, waits: dict[int, tuple[str, str]] | None = None
 ) -> dict[str, Any]:
     """Check, create the study, then submit ONE array that tops the study up to `tune.trials` trials
     (`tune.parallel` at a time): submitting again adds only what is missing.
@@ -516,8 +517,9 @@ def submit_tune(
     of one study: the others stop (exit 2) naming the first.
 
     Teachers of `tune.folds` that are not trained yet but queued or running (in jobs.json, or given in
-    `waits`: fold -> task id) are waited for: the array depends on them (afterok); only a teacher neither
-    trained nor queued is refused.
+    `waits`: fold -> (role, task id)) are waited for: the array depends on them (afterok), on the fold's
+    queued teacher-outputs task when there is one (no second outputs task is submitted for that fold);
+    only a teacher neither trained nor queued is refused.
 
     Returns:
         The registry entry, plus `run_dir`, `study` and `storage`.
@@ -541,21 +543,25 @@ def submit_tune(
         return _submit_tune(cfg, ctx, tune.prepare(cfg, queued=waits), folder, waits)
 
 
-def teacher_waits(cfg: ExperimentConfig, paths: ExperimentPaths) -> dict[int, str]:
-    """Teachers of `tune.folds` not completed but queued or running (jobs.json + sacct): fold -> task id."""
+def teacher_waits(cfg: ExperimentConfig, paths: ExperimentPaths) -> dict[int, tuple[str, str]]:
+    """What the trials of `tune.folds` must wait for (jobs.json + sacct): fold -> (role, task id) of its
+    teacher-outputs task when queued or running (it comes after the teacher), else of its teacher when that
+    is not completed but queued or running."""
     registry = read_registry(paths.root)
     latest = latest_tasks(registry)
     states = task_states(registry) if latest else {}
     out = {}
     for fold in cfg.tune.folds:
-        prev = latest.get((fold_name(fold), "teacher"))
-        if prev and not paths.role_completed(fold, "teacher") and states.get(prev["task_id"]) in ACTIVE_STATES:
-            out[fold] = prev["task_id"]
+        for role in (OUTPUTS_ROLE, "teacher"):
+            prev = latest.get((fold_name(fold), role))
+            if prev and states.get(prev["task_id"]) in ACTIVE_STATES and not paths.role_completed(fold, "teacher"):
+                out[fold] = (role, prev["task_id"])
+                break
     return out
 
 
 def _submit_tune(
-    cfg: ExperimentConfig, ctx: slurm.SubmitContext, study: Any, folder: Path, waits: dict[int, str]
+    cfg: ExperimentConfig, ctx: slurm.SubmitContext, study: Any, folder: Path, waits: dict[int, tuple[str, str]]
 ) -> dict[str, Any]:
     from bonehpc import tune
 
@@ -572,11 +578,14 @@ def _submit_tune(
     )
     if needed:
         # trials start when the teachers they reuse succeeded; a failed teacher cancels them (kill_on_invalid_dep)
-        teachers = "afterok:" + ":".join(dict.fromkeys(waits.values())) if waits else ""
+        ids = list(dict.fromkeys(task for _, task in waits.values()))
         if waits:
-            log.info("the trials wait for teacher task(s) %s", ", ".join(f"fold{f}={t}" for f, t in waits.items()))
-        outputs = _tune_outputs(ctx, cfg, folder, teachers)
-        dependency = f"afterok:{outputs['job_id']}" if outputs is not None and ctx.mode != "debug" else teachers
+            log.info("the trials wait for %s", ", ".join(f"fold{f} {role} {t}" for f, (role, t) in waits.items()))
+        queued = {f for f, (role, _) in waits.items() if role == OUTPUTS_ROLE}
+        outputs = _tune_outputs(ctx, cfg, folder, "afterok:" + ":".join(ids) if ids else "", queued)
+        if outputs is not None and ctx.mode != "debug":
+            ids.append(outputs["job_id"])
+        dependency = "afterok:" + ":".join(ids) if ids else ""
         task = TuneTask(str((folder / RUN_CONFIG).resolve()), ctx.workdir)
         record = slurm.submit(ctx, "tune", task, list(range(needed)), role="tune", dependency=dependency)
         for t in record["tasks"]:
@@ -585,13 +594,14 @@ def _submit_tune(
 
 
 def _tune_outputs(
-    ctx: slurm.SubmitContext, cfg: ExperimentConfig, folder: Path, dependency: str = ""
+    ctx: slurm.SubmitContext, cfg: ExperimentConfig, folder: Path, dependency: str = "", queued: Collection[int] = ()
 ) -> dict[str, Any] | None:
     """The outputs array of the tune folds whose cache is not current (every trial then reads it), or None.
-    `dependency`: the teacher tasks it waits for (teachers still queued or running)."""
+    `dependency`: the teacher tasks it waits for (still queued or running); `queued`: folds whose outputs
+    task is already queued (not submitted twice: two writers of one cache)."""
     if not uses_outputs(cfg):
         return None
-    folds: list[int | str] = [f for f in cfg.tune.folds if not _outputs_current(cfg, f)]
+    folds: list[int | str] = [f for f in cfg.tune.folds if f not in queued and not _outputs_current(cfg, f)]
     if not folds:
         log.info("teacher outputs of tune.folds=%s are current: every trial reads them", list(cfg.tune.folds))
         return None
@@ -615,13 +625,13 @@ def submit_all(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dict
     from bonehpc import tune
 
     folds = submit_folds(cfg, workdir=workdir)
-    waits = {
-        int(t["fold"].removeprefix("fold")): t["task_id"]
-        for job in folds["jobs"]
-        if job["role"] == "teacher"
-        for t in job["tasks"]
-        if t["fold"] in {fold_name(f) for f in cfg.tune.folds} and "state" not in t  # queued, not run here
-    }
+    waits: dict[int, tuple[str, str]] = {}
+    for role in ("teacher", OUTPUTS_ROLE):  # a fold's queued outputs task wins over its teacher (it follows it)
+        for job in folds["jobs"]:
+            for t in job["tasks"] if job["role"] == role else []:
+                fold = t["fold"].removeprefix("fold")
+                if fold.isdigit() and int(fold) in cfg.tune.folds and "state" not in t:  # queued, not run here
+                    waits[int(fold)] = (role, t["task_id"])
     tuned_study = submit_tune(cfg, workdir=workdir, waits=waits)
     paths = ExperimentPaths.of(cfg)
     ctx = _context(cfg, paths, workdir)

@@ -135,7 +135,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def task_lines(folder: Path) -> list[str]:
     """One line per job of the study's latest submission (tune/jobs.json): its tasks by state, and for trials
-    cancelled because a teacher they waited for did not succeed, which teacher task and its state."""
+    cancelled because a task they waited for (a teacher, or its outputs) did not succeed, which one and how."""
     from collections import Counter
 
     from bonehpc.accounting import RETRY_STATES, job_states, task_states
@@ -156,6 +156,6 @@ def task_lines(folder: Path) -> list[str]:
             dep_states = job_states(deps) if latest.get("mode") == "slurm" else {}
             bad = [f"{i} {st}" for i, st in dep_states.items() if st in RETRY_STATES]
             if bad:
-                line += f" (dependency never satisfied: teacher task {', '.join(bad)}; fix it, then submit tune again)"
+                line += f" (dependency never satisfied: task {', '.join(bad)}; fix the teacher, then submit tune again)"
         lines.append(line)
     return lines

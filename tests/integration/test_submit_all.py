@@ -58,29 +58,33 @@ def test_folds_and_tune_queued_at_once(slurm_cluster: str, tmp_path: Path, synth
     other = submit_tune(needs1, workdir=ROOT)  # fold 1's teacher is queued, not trained: accepted
     monkeypatch.delenv("SBATCH_HOLD")
     jobs = {f"{j['kind']} {j['role']}".strip(): j for j in entry["jobs"]}
-    teacher, trials, tuned = jobs["train teacher"], jobs["tune tune"], jobs["submit tuned"]
-    assert trials["dependency"] == f"afterok:{teacher['job_id']}_0"
+    teacher, outputs, trials = jobs["train teacher"], jobs["train outputs"], jobs["tune tune"]
+    tuned = jobs["submit tuned"]
+    # trials wait for the teacher outputs of their fold (which wait for the teacher): no second outputs job
+    assert trials["dependency"] == f"afterok:{outputs['job_id']}_0"
     assert tuned["dependency"] == f"afterany:{trials['job_id']}"
-    assert other["jobs"][0]["dependency"] == f"afterok:{teacher['job_id']}_1"
-    # what this test does not look at would only load the 2 cores: the students, the final teacher, evaluate
+    assert [j["dependency"] for j in other["jobs"]] == [f"afterok:{outputs['job_id']}_1"]
+    # what this test does not look at would only load the 2 cores: the students, evaluate, the final model
     spare = [j["job_id"] for j in entry["jobs"] if j["role"] == "student" or j["kind"] == "evaluate"]
-    subprocess.run(["scancel", *spare, f"{teacher['job_id']}_2"], check=True, timeout=30)
-    ids = [teacher["job_id"], trials["job_id"], tuned["job_id"], other["jobs"][0]["job_id"]]
+    subprocess.run(["scancel", *spare, f"{teacher['job_id']}_2", f"{outputs['job_id']}_2"], check=True, timeout=30)
+    ids = [teacher["job_id"], outputs["job_id"], trials["job_id"], tuned["job_id"], other["jobs"][0]["job_id"]]
     subprocess.run(["scontrol", "release", *ids], check=False, timeout=30)  # rc 1: the cancelled task is done
 
     t = _wait(teacher["job_id"], 2, {"COMPLETED", "FAILED"})
     assert [t[f"{teacher['job_id']}_{i}"].state for i in range(2)] == ["COMPLETED", "FAILED"]
+    o = _wait(outputs["job_id"], 2, {"COMPLETED", "CANCELLED"})
+    assert o[f"{outputs['job_id']}_0"].state == "COMPLETED" and o[f"{outputs['job_id']}_1"].state == "CANCELLED"
     done = _wait(trials["job_id"], 2, {"COMPLETED"})
-    for record in done.values():  # every trial ran after the teacher it reuses
-        assert record.last.start >= t[f"{teacher['job_id']}_0"].last.end
+    for i in range(2):  # every trial ran after the teacher it reuses (and its outputs)
+        assert done[f"{trials['job_id']}_{i}"].last.start >= o[f"{outputs['job_id']}_0"].last.end
     _wait(other["jobs"][0]["job_id"], 2, {"CANCELLED"}, timeout_s=120)
     (line,) = task_lines(study_dir(needs1))
-    assert "2 CANCELLED" in line and f"teacher task {teacher['job_id']}_1 FAILED" in line, line
+    assert "2 CANCELLED" in line and f"task {outputs['job_id']}_1 CANCELLED; fix the teacher" in line, line
 
     # the last job wrote the best params and submitted the folds of chain-tuned (held: inherited SBATCH_HOLD)
     _wait(tuned["job_id"], 1, {"COMPLETED"}, timeout_s=120)
     assert (study_dir(cfg) / "best_params.yaml").is_file()
     registry = json.loads((paths.root.parent / "chain-tuned" / "jobs.json").read_text())
     again = [j["job_id"] for j in registry["submissions"][0]["jobs"]]
-    assert len(again) == 3  # teacher, student, evaluate of the tuned experiment
+    assert len(again) == 4  # teacher, outputs, student, evaluate of the tuned experiment
     subprocess.run(["scancel", *again], check=True, timeout=30)

@@ -545,12 +545,13 @@ def test_submit_all_dry_run_shows_the_whole_chain(tmp_path: Path, synth_root: Pa
         entry = submit_all(cfg)
     assert [s.splitlines()[0] for s in scripts] == [
         "##### train teacher job DRY1: array of 3 (fold0, fold1, final)",
-        "##### train student job DRY2: array of 3 (fold0, fold1, final)",
-        "##### evaluate job DRY3",
-        "##### tune tune job DRY4: array of 3 (0, 1, 2)",
-        "##### submit tuned job DRY5",
+        "##### train outputs job DRY2: array of 3 (fold0, fold1, final)",
+        "##### train student job DRY3: array of 3 (fold0, fold1, final)",
+        "##### evaluate job DRY4",
+        "##### tune tune job DRY5: array of 3 (0, 1, 2)",  # no second outputs task for fold 1: it waits for DRY2_1
+        "##### submit tuned job DRY6",
     ]
-    assert "#SBATCH --dependency=afterok:DRY1_1" in scripts[3] and "#SBATCH --kill-on-invalid-dep=yes" in scripts[3]
-    assert "#SBATCH --dependency=afterany:DRY4" in scripts[4] and "--gpus" not in scripts[4]
-    assert [j["dependency"] for j in entry["jobs"]][3:] == ["afterok:DRY1_1", "afterany:DRY4"]
+    assert "#SBATCH --dependency=afterok:DRY2_1" in scripts[4] and "#SBATCH --kill-on-invalid-dep=yes" in scripts[4]
+    assert "#SBATCH --dependency=afterany:DRY5" in scripts[5] and "--gpus" not in scripts[5]
+    assert [j["dependency"] for j in entry["jobs"]][4:] == ["afterok:DRY2_1", "afterany:DRY5"]
     assert not ExperimentPaths.of(cfg).root.exists()  # a dry run writes nothing
