@@ -111,7 +111,7 @@ class ResourceSpec:
         return shellsafe.check_additional("", self.additional, self.additional_override)
 
 
-JOB_KINDS = ("train", "evaluate", "tune", "pack")
+JOB_KINDS = ("train", "evaluate", "tune", "pack", "submit")
 # First lines of every batch script. Sites signal the batch shell too (`scancel --full`, `--signal=B:`,
 # some preemption setups); bash dies of USR2 by default, and the job then ends FAILED 0:12 instead of
 # being requeued. The shell only waits: the task (submitit, TrainTask, the trainers) handles the signal.
@@ -143,7 +143,8 @@ class ClusterProfile(ResourceSpec):
 
         Defaults: a tune trial (one training process) gets 1 GPU and its per-GPU share of the train
         resources' CPUs and memory (all of them on a CPU-only profile), on one node; pack gets no GPU, and
-        on a partition of its own neither the profile's `constraint` nor its `additional` options.
+        on a partition of its own neither the profile's `constraint` nor its `additional` options; submit
+        (a job that only submits others) one CPU, no GPU, at most 2 GB.
         """
         base = {f.name: getattr(self, f.name) for f in dataclasses.fields(ResourceSpec)}
         if kind == "tune":
@@ -156,6 +157,8 @@ class ClusterProfile(ResourceSpec):
                 nodes=1,
                 nproc_per_node=1,
             )
+        elif kind == "submit":  # a job that only submits others (submit all's last one): one core, no GPU
+            base.update(gpus_per_node=0, nodes=1, cpus_per_task=1, mem_gb=min(2.0, base["mem_gb"]), nproc_per_node=1)
         over = self.per_kind.get(kind, {})
         if kind == "pack":
             base.update(gpus_per_node=0, nodes=1)
