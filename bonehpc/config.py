@@ -30,6 +30,8 @@ _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 MAX_YAML_DEPTH = 64
 """Deepest nesting of a config or profile file (a real one nests 4 levels; 50,000 would overflow the stack)."""
+MAX_YAML_BYTES = 4 << 20
+"""Largest config, --params or profile file read (4 MiB; real ones are a few KB)."""
 MAX_YAML_NODES = 100_000
 """Most values a file may hold with every alias (*name) expanded: an alias bomb (each level repeating the
 one before) is refused while it is still small, before anything walks the expanded tree."""
@@ -644,6 +646,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
+        size = p.stat().st_size
+        if size > MAX_YAML_BYTES:  # before reading it: configs, params and profiles are a few KB
+            raise ConfigError(f"{p}: {size:,} bytes, more than a config file may hold ({MAX_YAML_BYTES:,})")
         raw = p.read_bytes()
     except OSError as err:
         raise ConfigError(f"{p}: cannot read ({err.strerror or err})") from None
