@@ -30,7 +30,7 @@ DRY_RUN ?=
 DRY_ARG := $(if $(DRY_RUN),--dry-run,)
 
 
-.PHONY: help setup demo test test-unit verify lint format typecheck pack submit-folds submit-tune \
+.PHONY: help setup demo test test-unit verify lint format typecheck pack submit-folds submit-tune submit-all \
         resubmit status report tune-status predict bench dev-cluster-up dev-cluster-down clean tensorboard
 
 help:
@@ -84,6 +84,9 @@ status: setup ## per fold and role: state, elapsed, exit code, requeues (sacct)
 
 submit-tune: setup ## Optuna study as a Slurm array: TRIALS=N PARALLEL=P
 	$(BIN)/bonehpc submit tune --config $(CONFIG) $(DRY_ARG) $(PROFILE_ARG) tune.trials=$(TRIALS) tune.parallel=$(PARALLEL)
+
+submit-all: setup ## folds + tune study (trials wait for their teachers) + the folds again with the best params, all queued at once
+	$(BIN)/bonehpc submit all --config $(CONFIG) $(DRY_ARG) $(PROFILE_ARG) tune.trials=$(TRIALS) tune.parallel=$(PARALLEL)
 
 tune-status: setup ## Optuna study of EXP: trials by state, best params (-> runs/EXP/tune/best_params.yaml)
 	$(BIN)/bonehpc tune status --exp $(EXP) --run-root $(RUN_ROOT) $(if $(STUDY),--study $(STUDY),)

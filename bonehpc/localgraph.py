@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bonehpc.config import ConfigError
-from bonehpc.resources import last_error_line, task_failure_line
+from bonehpc.resources import DEFAULT_SAVE_WAIT_S, SIGNAL_MARGIN_S, last_error_line, task_failure_line
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ DONE_STATES = ("COMPLETED", "FAILED", "CANCELLED")
 POLL_S = 0.5
 START_TRIES = 3
 """Starts of a task whose submitit controller exited before the task began (a race in submitit)."""
-STOP_WAIT_S = 180.0
-"""How long Ctrl-C waits for the stopped tasks to save and exit before killing them."""
+STOP_WAIT_S = float(DEFAULT_SAVE_WAIT_S + SIGNAL_MARGIN_S)
+"""How long Ctrl-C waits for the stopped tasks to save and exit before killing them (a training task waits
+save_wait_s for its trainers; other tasks ignore SIGTERM under submitit and are killed at the end)."""
 
 
 def parse_dependency(text: str) -> list[tuple[str, list[str]]]:
@@ -390,7 +391,12 @@ class LocalGraph:
     def stop(self, wait_s: float = STOP_WAIT_S) -> None:
         """SIGTERM to every running task, wait for them (a second Ctrl-C or `wait_s` kills), mark them cancelled."""
         running = [t for t in self.tasks.values() if t.state == "RUNNING"]
-        log.warning("interrupted: stopping %d running task(s); run again to resume", len(running))
+        log.warning(
+            "interrupted: stopping %d running task(s) (trainers save last.pt; up to %.0f s, Ctrl-C again to kill "
+            "them now); run the same command again to resume",
+            len(running),
+            wait_s,
+        )
         for task in running:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(task.handle.job_id), signal.SIGTERM)  # submitit's controller forwards it to the task

@@ -33,7 +33,7 @@ import math
 import os
 import socket
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -154,10 +154,15 @@ def check_space(cfg: ExperimentConfig) -> None:
         trial_config(cfg, sample)
 
 
-def missing_teachers(cfg: ExperimentConfig) -> list[Path]:
-    """`best.pt` files of the teachers of `tune.folds` that do not exist (the search reuses them)."""
+def missing_teachers(cfg: ExperimentConfig) -> dict[int, Path]:
+    """Fold -> `best.pt` of the teachers of `tune.folds` that are not final (the search reuses them): absent,
+    or written by a teacher still training (its metrics.json does not say completed)."""
     paths = ExperimentPaths.of(cfg)
-    return [p for p in (paths.role_dir(f, "teacher") / BEST_CKPT for f in cfg.tune.folds) if not p.is_file()]
+    return {
+        f: paths.role_dir(f, "teacher") / BEST_CKPT
+        for f in cfg.tune.folds
+        if not (paths.role_completed(f, "teacher") and (paths.role_dir(f, "teacher") / BEST_CKPT).is_file())
+    }
 
 
 def check_folds(cfg: ExperimentConfig) -> None:
@@ -665,23 +670,26 @@ def _short(v: Any) -> str:
 # Submission
 
 
-def prepare(cfg: ExperimentConfig, create: bool = True) -> optuna.Study | None:
+def prepare(cfg: ExperimentConfig, create: bool = True, queued: Collection[int] = ()) -> optuna.Study | None:
     """Every check that can fail before anything is submitted, then create the study and save the config.
 
     create=False (a dry run): the checks only; the existing study (None when there is none), nothing written.
+    queued: folds whose teacher is not trained yet but queued or running (the trials will wait for it).
 
     Raises:
-        TuneError: listing the teachers of `tune.folds` that are not trained yet.
+        TuneError: listing the teachers of `tune.folds` that are neither trained nor queued.
         ConfigError: for a bad search space, fold list or storage URL.
     """
     check_folds(cfg)
     check_space(cfg)
-    missing = missing_teachers(cfg)
+    paths = ExperimentPaths.of(cfg)
+    missing = [p for f, p in missing_teachers(cfg).items() if f not in queued]
     if missing:
         listing = "\n  ".join(str(p) for p in missing)
         raise TuneError(
-            f"the search reuses the trained teachers of tune.folds={list(cfg.tune.folds)}, missing:\n  {listing}\n"
-            "train them first (make submit-folds) or change tune.folds"
+            f"the search reuses the trained teachers of tune.folds={list(cfg.tune.folds)}, neither trained nor "
+            f"queued:\n  {listing}\nsubmit them first (make submit-folds; make submit-all queues both) or change "
+            f"tune.folds (experiment {paths.root})"
         )
     if not create:
         exists = bool(cfg.tune.storage.strip()) or ExperimentPaths.of(cfg).tune_journal.is_file()

@@ -41,6 +41,12 @@ def test_machine_is_shared_out() -> None:
     assert visible_gpus({}, count=lambda: 2) == [0, 1]
     with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES"):
         visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-0f3a"})
+    from bonehpc.config import load_config
+
+    assert load_config(None, ["cluster.local_parallel=3"]).cluster.local_parallel == 3
+    for bad in ("0", "many"):
+        with pytest.raises(ConfigError, match="cluster.local_parallel"):
+            load_config(None, [f"cluster.local_parallel={bad}"])
 
 
 def _graph(tmp_path: Path, share: Share) -> tuple[LocalGraph, object]:
