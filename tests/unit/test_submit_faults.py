@@ -113,6 +113,7 @@ def test_tune_tops_up_to_trials_and_its_dry_run_writes_nothing(tmp_path, synth_r
         d = ExperimentPaths.of(cfg).role_dir(fold, "teacher")
         d.mkdir(parents=True)
         (d / "best.pt").write_bytes(b"")
+        (d / "metrics.json").write_text('{"status": "completed"}')
     journal = ExperimentPaths.of(cfg).tune_journal
 
     def tune_tasks(entry: dict) -> int:
