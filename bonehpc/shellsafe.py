@@ -318,3 +318,31 @@ def check_additional(prefix: str, additional: Mapping[str, Any], override: list[
             raise ConfigError(f"{where}: {value!r} holds '\\', which Slurm reads as an escape in a job script")
         out[submitit_key(opt)] = value
     return out
+
+
+SLURM_JOB_ID_RE = re.compile(r"[0-9]{1,20}(_[0-9]{1,10})?")
+"""A Slurm job or array task id as bonehpc records it: `123` or `123_4`."""
+LOCAL_JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
+"""A local or debug id (L<pid>.<n>_<i>, a pid, skipped-...): never a leading '-' or a space."""
+DEPENDENCY_TYPES = ("after", "afterok", "afterany", "afternotok", "aftercorr", "afterburstbuffer")
+_DEP_ID = r"(?:DRY)?[0-9]{1,20}(?:_[0-9]{1,10})?"  # DRY<n>: the ids of a dry run (bonehpc.slurm.dry_run)
+_DEP_PART_RE = re.compile(rf"(?:{'|'.join(DEPENDENCY_TYPES)}):{_DEP_ID}(?::{_DEP_ID})*|singleton")
+
+
+def check_job_id(key: str, value: str, slurm: bool = True) -> str:
+    """A job or task id that reaches an sbatch/scancel/sacct argument or a dependency: digits (`123`,
+    `123_4`) for Slurm, a plain word for local/debug ids; never an option (`--user=...`) or a second line."""
+    pattern = SLURM_JOB_ID_RE if slurm else LOCAL_JOB_ID_RE
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        what = "a Slurm job id (123 or 123_4)" if slurm else "a job id (letters, digits, . _ : -)"
+        raise ConfigError(f"{key}: {value!r} is not {what}")
+    return value
+
+
+def check_dependency(key: str, value: str) -> str:
+    """A Slurm dependency string as it goes into `#SBATCH --dependency=`: <type>:<id>[:<id>...] joined by ','
+    (types: after, afterok, afterany, afternotok, aftercorr, afterburstbuffer; or singleton)."""
+    parts = value.split(",") if value else []
+    if not isinstance(value, str) or any(not _DEP_PART_RE.fullmatch(p) for p in parts):
+        raise ConfigError(f"{key}: {value!r} is not a Slurm dependency (<type>:<job id>[:<job id>...], ',' between)")
+    return value

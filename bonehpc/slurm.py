@@ -258,7 +258,7 @@ def make_executor(
     executor = submitit.AutoExecutor(folder=str(folder), cluster=mode, **kwargs)
     params = executor_parameters(spec, name, mode)
     if mode == "slurm" and dependency:
-        params["slurm_dependency"] = dependency
+        params["slurm_dependency"] = shellsafe.check_dependency("dependency", dependency)  # ids from jobs.json
         extra = dict(params.get("slurm_additional_parameters", {}))
         # a task whose dependency can never be met is cancelled, so the afterany evaluation still runs
         extra.setdefault("kill_on_invalid_dep", "yes")
@@ -415,7 +415,11 @@ def submit(
 
 def cancel(task_ids: Sequence[str], why: str) -> None:
     """scancel these Slurm tasks (ones that already ended are left as they are); logs why."""
-    ids = [str(t) for t in task_ids if str(t)]
+    ids, odd = [], []
+    for t in (str(t) for t in task_ids if str(t)):
+        (ids if shellsafe.SLURM_JOB_ID_RE.fullmatch(t) else odd).append(t)
+    if odd:  # jobs.json is checked when read; an id that is no Slurm id would be an scancel option (--user=...)
+        log.warning("not cancelling %s: not Slurm job ids", ", ".join(map(repr, odd)))
     if not ids:
         return
     log.info("cancelling %s: %s", ", ".join(ids), why)

@@ -524,6 +524,33 @@ def _gradcam_holds_input(c: Ctx) -> tuple[list[str], str]:
     return argv, r"--gradcam .*cams holds input .*x.png"
 
 
+# Issue 20, second round: ids read back from jobs.json reach scancel's argv and `#SBATCH --dependency=`.
+
+
+def _registry(jobs: str, command: str, fragment: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    """An experiment folder whose jobs.json holds `jobs` (JSON text), then `bonehpc <command> --exp` on it."""
+
+    def build(c: Ctx) -> tuple[list[str], str]:
+        from bonehpc.config import load_config, save_config
+        from bonehpc.paths import ExperimentPaths
+
+        paths = ExperimentPaths.of(load_config(None, c.tiny()))
+        paths.root.mkdir(parents=True)
+        save_config(load_config(None, c.tiny()), paths.config)
+        paths.jobs.write_text(jobs)
+        return [*command.split(), "--exp", str(paths.root)], fragment
+
+    return build
+
+
+def _slurm_jobs(job_id: str = "7", task_id: str = "7_0", dependency: str = "") -> str:
+    import json
+
+    task = {"task_id": task_id, "fold": "fold0"}
+    job = {"kind": "train", "role": "teacher", "job_id": job_id, "dependency": dependency, "tasks": [task]}
+    return json.dumps({"submissions": [{"kind": "folds", "mode": "slurm", "workdir": "/", "jobs": [job]}]})
+
+
 CASES = [
     # DATA: bonehpc synth / manifest / folds / pack and the config loader
     Case("csv-not-utf8", "DATA", _mura_csv_latin1),
@@ -611,6 +638,29 @@ CASES = [
     Case("pack-size-change-into-existing-shards", "HOSTILE", _pack_size_change),
     Case("predict-gradcam-inside-input-folder", "HOSTILE", _gradcam_in_input),
     Case("predict-gradcam-holds-an-input", "HOSTILE", _gradcam_holds_input),
+    # issue 20, second round: jobs.json ids are Slurm ids (never an scancel option, never a second line)
+    Case(
+        "jobs-json-task-id-option",
+        "HOSTILE",
+        _registry(_slurm_jobs(task_id="--user=root"), "status", r"task_id: '--user=root' is not a Slurm job id"),
+    ),
+    Case(
+        "jobs-json-job-id-newline",
+        "HOSTILE",
+        _registry(_slurm_jobs(job_id="7\n#SBATCH --x"), "submit resubmit", r"job_id: '7\\n#SBATCH --x' is not"),
+    ),
+    Case(
+        "jobs-json-dependency-injection",
+        "HOSTILE",
+        _registry(_slurm_jobs(dependency="afterok:1 --wrap=x"), "submit resubmit", r"dependency: 'afterok:1 --wrap"),
+    ),
+    Case("jobs-json-deep", "HOSTILE", _registry("[" * 100_000, "status", r"jobs.json: nested too deep")),
+    Case(
+        "jobs-json-job-without-kind",
+        "HOSTILE",
+        _registry('{"submissions": [{"jobs": [{"tasks": []}]}]}', "submit resubmit", r"jobs\[0\]: expected .*'kind'"),
+    ),
+    Case("jobs-json-entry-not-object", "HOSTILE", _registry('{"submissions": [1]}', "status", r"submissions\[0\]: ")),
 ]
 
 
@@ -833,3 +883,22 @@ def test_overlays_of_images_with_the_same_last_folders_get_two_files() -> None:
     assert overlay_name(a, study) != overlay_name(b, study)
     assert overlay_name(a, study).startswith("XR_HAND_patient1_study1_positive__image1__")
     assert overlay_name("/x/a b.png", "s/") != overlay_name("/x/a_b.png", "s/")  # same once made safe
+
+
+def test_ids_that_are_no_slurm_ids_never_reach_scancel_or_a_dependency(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bonehpc import slurm
+    from bonehpc.config import ConfigError
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(
+        slurm.subprocess, "run", lambda argv, **_: calls.append(argv) or subprocess.CompletedProcess(argv, 0)
+    )
+    slurm.cancel(["12_3", "--user=root", "-u", "4\n5", "9"], "test")
+    assert calls == [["scancel", "12_3", "9"]]
+    spec = slurm.ResourceSpec()
+    for dep in ("afterok:1\n#SBATCH --time=1", "afterok:-1", "afterany:1 2", "after:%j", "afterok:"):
+        with pytest.raises(ConfigError, match="dependency: .* is not a Slurm dependency"):
+            slurm.render_sbatch(spec, "/x/%j", "n", dependency=dep)
+    assert "#SBATCH --dependency=aftercorr:12,afterok:3_1:3_2" in slurm.render_sbatch(
+        spec, "/x/%j", "n", dependency="aftercorr:12,afterok:3_1:3_2"
+    )
