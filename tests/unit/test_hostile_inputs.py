@@ -773,6 +773,27 @@ def test_resubmit_of_a_moved_experiment_writes_only_in_the_folder_given(world: W
     assert (new / "folds.csv").is_file() and load_config(new / "config.yaml").run_root == str(new.parent)
 
 
+def test_tune_status_of_a_moved_experiment_writes_only_in_the_folder_given(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import optuna
+
+    from bonehpc.config import load_config, save_config
+    from bonehpc.paths import ExperimentPaths
+    from bonehpc.tune import open_study, study_dir
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "old" / "runs", world.root, world.shards, "name=moved"))
+    study = open_study(cfg, create=True)  # the journal under old/runs/moved/tune/, one completed trial
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    save_config(cfg, study_dir(cfg) / "config.yaml")
+    new = tmp_path / "new" / "runs" / "moved"
+    new.parent.mkdir(parents=True)
+    ExperimentPaths.of(cfg).root.rename(new)
+    assert cli_main(["tune", "status", "--exp", str(new)]) == 0
+    assert list((tmp_path / "old" / "runs").iterdir()) == []  # no journal, no best_params.yaml at the old place
+    assert (new / "tune" / "best_params.yaml").is_file() and "COMPLETE=1" in capsys.readouterr().out
+
+
 def test_resubmit_of_a_renamed_experiment_is_refused_in_one_line(
     world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
