@@ -923,3 +923,46 @@ def test_ids_that_are_no_slurm_ids_never_reach_scancel_or_a_dependency(monkeypat
     assert "#SBATCH --dependency=aftercorr:12,afterok:3_1:3_2" in slurm.render_sbatch(
         spec, "/x/%j", "n", dependency="aftercorr:12,afterok:3_1:3_2"
     )
+
+
+HOSTILE_MAKE = "a b'c\"d;touch PWNED `touch PWNED` $$(touch PWNED) * -x"
+"""As typed in `make status EXP=...` ($$ is make's $): a space, both quotes, ;, backticks, $(...), a glob."""
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("status", ["status", "--exp", "{v}", "--run-root", "{v}"]),
+        ("report", ["report", "--exp", "{v}", "--run-root", "{v}"]),
+        ("resubmit", ["submit", "resubmit", "--exp", "{v}", "--run-root", "{v}"]),
+        ("tune-status", ["tune", "status", "--exp", "{v}", "--run-root", "{v}", "--study", "{v}"]),
+        ("predict", ["predict", "--model", "{v}/{v}", "--input", "{v}", "--out", "{v}"]),
+        ("submit-folds", ["submit", "folds", "--config", "{v}", "--params", "{v}", "cluster.profile={v}"]),
+    ],
+)
+def test_make_variables_reach_bonehpc_as_one_word_each(tmp_path: Path, target: str, expected: list[str]) -> None:
+    """EXP, RUN_ROOT, CONFIG, PARAMS, PROFILE, STUDY, INPUT, OUT: each one argument, nothing run by a shell."""
+    import json
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / ".stamp").touch()  # `setup` is done
+    fake = venv / "bin" / "bonehpc"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint('ARGV=' + json.dumps(sys.argv[1:]))\n")
+    fake.chmod(0o755)
+    os.utime(venv / "bin" / ".stamp", (2**31, 2**31))  # newer than pyproject.toml
+    names = ("EXP", "RUN_ROOT", "CONFIG", "PARAMS", "PROFILE", "STUDY", "INPUT", "OUT")
+    res = subprocess.run(
+        ["make", "-s", "-C", str(root), target, f"VENV={venv}", *(f"{n}={HOSTILE_MAKE}" for n in names)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    value = HOSTILE_MAKE.replace("$$", "$")
+    argv = [json.loads(line[5:]) for line in res.stdout.splitlines() if line.startswith("ARGV=")]
+    assert argv == [[a.replace("{v}", value) for a in expected]], res.stdout + res.stderr
+    assert not list(tmp_path.glob("PWNED")) and not (root / "PWNED").exists()

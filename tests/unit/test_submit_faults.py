@@ -157,7 +157,7 @@ def test_make_status_and_report_take_the_run_root() -> None:
         check=True,
     ).stdout
     cmds = [line for line in out.splitlines() if "bonehpc " in line]
-    assert len(cmds) == 3 and all("--exp e --run-root /elsewhere" in c for c in cmds), cmds
+    assert len(cmds) == 3 and all("--exp 'e' --run-root '/elsewhere'" in c for c in cmds), cmds
 
 
 def test_a_time_limit_without_room_to_progress_is_refused(tmp_path, synth_root, shards_dir) -> None:
