@@ -28,7 +28,7 @@ def test_dependency_strings_are_read_the_slurm_way() -> None:
 def test_machine_is_shared_out() -> None:
     # the project's 2-core VM: two tasks of one thread each
     assert plan_share("auto", cores=2, gpus=[], workers=1) == Share(2, 1, (), 2, 1)
-    assert plan_share(1, cores=2, gpus=[], workers=0).threads == 2
+    assert plan_share(1, cores=2, gpus=[], workers=1).threads == 2  # one at a time: both cores
     # an 8-GPU workstation: one task per GPU, its CUDA_VISIBLE_DEVICES, the loader workers paid from the cores
     share = plan_share("auto", cores=64, gpus=list(range(8)), workers=4)
     assert (share.slots, share.threads, share.gpus) == (8, 4, tuple((g,) for g in range(8)))
