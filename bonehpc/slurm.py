@@ -415,7 +415,8 @@ def submit(
 
 def cancel(task_ids: Sequence[str], why: str) -> None:
     """scancel these Slurm tasks (ones that already ended are left as they are); logs why."""
-    ids, odd = [], []
+    ids: list[str] = []
+    odd: list[str] = []
     for t in (str(t) for t in task_ids if str(t)):
         (ids if shellsafe.SLURM_JOB_ID_RE.fullmatch(t) else odd).append(t)
     if odd:  # jobs.json is checked when read; an id that is no Slurm id would be an scancel option (--user=...)

@@ -45,10 +45,18 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
-from bonehpc.config import ConfigError, ExperimentConfig, apply_overrides, check_tune_space, save_config
+from bonehpc.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    check_tune_space,
+    config_in_place,
+    save_config,
+)
 from bonehpc.curves import Curves
 from bonehpc.fsio import atomic_write_json, atomic_write_text
 from bonehpc.paths import BEST_CKPT, BEST_PARAMS, RUN_CONFIG, ExperimentPaths, fold_name, read_json
+from bonehpc.registry import read_registry
 
 log = logging.getLogger(__name__)
 
@@ -715,4 +723,7 @@ def load_tune_config(exp_dir: str | Path, study: str = "") -> ExperimentConfig:
         others = sorted(p.parent.name for p in base.glob("studies/*/config.yaml"))
         hint = f" (studies here: {', '.join(others)})" if others else ""
         raise TuneError(f"{path} not found: no study was submitted for {exp_dir}{hint}; run `bonehpc submit tune`")
-    return load_config(path)
+    # the folder given is the only truth: a moved experiment's study is read and written there, not where
+    # its saved run_root points (the journal and best_params.yaml would be created at the old place)
+    subs = read_registry(base)["submissions"]
+    return config_in_place(load_config(path), exp_dir, (subs[-1].get("workdir") if subs else "") or os.getcwd())

@@ -35,7 +35,7 @@ import pandas as pd
 
 from bonehpc import preflight, slurm
 from bonehpc.accounting import ACTIVE_STATES, RETRY_STATES, task_states
-from bonehpc.config import ConfigError, ExperimentConfig, apply_overrides, load_config, save_config
+from bonehpc.config import ConfigError, ExperimentConfig, config_in_place, load_config, save_config
 from bonehpc.lease import submit_lock
 from bonehpc.paths import (
     OUTPUTS_ROLE,
@@ -387,28 +387,6 @@ def _submit_graph(ctx: slurm.SubmitContext, plan: Plan, kind: str, evaluate: boo
     return _record(ctx, kind, paths.root, skipped=plan.skipped)
 
 
-def config_in_place(exp: Path, workdir: str | Path) -> ExperimentConfig:
-    """The config of experiment folder `exp`, pointing at `exp` (the folder given is the only truth).
-
-    A config whose run_root/name (relative to the submission's `workdir`) is elsewhere belongs to a folder
-    that was moved: its run_root is rewritten to the folder's parent, so that nothing is read from or
-    written to the old place. A renamed folder is refused (the name also names the jobs and the tuning
-    study): rename it back.
-    """
-    cfg = load_config(exp / "config.yaml")
-    here = exp.resolve()
-    saved = (Path(workdir) / cfg.run_root / cfg.name).resolve()
-    if saved == here:
-        return cfg
-    if here.name != cfg.name:
-        raise ConfigError(
-            f"{exp}: the experiment folder was renamed (its config.yaml says name {cfg.name!r}); "
-            f"rename the folder back to {cfg.name!r}"
-        )
-    log.warning("%s was moved (config.yaml said %s): run_root is now %s", exp, saved, here.parent)
-    return apply_overrides(cfg, {"run_root": str(here.parent)})
-
-
 def resubmit(exp_dir: str | Path, workdir: str | Path | None = None) -> dict[str, Any]:
     """Resubmit only the failed / cancelled / timed-out tasks of an experiment (and their dependents)."""
     exp = Path(exp_dir)
@@ -418,7 +396,7 @@ def resubmit(exp_dir: str | Path, workdir: str | Path | None = None) -> dict[str
     registry = read_registry(exp)
     if not registry["submissions"]:
         raise ConfigError(f"{exp}/jobs.json: nothing was submitted yet; use `bonehpc submit folds`")
-    cfg = config_in_place(exp, registry["submissions"][-1].get("workdir") or os.getcwd())
+    cfg = config_in_place(load_config(cfg_path), exp, registry["submissions"][-1].get("workdir") or os.getcwd())
     with submit_lock(exp):  # what to rerun is decided under the lock that the submission then holds
         return _resubmit(exp, cfg, workdir)
 

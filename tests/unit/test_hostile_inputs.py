@@ -773,6 +773,27 @@ def test_resubmit_of_a_moved_experiment_writes_only_in_the_folder_given(world: W
     assert (new / "folds.csv").is_file() and load_config(new / "config.yaml").run_root == str(new.parent)
 
 
+def test_tune_status_of_a_moved_experiment_writes_only_in_the_folder_given(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import optuna
+
+    from bonehpc.config import load_config, save_config
+    from bonehpc.paths import ExperimentPaths
+    from bonehpc.tune import open_study, study_dir
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "old" / "runs", world.root, world.shards, "name=moved"))
+    study = open_study(cfg, create=True)  # the journal under old/runs/moved/tune/, one completed trial
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    save_config(cfg, study_dir(cfg) / "config.yaml")
+    new = tmp_path / "new" / "runs" / "moved"
+    new.parent.mkdir(parents=True)
+    ExperimentPaths.of(cfg).root.rename(new)
+    assert cli_main(["tune", "status", "--exp", str(new)]) == 0
+    assert list((tmp_path / "old" / "runs").iterdir()) == []  # no journal, no best_params.yaml at the old place
+    assert (new / "tune" / "best_params.yaml").is_file() and "COMPLETE=1" in capsys.readouterr().out
+
+
 def test_resubmit_of_a_renamed_experiment_is_refused_in_one_line(
     world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -902,3 +923,46 @@ def test_ids_that_are_no_slurm_ids_never_reach_scancel_or_a_dependency(monkeypat
     assert "#SBATCH --dependency=aftercorr:12,afterok:3_1:3_2" in slurm.render_sbatch(
         spec, "/x/%j", "n", dependency="aftercorr:12,afterok:3_1:3_2"
     )
+
+
+HOSTILE_MAKE = "a b'c\"d;touch PWNED `touch PWNED` $$(touch PWNED) * -x"
+"""As typed in `make status EXP=...` ($$ is make's $): a space, both quotes, ;, backticks, $(...), a glob."""
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("status", ["status", "--exp", "{v}", "--run-root", "{v}"]),
+        ("report", ["report", "--exp", "{v}", "--run-root", "{v}"]),
+        ("resubmit", ["submit", "resubmit", "--exp", "{v}", "--run-root", "{v}"]),
+        ("tune-status", ["tune", "status", "--exp", "{v}", "--run-root", "{v}", "--study", "{v}"]),
+        ("predict", ["predict", "--model", "{v}/{v}", "--input", "{v}", "--out", "{v}"]),
+        ("submit-folds", ["submit", "folds", "--config", "{v}", "--params", "{v}", "cluster.profile={v}"]),
+    ],
+)
+def test_make_variables_reach_bonehpc_as_one_word_each(tmp_path: Path, target: str, expected: list[str]) -> None:
+    """EXP, RUN_ROOT, CONFIG, PARAMS, PROFILE, STUDY, INPUT, OUT: each one argument, nothing run by a shell."""
+    import json
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / ".stamp").touch()  # `setup` is done
+    fake = venv / "bin" / "bonehpc"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint('ARGV=' + json.dumps(sys.argv[1:]))\n")
+    fake.chmod(0o755)
+    os.utime(venv / "bin" / ".stamp", (2**31, 2**31))  # newer than pyproject.toml
+    names = ("EXP", "RUN_ROOT", "CONFIG", "PARAMS", "PROFILE", "STUDY", "INPUT", "OUT")
+    res = subprocess.run(
+        ["make", "-s", "-C", str(root), target, f"VENV={venv}", *(f"{n}={HOSTILE_MAKE}" for n in names)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    value = HOSTILE_MAKE.replace("$$", "$")
+    argv = [json.loads(line[5:]) for line in res.stdout.splitlines() if line.startswith("ARGV=")]
+    assert argv == [[a.replace("{v}", value) for a in expected]], res.stdout + res.stderr
+    assert not list(tmp_path.glob("PWNED")) and not (root / "PWNED").exists()

@@ -113,6 +113,7 @@ def test_tune_tops_up_to_trials_and_its_dry_run_writes_nothing(tmp_path, synth_r
         d = ExperimentPaths.of(cfg).role_dir(fold, "teacher")
         d.mkdir(parents=True)
         (d / "best.pt").write_bytes(b"")
+        (d / "metrics.json").write_text('{"status": "completed"}')
     journal = ExperimentPaths.of(cfg).tune_journal
 
     def tune_tasks(entry: dict) -> int:
@@ -156,7 +157,7 @@ def test_make_status_and_report_take_the_run_root() -> None:
         check=True,
     ).stdout
     cmds = [line for line in out.splitlines() if "bonehpc " in line]
-    assert len(cmds) == 3 and all("--exp e --run-root /elsewhere" in c for c in cmds), cmds
+    assert len(cmds) == 3 and all("--exp 'e' --run-root '/elsewhere'" in c for c in cmds), cmds
 
 
 def test_a_time_limit_without_room_to_progress_is_refused(tmp_path, synth_root, shards_dir) -> None:
