@@ -315,7 +315,12 @@ class TrainConfig:
     seed: int = 0
     """Seed of model init, shuffling and augmentation."""
     final_val_frac: float = 0.1
-    """Final models pick best.pt on this share of train patients (grouped, stratified), never on the valid split."""
+    """Final models hold out this share of train patients (grouped, stratified; never the valid split): their
+    learning curve, and their epoch selection when final_epoch is best."""
+    final_epoch: str = "last"
+    """Which epoch a final model keeps as best.pt: last (the last epoch; the held-out slice only monitors, so a
+    small slice cannot pick a bad epoch) or best (the best early_stop_metric on the slice). README: the
+    measurement behind the default."""
     checkpoint_every_epochs: int = 1
     """Write last.pt every N epochs (0: only by time, at the end and on preemption, which always writes it)."""
     checkpoint_every_min: float = 0.0
@@ -329,6 +334,7 @@ class TrainConfig:
         _positive("train.batch_size", self.batch_size)
         _choice("train.amp", self.amp, ("auto", "bf16", "fp16", "off"))
         _choice("train.class_weight", self.class_weight, ("auto", "none"))
+        _choice("train.final_epoch", self.final_epoch, ("last", "best"))
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)
         _positive("train.patience", self.patience, allow_zero=True)
         _positive("train.log_every", self.log_every)

@@ -551,6 +551,47 @@ def _slurm_jobs(job_id: str = "7", task_id: str = "7_0", dependency: str = "") -
     return json.dumps({"submissions": [{"kind": "folds", "mode": "slurm", "workdir": "/", "jobs": [job]}]})
 
 
+# Issue 20, second round: a CSV or JSON file of 8 GiB (sparse: made at once, never read) is refused from its size.
+HUGE = 8 << 30
+HUGE_LINE = r"8,589,934,592 bytes, more than bonehpc reads"
+
+
+def _sparse(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(HUGE)
+    return path
+
+
+def _huge_mura_csv(c: Ctx) -> tuple[list[str], str]:
+    root = c.tmp / "mura"
+    shutil.copytree(c.world.root, root, ignore=shutil.ignore_patterns("*.png"))  # the CSVs are read first
+    _sparse(root / "MURA-v1.1" / "train_image_paths.csv")
+    return ["manifest", "--mura-root", str(root)], rf"train_image_paths.csv: {HUGE_LINE}"
+
+
+def _huge_manifest(command: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    def build(c: Ctx) -> tuple[list[str], str]:
+        m = str(_sparse(c.tmp / "m.csv"))
+        if command == "folds":
+            return ["folds", "--manifest", m, "--out", str(c.tmp / "f.csv")], rf"m.csv: {HUGE_LINE}"
+        return [
+            "pack",
+            "--mura-root",
+            str(c.world.root),
+            "--out",
+            str(c.tmp / "s"),
+            "--manifest",
+            m,
+        ], rf"m.csv: {HUGE_LINE}"
+
+    return build
+
+
+def _huge_predict_csv(c: Ctx) -> tuple[list[str], str]:
+    return _predict(c, "--out", str(c.tmp / "p.csv"), inp=_sparse(c.tmp / "list.csv")), rf"list.csv: {HUGE_LINE}"
+
+
 CASES = [
     # DATA: bonehpc synth / manifest / folds / pack and the config loader
     Case("csv-not-utf8", "DATA", _mura_csv_latin1),
@@ -660,6 +701,10 @@ CASES = [
         "HOSTILE",
         _registry('{"submissions": [{"jobs": [{"tasks": []}]}]}', "submit resubmit", r"jobs\[0\]: expected .*'kind'"),
     ),
+    Case("mura-csv-8-gib", "HOSTILE", _huge_mura_csv),
+    Case("folds-manifest-8-gib", "HOSTILE", _huge_manifest("folds")),
+    Case("pack-manifest-8-gib", "HOSTILE", _huge_manifest("pack")),
+    Case("predict-csv-8-gib", "HOSTILE", _huge_predict_csv),
     Case("jobs-json-entry-not-object", "HOSTILE", _registry('{"submissions": [1]}', "status", r"submissions\[0\]: ")),
 ]
 
@@ -966,3 +1011,14 @@ def test_make_variables_reach_bonehpc_as_one_word_each(tmp_path: Path, target: s
     argv = [json.loads(line[5:]) for line in res.stdout.splitlines() if line.startswith("ARGV=")]
     assert argv == [[a.replace("{v}", value) for a in expected]], res.stdout + res.stderr
     assert not list(tmp_path.glob("PWNED")) and not (root / "PWNED").exists()
+
+
+def test_huge_json_files_from_elsewhere_are_refused_or_unreadable_from_their_size(tmp_path: Path) -> None:
+    """manifest.json of a shard folder, metrics.json / calibration.json (read_json): 8 GiB sparse files."""
+    from bonehpc.data.shards import ShardError, load_manifest_json
+    from bonehpc.paths import read_json
+
+    _sparse(tmp_path / "shards" / "manifest.json")
+    with pytest.raises(ShardError, match=HUGE_LINE):
+        load_manifest_json(tmp_path / "shards")
+    assert read_json(_sparse(tmp_path / "metrics.json")) is None  # "unreadable", as a torn file
