@@ -1039,3 +1039,19 @@ def test_a_config_path_starting_with_a_dash_reaches_the_trainer_as_its_value() -
     cmd = torchrun_command("-x/e/config.yaml", 0, "teacher", 1, "/usr/bin/python3", env={})
     args = build_parser().parse_args(["train", *cmd[cmd.index("bonehpc.cli.train") + 1 :]])
     assert (args.config, args.fold, args.role, args.overrides) == ("-x/e/config.yaml", "0", "teacher", [])
+
+
+@pytest.mark.parametrize("mode", ["LA", "RGBA"])
+def test_an_image_whose_alpha_varies_is_rejected_not_packed_as_its_colour_planes(tmp_path: Path, mode: str) -> None:
+    """The X-ray drawn in the alpha plane over black: dropping alpha would pack a black image without a word."""
+    import numpy as np
+    from PIL import Image
+
+    from bonehpc.data.images import RejectedImageError, read_gray8
+
+    xray = np.random.default_rng(0).integers(0, 256, (40, 50), dtype=np.uint8)
+    black = np.zeros_like(xray)
+    planes = [black, xray] if mode == "LA" else [black, black, black, xray]
+    Image.fromarray(np.stack(planes, -1), mode).save(tmp_path / "a.png")
+    with pytest.raises(RejectedImageError, match="transparent pixels"):
+        read_gray8(tmp_path / "a.png")
