@@ -990,6 +990,7 @@ HOSTILE_MAKE = "a b'c\"d;touch PWNED `touch PWNED` $$(touch PWNED) * -x"
         ("tune-status", ["tune", "status", "--exp", "{v}", "--run-root", "{v}", "--study", "{v}"]),
         ("predict", ["predict", "--model", "{v}/{v}", "--input", "{v}", "--out", "{v}"]),
         ("submit-folds", ["submit", "folds", "--config", "{v}", "--params", "{v}", "cluster.profile={v}"]),
+        ("verify", ["verify", "--full", "--", "{v}"]),  # data.shards of CONFIG (here: CONFIG itself)
     ],
 )
 def test_make_variables_reach_bonehpc_as_one_word_each(tmp_path: Path, target: str, expected: list[str]) -> None:
@@ -1002,7 +1003,12 @@ def test_make_variables_reach_bonehpc_as_one_word_each(tmp_path: Path, target: s
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / ".stamp").touch()  # `setup` is done
     fake = venv / "bin" / "bonehpc"
-    fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint('ARGV=' + json.dumps(sys.argv[1:]))\n")
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        "if sys.argv[1] == 'config':\n    print(json.dumps({'data': {'shards': sys.argv[3]}}))\n"  # JSON is YAML
+        "else:\n    print('ARGV=' + json.dumps(sys.argv[1:]))\n"
+    )
+    (venv / "bin" / "python").symlink_to(sys.executable)
     fake.chmod(0o755)
     os.utime(venv / "bin" / ".stamp", (2**31, 2**31))  # newer than pyproject.toml
     names = ("EXP", "RUN_ROOT", "CONFIG", "PARAMS", "PROFILE", "STUDY", "INPUT", "OUT")
