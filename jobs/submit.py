@@ -261,7 +261,7 @@ def stage_groups(
     if ctx.mode == "debug" or not folds:
         return [(list(folds), "")] if folds else []
     tasks = (upstream or {}).get("tasks", [])
-    if upstream is not None and [fold_name(f) for f in folds] == [t["fold"] for t in tasks]:
+    if upstream is not None and upstream["job_id"] and [fold_name(f) for f in folds] == [t["fold"] for t in tasks]:
         return [(list(folds), f"aftercorr:{upstream['job_id']}")]
     by_fold = {t["fold"]: t["task_id"] for t in tasks}
     groups: list[tuple[list[int | str], str]] = []
@@ -330,8 +330,8 @@ def _submit_graph(ctx: slurm.SubmitContext, plan: Plan, kind: str, evaluate: boo
         task = TrainTask(cfg_path, "teacher", ctx.workdir, nproc)
         teacher = slurm.submit(ctx, "train", task, plan.teacher, role="teacher", label=fold_name)
         train_ids.append(teacher["job_id"])
-    outputs: dict[str, Any] | None = None
     # teacher -> outputs (aftercorr) -> students: no student runs the teacher
+    outputs_jobs = []
     for folds, dependency in stage_groups(ctx, plan.outputs, teacher, plan, "teacher"):
         outputs = slurm.submit(
             ctx,
@@ -344,9 +344,13 @@ def _submit_graph(ctx: slurm.SubmitContext, plan: Plan, kind: str, evaluate: boo
             label=fold_name,
         )
         train_ids.append(outputs["job_id"])
-    if len(stage_groups(ctx, plan.outputs, teacher, plan, "teacher")) > 1:
-        outputs = None  # several outputs jobs: each student depends on its own fold's (afterok, stage_groups)
-    for folds, dependency in student_groups(ctx, plan, teacher, outputs):
+        outputs_jobs.append(outputs)
+    # several outputs jobs (no job id to aftercorr on): each student waits for its own fold's task (afterok)
+    upstream = None
+    if outputs_jobs:
+        job_id = outputs_jobs[0]["job_id"] if len(outputs_jobs) == 1 else ""
+        upstream = {"job_id": job_id, "tasks": [t for j in outputs_jobs for t in j["tasks"]]}
+    for folds, dependency in student_groups(ctx, plan, teacher, upstream):
         student = slurm.submit(
             ctx,
             "train",
