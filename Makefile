@@ -24,13 +24,16 @@ INPUT ?= data/demo/MURA-v1.1/valid_image_paths.csv
 OUT ?=
 BENCH_ARGS ?=
 ARGS ?=
-PROFILE_ARG := $(if $(PROFILE),cluster.profile=$(PROFILE),) $(if $(MODE),cluster.mode=$(MODE),) $(ARGS)
-PARAMS_ARG := $(if $(PARAMS),--params $(PARAMS),)
+# q: one shell word, whatever the value holds (space, quote, ;, $$(...), backtick); ARGS and BENCH_ARGS stay
+# lists of words on purpose (key=value overrides, options).
+q = '$(subst ','\'',$(1))'
+PROFILE_ARG := $(if $(PROFILE),$(call q,cluster.profile=$(PROFILE)),) $(if $(MODE),$(call q,cluster.mode=$(MODE)),) $(ARGS)
+PARAMS_ARG := $(if $(PARAMS),--params $(call q,$(PARAMS)),)
 DRY_RUN ?=
 DRY_ARG := $(if $(DRY_RUN),--dry-run,)
 
 
-.PHONY: help setup demo test test-unit verify lint format typecheck pack submit-folds submit-tune \
+.PHONY: help setup demo test test-unit verify lint format typecheck pack submit-folds submit-tune submit-all \
         resubmit status report tune-status predict bench dev-cluster-up dev-cluster-down clean tensorboard
 
 help:
@@ -46,7 +49,7 @@ $(BIN)/.stamp: pyproject.toml
 setup: $(BIN)/.stamp ## create .venv and install bonehpc (idempotent; fast when done)
 
 demo: setup ## run the whole pipeline on synthetic MURA-layout data, locally, on the CPU
-	$(BIN)/bonehpc demo --config $(CONFIG) $(PROFILE_ARG)
+	$(BIN)/bonehpc demo --config $(call q,$(CONFIG)) $(PROFILE_ARG)
 
 test: setup ## all tests: unit + integration on the real dev Slurm cluster (brought up and down here)
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }  # the report's browser test
@@ -68,35 +71,38 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 pack: setup ## pack the data set of CONFIG into HDF5 shards (here; `bonehpc submit pack` does it as a Slurm array)
-	$(BIN)/bonehpc pack --config $(CONFIG) $(ARGS)
+	$(BIN)/bonehpc pack --config $(call q,$(CONFIG)) $(ARGS)
 
 verify: setup ## full check (SHA-256) of the shards of CONFIG
-	$(BIN)/bonehpc verify --full $$($(BIN)/bonehpc config --config $(CONFIG) $(ARGS) | $(BIN)/python -c 'import sys,yaml; print(yaml.safe_load(sys.stdin)["data"]["shards"])')
+	$(BIN)/bonehpc verify --full $$($(BIN)/bonehpc config --config $(call q,$(CONFIG)) $(ARGS) | $(BIN)/python -c 'import sys,yaml; print(yaml.safe_load(sys.stdin)["data"]["shards"])')
 
 submit-folds: setup ## submit the cross-validated teacher+student experiment of CONFIG (PROFILE=, PARAMS=)
-	$(BIN)/bonehpc submit folds --config $(CONFIG) $(PARAMS_ARG) $(DRY_ARG) $(PROFILE_ARG)
+	$(BIN)/bonehpc submit folds --config $(call q,$(CONFIG)) $(PARAMS_ARG) $(DRY_ARG) $(PROFILE_ARG)
 
 resubmit: setup ## resubmit only failed/cancelled/timed-out tasks of EXP
-	$(BIN)/bonehpc submit resubmit --exp $(EXP) --run-root $(RUN_ROOT)
+	$(BIN)/bonehpc submit resubmit --exp $(call q,$(EXP)) --run-root $(call q,$(RUN_ROOT))
 
 status: setup ## per fold and role: state, elapsed, exit code, requeues (sacct)
-	$(BIN)/bonehpc status --exp $(EXP) --run-root $(RUN_ROOT)
+	$(BIN)/bonehpc status --exp $(call q,$(EXP)) --run-root $(call q,$(RUN_ROOT))
 
 submit-tune: setup ## Optuna study as a Slurm array: TRIALS=N PARALLEL=P
-	$(BIN)/bonehpc submit tune --config $(CONFIG) $(DRY_ARG) $(PROFILE_ARG) tune.trials=$(TRIALS) tune.parallel=$(PARALLEL)
+	$(BIN)/bonehpc submit tune --config $(call q,$(CONFIG)) $(DRY_ARG) $(PROFILE_ARG) $(call q,tune.trials=$(TRIALS)) $(call q,tune.parallel=$(PARALLEL))
+
+submit-all: setup ## folds + tune study (trials wait for their teachers) + the folds again with the best params, all queued at once
+	$(BIN)/bonehpc submit all --config $(call q,$(CONFIG)) $(DRY_ARG) $(PROFILE_ARG) $(call q,tune.trials=$(TRIALS)) $(call q,tune.parallel=$(PARALLEL))
 
 tune-status: setup ## Optuna study of EXP: trials by state, best params (-> runs/EXP/tune/best_params.yaml)
-	$(BIN)/bonehpc tune status --exp $(EXP) --run-root $(RUN_ROOT) $(if $(STUDY),--study $(STUDY),)
+	$(BIN)/bonehpc tune status --exp $(call q,$(EXP)) --run-root $(call q,$(RUN_ROOT)) $(if $(STUDY),--study $(call q,$(STUDY)),)
 
 TB_PORT ?= 6006
 tensorboard: setup ## live curves of EXP (folds, roles, tune trials side by side): http://localhost:TB_PORT
-	$(BIN)/tensorboard --logdir runs/$(EXP) --port $(TB_PORT)
+	$(BIN)/tensorboard --logdir $(call q,$(RUN_ROOT)/$(EXP)) --port $(call q,$(TB_PORT))
 
 report: setup ## aggregated report of EXP: runs/EXP/report/index.html
-	$(BIN)/bonehpc report --exp $(EXP) --run-root $(RUN_ROOT)
+	$(BIN)/bonehpc report --exp $(call q,$(EXP)) --run-root $(call q,$(RUN_ROOT))
 
 predict: setup ## abnormality probabilities for INPUT (folder of PNGs or CSV) with the student fold ensemble of EXP
-	$(BIN)/bonehpc predict --model $(RUN_ROOT)/$(EXP) --input $(INPUT) --out $(or $(OUT),$(RUN_ROOT)/$(EXP)/predict/preds.csv)
+	$(BIN)/bonehpc predict --model $(call q,$(RUN_ROOT)/$(EXP)) --input $(call q,$(INPUT)) --out $(call q,$(or $(OUT),$(RUN_ROOT)/$(EXP)/predict/preds.csv))
 
 bench: setup ## benchmarks, ratios side by side (JSON + table); sizes via BENCH_ARGS="--image-size 224 ..."
 	$(BIN)/bonehpc bench all $(BENCH_ARGS)

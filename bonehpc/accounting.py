@@ -22,6 +22,7 @@ import pandas as pd
 from bonehpc.paths import RUN_METRICS, read_json
 from bonehpc.registry import latest_tasks, read_registry, registry_tasks
 from bonehpc.resources import task_failure_line
+from bonehpc.shellsafe import SLURM_JOB_ID_RE
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ def group_rows(rows: Iterable[SacctRow]) -> dict[str, TaskRecord]:
 
 def run_sacct(job_ids: Iterable[str], timeout_s: float = 60.0) -> str:
     """Raw `sacct` text for these job ids ('' when sacct is missing or fails: shown as unknown, never fatal)."""
-    ids = sorted({str(j).split("_")[0] for j in job_ids if str(j)})
+    ids = sorted({str(j).split("_")[0] for j in job_ids if SLURM_JOB_ID_RE.fullmatch(str(j))})  # never an option
     if not ids or not shutil.which("sacct"):
         return ""
     cmd = [*SACCT_ARGS, "-j", ",".join(ids)]
@@ -395,6 +396,10 @@ def experiment_status(
                 node="local",
             )
         row["metrics"] = _metrics_status(exp, fold, role)
+        if row["metrics"] == "completed" and row["state"] in RETRY_STATES:
+            # the run's files and its Slurm task disagree: say both (the run trained to its end, then the
+            # task failed, or another run wrote them); never just "completed" next to FAILED
+            row["metrics"] = f"completed, task {row['state']}"
         if row["state"] in RETRY_STATES:  # failures explained: the task's log, else what sacct says
             row["error"] = task.get("error") or failure_line(exp / "submitit", tid, rec)
         rows.append(row)

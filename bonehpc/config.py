@@ -7,6 +7,7 @@ Precedence is defaults < experiment YAML (< PARAMS YAML, e.g. tuned best params)
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import types
@@ -21,6 +22,8 @@ from bonehpc.errors import ConfigError as ConfigError  # re-exported: bonehpc.co
 from bonehpc.fsio import atomic_write_text
 from bonehpc.shellsafe import check_name, check_script_path, check_text
 
+log = logging.getLogger(__name__)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -30,6 +33,8 @@ _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 MAX_YAML_DEPTH = 64
 """Deepest nesting of a config or profile file (a real one nests 4 levels; 50,000 would overflow the stack)."""
+MAX_YAML_BYTES = 4 << 20
+"""Largest config, --params or profile file read (4 MiB; real ones are a few KB)."""
 MAX_YAML_NODES = 100_000
 """Most values a file may hold with every alias (*name) expanded: an alias bomb (each level repeating the
 one before) is refused while it is still small, before anything walks the expanded tree."""
@@ -310,7 +315,12 @@ class TrainConfig:
     seed: int = 0
     """Seed of model init, shuffling and augmentation."""
     final_val_frac: float = 0.1
-    """Final models pick best.pt on this share of train patients (grouped, stratified), never on the valid split."""
+    """Final models hold out this share of train patients (grouped, stratified; never the valid split): their
+    learning curve, and their epoch selection when final_epoch is best."""
+    final_epoch: str = "last"
+    """Which epoch a final model keeps as best.pt: last (the last epoch; the held-out slice only monitors, so a
+    small slice cannot pick a bad epoch) or best (the best early_stop_metric on the slice). README: the
+    measurement behind the default."""
     checkpoint_every_epochs: int = 1
     """Write last.pt every N epochs (0: only by time, at the end and on preemption, which always writes it)."""
     checkpoint_every_min: float = 0.0
@@ -324,6 +334,7 @@ class TrainConfig:
         _positive("train.batch_size", self.batch_size)
         _choice("train.amp", self.amp, ("auto", "bf16", "fp16", "off"))
         _choice("train.class_weight", self.class_weight, ("auto", "none"))
+        _choice("train.final_epoch", self.final_epoch, ("last", "best"))
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)
         _positive("train.patience", self.patience, allow_zero=True)
         _positive("train.log_every", self.log_every)
@@ -638,6 +649,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
+        size = p.stat().st_size
+        if size > MAX_YAML_BYTES:  # before reading it: configs, params and profiles are a few KB
+            raise ConfigError(f"{p}: {size:,} bytes, more than a config file may hold ({MAX_YAML_BYTES:,})")
         raw = p.read_bytes()
     except OSError as err:
         raise ConfigError(f"{p}: cannot read ({err.strerror or err})") from None
@@ -680,6 +694,28 @@ def from_dict(tree: dict[str, Any]) -> ExperimentConfig:
     """Build an ExperimentConfig from a nested dict (defaults for missing keys)."""
     cfg: ExperimentConfig = _build(ExperimentConfig, tree)
     return cfg
+
+
+def config_in_place(cfg: ExperimentConfig, exp: str | Path, workdir: str | Path) -> ExperimentConfig:
+    """`cfg`, read from experiment folder `exp`, pointing at `exp` (the folder given is the only truth).
+
+    A config whose run_root/name (relative to the submission's `workdir`) is elsewhere belongs to a folder
+    that was moved: its run_root is rewritten to the folder's parent, so that nothing is read from or
+    written to the old place (resubmit, tune status). A renamed folder is refused (the name also names the
+    jobs and the tuning study): rename it back.
+    """
+    here = Path(exp).resolve()
+    if (Path(workdir) / cfg.run_root / cfg.name).resolve() == here:
+        return cfg
+    if here.name != cfg.name:
+        raise ConfigError(
+            f"{exp}: the experiment folder was renamed (its config.yaml says name {cfg.name!r}); "
+            f"rename the folder back to {cfg.name!r}"
+        )
+    log.warning(
+        "%s was moved (config.yaml said %s): run_root is now %s", exp, Path(cfg.run_root) / cfg.name, here.parent
+    )
+    return apply_overrides(cfg, {"run_root": str(here.parent)})
 
 
 def apply_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:

@@ -43,10 +43,12 @@ def predict_checkpoint(
     """Predictions of a checkpoint for `image_ids`, every image once (split over ranks under torchrun).
 
     Returns:
-        DataFrame with image_id, study, body_part, label, prob, sorted by image_id, on every rank.
+        DataFrame with image_id, study, body_part, label, prob, sorted by image_id, on every rank; prob is
+        corrected for the class weighting the checkpoint records (`bonehpc.metrics.correct_prior`).
     """
     from bonehpc.data.loaders import build_loader
     from bonehpc.data.shards import ShardReader
+    from bonehpc.metrics import checkpoint_logit_shift, correct_prior
 
     info = dist.init_distributed()
     reader = reader if reader is not None else ShardReader(cfg.data.shards)
@@ -66,6 +68,13 @@ def predict_checkpoint(
         seed=cfg.train.seed,
     )
     df = evaluate(model, loader, info.device, amp_dtype_of(cfg.train.amp, info.device))
+    shift = checkpoint_logit_shift(state)
+    if shift is None:
+        log.warning(
+            "%s records no probability correction (trained before it was recorded): probabilities as is", checkpoint
+        )
+    else:
+        df["prob"] = correct_prior(df["prob"].to_numpy(), shift)
     missing = np.setdiff1d(ids, df["image_id"].to_numpy())
     if len(missing):
         raise RuntimeError(f"{checkpoint}: no prediction for {len(missing)} image(s) (e.g. {missing[0]})")
@@ -78,29 +87,45 @@ def _write(out_dir: Path, preds: pd.DataFrame, summary: dict[str, Any]) -> None:
     atomic_write_json(out_dir / HOLDOUT_METRICS, summary)  # last: its presence means the model is evaluated
 
 
+def _calibrate(paths: ExperimentPaths, cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """Temperatures and operating points, fitted on the folds' out-of-fold predictions only, before anything
+    looks at the holdout (calibration.json); role -> operating point."""
+    from bonehpc.metrics import write_calibration
+
+    calib = write_calibration(paths.root, experiment_roles(cfg), cfg.data.num_folds)
+    for role, c in calib["roles"].items():
+        op = c["threshold"]
+        log.info(
+            "%s: temperature %.3f (out-of-fold image ECE %.4f -> %.4f), mean probability %.3f vs prevalence %.3f, "
+            "operating point %.3f (out-of-fold study kappa %.3f; Youden's J cut %.3f)",
+            role,
+            c["temperature"],
+            c["ece_before"],
+            c["ece_after"],
+            c["mean_prob"],
+            c["prevalence"],
+            op["value"],
+            op["kappa"],
+            op["youden"]["value"],
+        )
+    return {role: c["threshold"] for role, c in calib["roles"].items()}
+
+
 def evaluate_holdout(cfg: ExperimentConfig) -> dict[str, dict[str, float]]:
     """Evaluate every holdout model whose checkpoints exist; returns model name -> metrics.
 
     metrics.json per model: {"model", "kind" (final | ensemble), "role", "checkpoints", "folds_used",
-    "folds_missing", "n_images", "status": "completed", "metrics"} where metrics are the keys of
-    bonehpc.metrics.evaluate_predictions (no prefix). A model with no checkpoint at all is skipped
-    with a warning and is absent from the result.
+    "folds_missing", "n_images", "status": "completed", "metrics", "threshold", "metrics_oof_threshold"}
+    where metrics are the keys of bonehpc.metrics.evaluate_predictions (no prefix) at 0.5 (MURA protocol),
+    threshold the role's out-of-fold operating point (calibration.json; None without fold runs) and
+    metrics_oof_threshold the same keys at that cut, applied unchanged. A model with no checkpoint at all is
+    skipped with a warning and is absent from the result.
     """
     from bonehpc.data.shards import ShardReader
-    from bonehpc.metrics import evaluate_predictions, write_calibration
 
     paths = ExperimentPaths.of(cfg)
-    if dist.is_main():
-        # fitted on the folds' out-of-fold predictions only, before anything looks at the holdout
-        calib = write_calibration(paths.root, experiment_roles(cfg), cfg.data.num_folds)
-        for role, c in calib["roles"].items():
-            log.info(
-                "temperature of %s: %.3f (out-of-fold image ECE %.4f -> %.4f)",
-                role,
-                c["temperature"],
-                c["ece_before"],
-                c["ece_after"],
-            )
+    dist.init_distributed()  # the group first: every rank gets rank 0's operating points
+    ops = dist.broadcast_object(_calibrate(paths, cfg) if dist.is_main() else None)
     reader = ShardReader(cfg.data.shards)
     valid = reader.index.loc[reader.index["split"] == "valid", "image_id"].to_numpy(np.int64)
     if len(valid) == 0:
@@ -111,9 +136,7 @@ def evaluate_holdout(cfg: ExperimentConfig) -> dict[str, dict[str, float]]:
         ckpt = paths.role_dir("final", role) / BEST
         if ckpt.is_file():
             preds = predict_checkpoint(cfg, ckpt, valid, reader)
-            metrics = {k: float(v) for k, v in evaluate_predictions(preds).items()}
-            _finish(paths, f"final_{role}", "final", role, [ckpt], [], [], preds, metrics)
-            results[f"final_{role}"] = metrics
+            results[f"final_{role}"] = _finish(paths, f"final_{role}", "final", role, [ckpt], [], [], preds, ops)
         else:
             log.warning("final_%s: %s not found (train --fold final --role %s)", role, ckpt, role)
         # The ensemble of the role's fold models.
@@ -135,9 +158,9 @@ def evaluate_holdout(cfg: ExperimentConfig) -> dict[str, dict[str, float]]:
         if missing:
             log.warning("ensemble_%s: folds %s missing, averaging folds %s", role, missing, used)
         preds = base.assign(prob=np.mean(probs, axis=0))
-        metrics = {k: float(v) for k, v in evaluate_predictions(preds).items()}
-        _finish(paths, f"ensemble_{role}", "ensemble", role, ckpts, used, missing, preds, metrics)
-        results[f"ensemble_{role}"] = metrics
+        results[f"ensemble_{role}"] = _finish(
+            paths, f"ensemble_{role}", "ensemble", role, ckpts, used, missing, preds, ops
+        )
     return results
 
 
@@ -150,8 +173,15 @@ def _finish(
     used: list[int],
     missing: list[int],
     preds: pd.DataFrame,
-    metrics: dict[str, float],
-) -> None:
+    ops: dict[str, dict[str, Any]],
+) -> dict[str, float]:
+    """Write the model's predictions.csv and metrics.json; returns its metrics at 0.5, plus oof_threshold and
+    oof/<key> at the role's out-of-fold operating point when there is one."""
+    from bonehpc.metrics import evaluate_predictions
+
+    metrics = {k: float(v) for k, v in evaluate_predictions(preds).items()}
+    op = ops.get(role)
+    at_op = {k: float(v) for k, v in evaluate_predictions(preds, op["value"]).items()} if op else None
     summary = {
         "model": model,
         "kind": kind,
@@ -162,6 +192,8 @@ def _finish(
         "n_images": len(preds),
         "status": "completed",
         "metrics": metrics,
+        "threshold": op,
+        "metrics_oof_threshold": at_op,
     }
     if dist.is_main():
         _write(paths.holdout_dir(model), preds, summary)
@@ -174,6 +206,12 @@ def _finish(
         len(preds),
         f", folds {used}" if kind == "ensemble" else "",
     )
+    if op and at_op:
+        log.info(
+            "%s at the out-of-fold operating point %.3f: study kappa %.4f", model, op["value"], at_op["study_kappa"]
+        )
+        return {**metrics, "oof_threshold": float(op["value"]), **{f"oof/{k}": v for k, v in at_op.items()}}
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

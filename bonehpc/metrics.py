@@ -48,7 +48,7 @@ from sklearn.metrics import (
 
 from bonehpc.constants import PRED_COLUMNS, THRESHOLD
 from bonehpc.fsio import atomic_write_json
-from bonehpc.paths import RUN_PREDICTIONS, ExperimentPaths, read_json, run_completed
+from bonehpc.paths import RUN_METRICS, RUN_PREDICTIONS, ExperimentPaths, read_json, run_completed
 
 REQUIRED_COLUMNS = PRED_COLUMNS
 LEVELS = ("image", "study")
@@ -90,12 +90,14 @@ def _check_prob(df: pd.DataFrame) -> None:
         raise ValueError(f"predictions: prob must be a number in [0, 1]; {int(bad.sum())} bad rows, e.g. {where}")
 
 
-def study_table(df: pd.DataFrame) -> pd.DataFrame:
+def study_table(df: pd.DataFrame, threshold: float = THRESHOLD) -> pd.DataFrame:
     """The image -> study aggregation (see the module docstring): one row per study, sorted by study.
 
     Args:
         df: one row per image with columns study and prob, optionally label and body_part (carried over
             when present; predict's new images have neither).
+        threshold: a study is called abnormal when its probability is > threshold (0.5: MURA protocol; the
+            out-of-fold operating point: `choose_threshold`).
 
     Returns:
         study, [body_part], [label], prob (mean of its images' probabilities), n_images, pred (prob > 0.5).
@@ -125,13 +127,13 @@ def study_table(df: pd.DataFrame) -> pd.DataFrame:
     if "label" in carried:
         table["label"] = table["label"].astype(np.int64)
     table["prob"] = table["prob"].astype(float)
-    table["pred"] = (table["prob"] > THRESHOLD).astype(np.int64)
+    table["pred"] = (table["prob"] > threshold).astype(np.int64)
     return table[["study", *carried, "prob", "n_images", "pred"]]
 
 
-def _binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+def _binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = THRESHOLD) -> dict[str, float]:
     y = y.astype(np.int64)
-    pred = (p > THRESHOLD).astype(np.int64)
+    pred = (p > threshold).astype(np.int64)
     one_class = len(np.unique(y)) < 2
     with warnings.catch_warnings():
         # Undefined cases are documented and mapped to NaN / 0; sklearn's warnings would only repeat that.
@@ -149,8 +151,10 @@ def _binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     }
 
 
-def evaluate_predictions(df: pd.DataFrame) -> dict[str, float]:
+def evaluate_predictions(df: pd.DataFrame, threshold: float = THRESHOLD) -> dict[str, float]:
     """Metrics of a predictions table (columns image_id, study, body_part, label, prob; one row per image).
+
+    Images and studies are called abnormal when their probability is > threshold (0.5: MURA protocol).
 
     Returns:
         ``image_{m}`` and ``study_{m}`` for m in accuracy, precision, recall, f1, auroc, kappa, n, n_pos, and per
@@ -162,15 +166,15 @@ def evaluate_predictions(df: pd.DataFrame) -> dict[str, float]:
             repeated image ids or studies whose images disagree on label or body part.
     """
     _check(df)
-    studies = study_table(df)
+    studies = study_table(df, threshold)
     out: dict[str, float] = {}
     for level, table in (("image", df), ("study", studies)):
         y = table["label"].to_numpy()
         p = table["prob"].to_numpy(dtype=float)
-        for key, value in _binary_metrics(y, p).items():
+        for key, value in _binary_metrics(y, p, threshold).items():
             out[f"{level}_{key}"] = value
     for part, sub in studies.groupby("body_part", sort=True):
-        m = _binary_metrics(sub["label"].to_numpy(), sub["prob"].to_numpy(dtype=float))
+        m = _binary_metrics(sub["label"].to_numpy(), sub["prob"].to_numpy(dtype=float), threshold)
         for key in ("kappa", "auroc", "accuracy", "n"):
             out[f"study_{key}/{part}"] = m[key]
     return out
@@ -223,6 +227,15 @@ def fit_temperature(y: np.ndarray, p: np.ndarray) -> float:
     return float(grid[int(np.argmin(nll))])
 
 
+def read_thresholds(exp_root: str | Path) -> dict[str, dict[str, Any]]:
+    """role -> its out-of-fold operating point (`fit_operating_point`) from CALIBRATION_FILE (empty when none)."""
+    doc = read_json(Path(exp_root) / CALIBRATION_FILE) or {}
+    roles = doc.get("roles")
+    if not isinstance(roles, dict):
+        return {}
+    return {str(r): dict(v["threshold"]) for r, v in roles.items() if isinstance(v, dict) and "threshold" in v}
+
+
 def read_temperatures(exp_root: str | Path) -> dict[str, float]:
     """role -> temperature from the experiment's CALIBRATION_FILE (empty when there is none)."""
     doc = read_json(Path(exp_root) / CALIBRATION_FILE) or {}
@@ -232,38 +245,88 @@ def read_temperatures(exp_root: str | Path) -> dict[str, float]:
     return {str(r): float(v["temperature"]) for r, v in roles.items() if isinstance(v, dict) and "temperature" in v}
 
 
+def out_of_fold(exp_root: str | Path, role: str, num_folds: int) -> tuple[pd.DataFrame | None, list[int], list[Any]]:
+    """(pooled out-of-fold image predictions of a role with a fold column, the folds used, the probability
+    correction each fold run recorded in its metrics.json: None for a run from before the record)."""
+    paths = ExperimentPaths(Path(exp_root))
+    frames, folds, corrections = [], [], []
+    for k in range(num_folds):
+        d = paths.role_dir(k, role)
+        if run_completed(d) and (d / RUN_PREDICTIONS).is_file():
+            frames.append(pd.read_csv(d / RUN_PREDICTIONS).assign(fold=k))
+            folds.append(k)
+            corrections.append((read_json(d / RUN_METRICS) or {}).get("prob_correction"))
+    return (pd.concat(frames, ignore_index=True) if frames else None), folds, corrections
+
+
+def fit_operating_point(studies: pd.DataFrame, temperature: float = 1.0) -> dict[str, Any]:
+    """The operating point of a role from its pooled OUT-OF-FOLD study table (study_table rows plus a fold
+    column; never holdout studies): the kappa-optimal cut (the one applied), Youden's J cut (named option), both
+    also on the temperature-scaled scale, and the cross-fitted cut of each fold (`cross_fitted_thresholds`)."""
+    y, p = studies["label"].to_numpy(), studies["prob"].to_numpy(dtype=float)
+    kt, ks = choose_threshold(y, p, "kappa")
+    yt, ys = choose_threshold(y, p, "youden")
+    return {
+        "method": "kappa",
+        "value": kt,
+        "kappa": ks,
+        "value_calibrated": float(apply_temperature(np.array([kt]), temperature)[0]),
+        "youden": {
+            "value": yt,
+            "j": ys,
+            "value_calibrated": float(apply_temperature(np.array([yt]), temperature)[0]),
+        },
+        "cross_fitted": {str(k): v for k, v in cross_fitted_thresholds(studies).items()},
+        "n_studies": len(studies),
+        "fitted_on": "pooled out-of-fold study probabilities (mean of views), fold runs only, never the holdout",
+    }
+
+
 def write_calibration(exp_root: str | Path, roles: tuple[str, ...] | list[str], num_folds: int) -> dict[str, Any]:
-    """Fit one temperature per role on the out-of-fold image predictions of its completed fold runs (each train
-    image predicted by the fold model that did not see it; never the holdout) and write CALIBRATION_FILE.
+    """Fit one temperature and one operating point per role on the out-of-fold predictions of its completed fold
+    runs (each train image predicted by the fold model that did not see it; never the holdout) and write
+    CALIBRATION_FILE.
+
+    The predictions are already corrected for class weighting (training writes prob after `correct_prior`);
+    the correction each run recorded is copied here.
 
     Returns:
         The document written: {"method", "fitted_on", "roles": {role: {"temperature", "n_images", "folds",
-        "ece_before", "ece_after"}}} (image level ECE); roles without a completed fold are left out, and
-        nothing is written when no role has one.
+        "ece_before", "ece_after", "mean_prob", "prevalence", "prob_correction", "threshold"}}} (image level
+        ECE, mean probability and prevalence; threshold: `fit_operating_point`); roles without a completed fold
+        are left out, and nothing is written when no role has one.
     """
     paths = ExperimentPaths(Path(exp_root))
     out: dict[str, Any] = {}
     for role in roles:
-        frames, folds = [], []
-        for k in range(num_folds):
-            d = paths.role_dir(k, role)
-            if run_completed(d) and (d / RUN_PREDICTIONS).is_file():
-                frames.append(pd.read_csv(d / RUN_PREDICTIONS))
-                folds.append(k)
-        if not frames:
+        oof, folds, corrections = out_of_fold(exp_root, role, num_folds)
+        if oof is None:
             continue
-        oof = pd.concat(frames, ignore_index=True)
         y, p = oof["label"].to_numpy(), oof["prob"].to_numpy(dtype=float)
         t = fit_temperature(y, p)
+        # the class-weighted model's own probabilities, for the record: each fold's correction undone
+        shifts = {k: float((c or {}).get("logit_shift", 0.0)) for k, c in zip(folds, corrections, strict=True)}
+        shift = oof["fold"].map(shifts)
+        raw = correct_prior(p, -shift.to_numpy(float)) if shift.any() else p
+        studies = pd.concat(
+            [study_table(g).assign(fold=k) for k, g in oof.groupby("fold", sort=True)], ignore_index=True
+        )
         out[role] = {
             "temperature": t,
             "n_images": len(oof),
             "folds": folds,
             "ece_before": expected_calibration_error(y, p),
             "ece_after": expected_calibration_error(y, apply_temperature(p, t)),
+            "mean_prob": float(p.mean()),
+            "prevalence": float(y.mean()),
+            "mean_prob_uncorrected": float(raw.mean()),
+            "ece_uncorrected": expected_calibration_error(y, raw),
+            "prob_correction": dict(zip(map(str, folds), corrections, strict=True)),
+            "threshold": fit_operating_point(studies, t),
         }
     doc = {
-        "method": "temperature scaling: p -> sigmoid(logit(p) / T), T minimising the log loss",
+        "method": "temperature scaling: p -> sigmoid(logit(p) / T), T minimising the log loss; operating point: "
+        "the study-probability cut maximising study kappa (Youden's J cut also given)",
         "fitted_on": "out-of-fold image predictions of the fold models (predictions_val.csv), never the holdout",
         "roles": out,
     }
@@ -313,16 +376,19 @@ def bootstrap_weights(groups: np.ndarray | list[str], n_boot: int = N_BOOT, seed
     return per_patient[:, codes].astype(np.float64)
 
 
-def weighted_metrics(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+def weighted_metrics(
+    y: np.ndarray, p: np.ndarray, w: np.ndarray, threshold: float | np.ndarray = THRESHOLD
+) -> dict[str, np.ndarray]:
     """kappa, auroc, f1, accuracy of every row of multiplicities `w` (shape (B, N)) at once.
 
     With ``w = np.ones((1, N))`` these are the plain metrics (the same numbers as `evaluate_predictions`);
-    undefined values are NaN (kappa, AUROC) or 0 (F1), as there.
+    undefined values are NaN (kappa, AUROC) or 0 (F1), as there. `threshold` is one cut for every item or one
+    per item (the cross-fitted out-of-fold operating point: each fold's studies cut where the other folds chose).
     """
     y = np.asarray(y).astype(bool)
     p = np.asarray(p, dtype=float)
     w = np.atleast_2d(np.asarray(w, dtype=float))
-    pred = p > THRESHOLD
+    pred = p > np.asarray(threshold, dtype=float)
     tp, fp = w @ (y & pred), w @ (~y & pred)
     fn, tn = w @ (y & ~pred), w @ (~y & ~pred)
     n = tp + fp + fn + tn
@@ -385,8 +451,9 @@ def ci_table(
     """Study-level estimate and patient-grouped bootstrap CI per model, metric and body part.
 
     Args:
-        tables: model name -> `study_table` output (study, body_part, label, prob). Each table is resampled on
-            its own studies; models with the same studies get the same resamples (same seed, same patients).
+        tables: model name -> `study_table` output (study, body_part, label, prob, optionally threshold: the
+            cut of each study, else 0.5). Each table is resampled on its own studies; models with the same
+            studies get the same resamples (same seed, same patients).
         by_part: also one row per body part (the resamples restricted to that part's studies).
 
     Returns:
@@ -396,14 +463,16 @@ def ci_table(
     rows = []
     for name, t in tables.items():
         d = _aligned({name: t})
+        cut = t.set_index("study")["threshold"].reindex(d["study"]).to_numpy(float) if "threshold" in t else None
         w = bootstrap_weights(d["patient"], n_boot, seed)
         parts = [("ALL", np.ones(len(d), dtype=bool))]
         if by_part:
             parts += [(str(bp), (d["body_part"] == bp).to_numpy()) for bp in sorted(d["body_part"].unique())]
         for part, mask in parts:
             y, p = d["label"].to_numpy()[mask], d[f"prob_{name}"].to_numpy()[mask]
-            point = weighted_metrics(y, p, np.ones((1, int(mask.sum()))))
-            boot = weighted_metrics(y, p, w[:, mask])
+            th = THRESHOLD if cut is None else cut[mask]
+            point = weighted_metrics(y, p, np.ones((1, int(mask.sum()))), th)
+            boot = weighted_metrics(y, p, w[:, mask], th)
             for metric in CI_METRICS:
                 lo, hi = _interval(boot[metric], level)
                 rows.append(
@@ -460,3 +529,106 @@ def paired_diff_table(
             }
         )
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prior correction (class-weighted training) and the out-of-fold operating point.
+
+THRESHOLD_METHODS = ("kappa", "youden")
+"""Operating points chosen on pooled out-of-fold study probabilities: the cut maximising study Cohen's kappa
+(the default) and the one maximising Youden's J (sensitivity + specificity - 1)."""
+
+
+def logit_shift(class_weights: Any) -> float:
+    """log(w_abnormal / w_normal) of a class-weighted loss (0.0 for None: an unweighted loss).
+
+    With class weights w the minimiser of the weighted cross-entropy is the probability of the reweighted
+    priors: logit_w(x) = logit(x) + log(w1 / w0). Subtracting the shift gives back probabilities on the
+    training set's own prevalence, before any calibration.
+    """
+    if class_weights is None:
+        return 0.0
+    w = [float(x) for x in class_weights]
+    if len(w) != 2 or not all(x > 0 and math.isfinite(x) for x in w):
+        raise ValueError(f"class weights must be two positive numbers, got {class_weights!r}")
+    return math.log(w[1] / w[0])
+
+
+def prob_correction_record(class_weights: Any) -> dict[str, Any]:
+    """What a run records (metrics.json "prob_correction", and in its checkpoints) so that every consumer of
+    its probabilities applies the same correction: the class weights of its loss and their `logit_shift`."""
+    return {
+        "method": "logit shift: p -> sigmoid(logit(p) - log(w_abnormal / w_normal))",
+        "class_weights": None if class_weights is None else [float(x) for x in class_weights],
+        "logit_shift": logit_shift(class_weights),
+    }
+
+
+def checkpoint_logit_shift(state: Mapping[str, Any]) -> float | None:
+    """The logit shift a checkpoint's probabilities need (None: a checkpoint from before the record, whose
+    probabilities cannot be corrected)."""
+    rec = state.get("prob_correction")
+    if not isinstance(rec, Mapping) or "logit_shift" not in rec:
+        return None
+    return float(rec["logit_shift"])
+
+
+def correct_prior(p: np.ndarray, shift: float | np.ndarray) -> np.ndarray:
+    """sigmoid(logit(p) - shift): a class-weighted model's probability on the unweighted prior (`logit_shift`);
+    `shift` is one number or one per row."""
+    if np.isscalar(shift) and shift == 0.0:
+        return np.asarray(p, dtype=float)
+    return 1.0 / (1.0 + np.exp(-(_logit(np.asarray(p, dtype=float)) - shift)))
+
+
+def _cut_scores(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, kappa, Youden's J) of every cut between two distinct probabilities (call: p > threshold)."""
+    y = np.asarray(y).astype(bool)
+    p = np.asarray(p, dtype=float)
+    order = np.argsort(-p, kind="stable")
+    ps, ys = p[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(ps)), len(ps) - 1]  # last index of each group of equal probabilities
+    if len(last) < 2:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    tp = np.cumsum(ys)[last[:-1]].astype(float)
+    fp = np.cumsum(~ys)[last[:-1]].astype(float)
+    thresholds = (ps[last[:-1]] + ps[last[:-1] + 1]) / 2.0
+    n, pos = float(len(y)), float(ys.sum())
+    neg = n - pos
+    fn, tn = pos - tp, neg - fp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        po = (tp + tn) / n
+        pe = ((tp + fp) * pos + (fn + tn) * neg) / n**2
+        kappa = np.where(np.isclose(pe, 1.0), np.nan, (po - pe) / (1.0 - pe))
+        youden = tp / pos + tn / neg - 1.0 if pos and neg else np.full(len(tp), np.nan)
+    return thresholds, kappa, youden
+
+
+def choose_threshold(y: np.ndarray, p: np.ndarray, method: str = "kappa") -> tuple[float, float]:
+    """(threshold, score): the cut of study probabilities maximising study kappa (method "kappa") or Youden's J
+    ("youden") on these rows; a plateau of equal scores gives its middle cut. Call it on out-of-fold rows only.
+
+    Returns:
+        (0.5, NaN) when no cut is defined (one class only, or one distinct probability).
+    """
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"threshold method must be one of {THRESHOLD_METHODS}, got {method!r}")
+    if len(np.unique(np.asarray(y))) < 2:  # one class: every cut is as good as any other
+        return THRESHOLD, math.nan
+    thresholds, kappa, youden = _cut_scores(y, p)
+    score = kappa if method == "kappa" else youden
+    if len(score) == 0 or not np.isfinite(score).any():
+        return THRESHOLD, math.nan
+    best = np.flatnonzero(score == np.nanmax(score))
+    i = int(best[len(best) // 2])
+    return float(thresholds[i]), float(score[i])
+
+
+def cross_fitted_thresholds(studies: pd.DataFrame, method: str = "kappa") -> dict[int, float]:
+    """fold -> the threshold chosen (`choose_threshold`) on the out-of-fold studies of the OTHER folds: cutting
+    each fold at it scores the operating point on studies that did not choose it (an honest CV estimate)."""
+    out = {}
+    for fold in sorted(studies["fold"].unique()):
+        rest = studies[studies["fold"] != fold]
+        out[int(fold)] = choose_threshold(rest["label"].to_numpy(), rest["prob"].to_numpy(dtype=float), method)[0]
+    return out

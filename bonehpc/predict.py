@@ -8,9 +8,14 @@ the folder that holds its images; studies come from `bonehpc.metrics.study_table
 probability = mean of its images' probabilities, abnormal when > 0.5, MURA protocol). Images that cannot
 be read are listed with a reason, never fatal.
 
-Calibration is opt-in (`calibrate=True`, CLI ``--calibrate``): each member's image probability p becomes
-sigmoid(logit(p) / T) with the temperature T of its role that `bonehpc evaluate` fitted on the experiment's
-out-of-fold predictions (`bonehpc.metrics.CALIBRATION_FILE`); it changes no image's call at 0.5.
+Each member's probability is first corrected for the class weighting of its training loss (the logit shift
+its checkpoint records, `bonehpc.metrics.correct_prior`), so probabilities mean what they say. Calibration is
+opt-in (`calibrate=True`, CLI ``--calibrate``): each member's image probability p becomes sigmoid(logit(p) / T)
+with the temperature T of its role that `bonehpc evaluate` fitted on the experiment's out-of-fold predictions
+(`bonehpc.metrics.CALIBRATION_FILE`). Images and studies are called abnormal above the threshold (`threshold`,
+CLI ``--threshold oof|youden|0.5|<value>``): by default the role's out-of-fold operating point stored in
+CALIBRATION_FILE (the cut maximising out-of-fold study kappa, on the calibrated scale with ``--calibrate``),
+0.5 (MURA protocol) when the experiment has none; the source is in ``.attrs["threshold_source"]``.
 
 Bad arguments (unknown or absent device, an output path that is a folder or not writable, a Grad-CAM
 folder that is a file, an empty CSV, an existing output bonehpc did not write) are a PredictError before
@@ -20,6 +25,7 @@ anything is computed; outputs are written atomically, so a failure leaves no hal
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import os
@@ -40,8 +46,16 @@ from bonehpc.checkpoint import BEST, build_model_from_checkpoint, load_checkpoin
 from bonehpc.config import ExperimentConfig, from_dict
 from bonehpc.constants import THRESHOLD
 from bonehpc.data.images import RejectedImageError, fit_square, letterbox_geometry, read_gray8
-from bonehpc.fsio import atomic_write_bytes, atomic_write_csv
-from bonehpc.metrics import CALIBRATION_FILE, apply_temperature, read_temperatures, study_table
+from bonehpc.fsio import atomic_write_bytes, atomic_write_csv, read_bytes_bounded
+from bonehpc.metrics import (
+    CALIBRATION_FILE,
+    apply_temperature,
+    checkpoint_logit_shift,
+    correct_prior,
+    read_temperatures,
+    read_thresholds,
+    study_table,
+)
 from bonehpc.paths import read_json
 
 log = logging.getLogger(__name__)
@@ -66,6 +80,7 @@ class Predictor:
     sources: list[Path]
     device: torch.device
     temperature: float | None = None  # applied to every member's image probability when set
+    shifts: list[float | None] | None = None  # per member: the logit shift of its class weights (None: unknown)
 
 
 def _member_paths(model: Path, role: str) -> list[Path]:
@@ -140,6 +155,42 @@ def _temperature(model: Path, paths: list[Path], role: str) -> float:
     return float(read_temperatures(exp)[run_role])
 
 
+def resolve_threshold(model: Path, paths: list[Path], role: str, spec: str, calibrate: bool) -> tuple[float, str]:
+    """(threshold, where it comes from) for `spec`: "oof" (the role's out-of-fold operating point, study kappa),
+    "youden" (its Youden's J cut), "0.5" or any number in (0, 1); "default": oof when the experiment has one,
+    else 0.5 (MURA protocol). The stored cuts are on the calibrated scale when `calibrate`."""
+    spec = str(spec).strip().lower()
+    if spec not in ("default", "oof", "youden"):
+        try:
+            value = float(spec)
+        except ValueError:
+            raise PredictError(f"--threshold must be oof, youden, 0.5 or a number in (0, 1), got {spec!r}") from None
+        if not 0.0 < value < 1.0:
+            raise PredictError(f"--threshold must be in (0, 1), got {value}")
+        return value, "given" if value != THRESHOLD else "0.5 (MURA protocol)"
+    exp = _experiment_of(model)
+    run_role = paths[0].parent.name if len(paths) == 1 else role
+    op = read_thresholds(exp).get(run_role) if exp is not None else None
+    if exp is None or op is None:
+        if spec == "default":
+            return THRESHOLD, "0.5 (MURA protocol; no out-of-fold operating point stored for this model)"
+        raise PredictError(
+            f"--threshold {spec}: no out-of-fold operating point of role {run_role!r} in a {CALIBRATION_FILE} at "
+            f"{model} or the folders above it (`bonehpc evaluate` stores one); use --threshold 0.5"
+        )
+    rec = op.get("youden") if spec == "youden" else op
+    stored = rec.get("value_calibrated" if calibrate else "value") if isinstance(rec, dict) else None
+    if isinstance(stored, bool) or not isinstance(stored, (int, float)) or not 0.0 < stored < 1.0:
+        raise PredictError(
+            f"--threshold {spec}: {exp / CALIBRATION_FILE}: the operating point of role {run_role!r} is "
+            f"{stored!r:.40}, not a number in (0, 1); re-run `bonehpc evaluate` or give --threshold 0.5"
+        )
+    value = float(stored)
+    what = "Youden's J" if spec == "youden" else "study kappa"
+    scale = ", calibrated scale" if calibrate else ""
+    return value, f"out-of-fold operating point of {run_role} ({what}{scale}; {exp / CALIBRATION_FILE})"
+
+
 def load_predictor(
     model: str | Path, role: str = "student", device: str | torch.device = "cpu", calibrate: bool = False
 ) -> Predictor:
@@ -158,9 +209,12 @@ def load_predictor(
     dev = resolve_device(device)
     paths = _member_paths(Path(model), role)
     temperature = _temperature(Path(model), paths, role) if calibrate else None
-    models, cfg = [], None
+    models, cfg, shifts = [], None, []
     for p in paths:
         state = load_checkpoint(p, map_location="cpu")
+        shifts.append(checkpoint_logit_shift(state))
+        if shifts[-1] is None:
+            log.warning("%s records no probability correction (trained before it was recorded): used as is", p)
         try:
             c = from_dict(state.get("config") or {})
         except ValueError as err:
@@ -184,7 +238,7 @@ def load_predictor(
         cfg.data.image_size,
         f", temperature {temperature:.3f}" if temperature else "",
     )
-    return Predictor(models, cfg, paths, dev, temperature)
+    return Predictor(models, cfg, paths, dev, temperature, shifts)
 
 
 def list_inputs(inputs: str | Path) -> list[Path]:
@@ -205,7 +259,7 @@ def list_inputs(inputs: str | Path) -> list[Path]:
     if src.suffix.lower() != ".csv":
         raise PredictError(f"{src}: input must be a folder or a .csv of image paths")
     try:
-        df = pd.read_csv(src, header=None, dtype=str)
+        df = pd.read_csv(io.BytesIO(read_bytes_bounded(src)), header=None, dtype=str)
     except pd.errors.EmptyDataError:
         raise PredictError(f"{src}: empty CSV (no image paths)") from None
     except (UnicodeDecodeError, pd.errors.ParserError, OSError) as err:
@@ -405,6 +459,7 @@ def predict(
     gradcam_dir: str | Path | None = None,
     role: str = "student",
     calibrate: bool = False,
+    threshold: str = "default",
 ) -> pd.DataFrame:
     """Abnormal probabilities per image and per study; writes out_csv and <out_csv stem>_studies.csv.
 
@@ -419,6 +474,7 @@ def predict(
             resolution) of every image of the studies called abnormal.
         role: teacher, student or baseline, for an experiment folder.
         calibrate: apply the experiment's out-of-fold temperature (see the module docstring).
+        threshold: "default", "oof", "youden", "0.5" or a number (`resolve_threshold`).
 
     Returns:
         The per-image DataFrame (the study table is in ``.attrs["studies"]``).
@@ -433,11 +489,13 @@ def predict(
     check_outputs(out, cams)
     resolve_device(device)
     pred = load_predictor(model, role, device, calibrate=calibrate)
+    cut, source = resolve_threshold(Path(model), pred.sources, role, threshold, calibrate)
+    log.info("threshold %.4f: %s", cut, source)
     files = list_inputs(inputs)
     check_apart(Path(inputs), files, out, cams)
     check_writable(out, cams)  # last: root's probe touches the folder
-    df = _score(pred, files, batch_size)
-    studies = _studies(df)
+    df = _score(pred, files, batch_size, cut)
+    studies = _studies(df, cut)
     bad = int((df.status != "ok").sum())
     if bad:
         log.warning("%d of %d images could not be read; they are listed in %s with the reason", bad, len(df), out)
@@ -448,6 +506,7 @@ def predict(
     atomic_write_csv(studies_csv_path(out), studies)
     df.attrs["studies"] = studies
     df.attrs["temperature"] = pred.temperature  # None: the models' own probabilities
+    df.attrs["threshold"], df.attrs["threshold_source"] = cut, source
     log.info("%d images (%d unreadable), %d studies -> %s", len(df), bad, len(studies), out)
     return df
 
@@ -456,12 +515,13 @@ def _probs(pred: Predictor, x: torch.Tensor) -> np.ndarray:
     """Abnormal probability per image: the members' (temperature-scaled) probabilities averaged."""
     with torch.inference_mode():
         each = torch.stack([torch.softmax(m(x).float(), dim=1)[:, 1] for m in pred.models]).cpu().numpy()
+    each = np.stack([correct_prior(e, s or 0.0) for e, s in zip(each, pred.shifts or [None] * len(each), strict=True)])
     if pred.temperature is not None:
         each = apply_temperature(each, pred.temperature)
     return each.mean(axis=0)
 
 
-def _score(pred: Predictor, files: list[Path], batch_size: int) -> pd.DataFrame:
+def _score(pred: Predictor, files: list[Path], batch_size: int, threshold: float = THRESHOLD) -> pd.DataFrame:
     """One row per input file (IMAGE_COLUMNS + pred), unreadable files listed with their reason."""
     transform = build_albu_transform(build_preset(pred.cfg, train=False))
     rows: list[dict[str, object]] = []
@@ -488,7 +548,7 @@ def _score(pred: Predictor, files: list[Path], batch_size: int) -> pd.DataFrame:
             flush()
     flush()
     df = pd.DataFrame(rows, columns=IMAGE_COLUMNS)
-    df["pred"] = (df["prob"] > THRESHOLD).astype(int).where(df["status"] == "ok")
+    df["pred"] = (df["prob"] > threshold).astype(int).where(df["status"] == "ok")
     return df
 
 
@@ -498,11 +558,11 @@ def studies_csv_path(out_csv: str | Path) -> Path:
     return p.with_name(f"{p.stem}_studies{p.suffix or '.csv'}")
 
 
-def _studies(df: pd.DataFrame) -> pd.DataFrame:
+def _studies(df: pd.DataFrame, threshold: float = THRESHOLD) -> pd.DataFrame:
     """STUDY_COLUMNS per study folder: `metrics.study_table` of the readable images, plus the unreadable count."""
     ok = df[df.status == "ok"]
     if len(ok):
-        st = study_table(ok[["study", "prob"]]).set_index("study")
+        st = study_table(ok[["study", "prob"]], threshold).set_index("study")
     else:
         st = pd.DataFrame(columns=["prob", "n_images", "pred"], index=pd.Index([], name="study"))
     st = st.reindex(sorted(df["study"].unique()))

@@ -23,11 +23,14 @@ from typing import TYPE_CHECKING, Any
 from bonehpc.config import ConfigError, to_dict
 from bonehpc.fsio import atomic_write_json
 from bonehpc.paths import JOBS_REGISTRY
+from bonehpc.shellsafe import check_dependency, check_job_id
 
 if TYPE_CHECKING:
     from bonehpc.config import ExperimentConfig
 
 REGISTRY_VERSION = 1
+MAX_REGISTRY_BYTES = 64 << 20
+"""A registry grows by a few KB per submission; a larger file is not one bonehpc wrote."""
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
@@ -61,13 +64,47 @@ def read_registry(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / JOBS_REGISTRY
     if not path.is_file():
         return {"version": REGISTRY_VERSION, "submissions": []}
+    size = path.stat().st_size
+    if size > MAX_REGISTRY_BYTES:
+        raise ConfigError(f"{path}: {size:,} bytes, more than a job registry may hold ({MAX_REGISTRY_BYTES:,})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid JSON ({err}); fix or move it away") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deep to be a job registry; fix or move it away") from None
     if not isinstance(data, dict) or not isinstance(data.get("submissions"), list):
         raise ConfigError(f"{path}: expected an object with a 'submissions' list")
+    for n, sub in enumerate(data["submissions"]):
+        _check_submission(f"{path}: submissions[{n}]", sub)
     return data
+
+
+def _check_submission(where: str, sub: Any) -> None:
+    """One registry entry as bonehpc writes it: its ids reach scancel, sacct and `--dependency=` (bonehpc.shellsafe
+    rules), so a hand-edited or foreign jobs.json is refused in one line, never passed on."""
+    if not isinstance(sub, dict) or not isinstance(sub.get("jobs", []), list):
+        raise ConfigError(f"{where}: expected an object with a 'jobs' list")
+    mode = sub.get("mode", "slurm")
+    if not isinstance(mode, str) or not isinstance(sub.get("workdir", ""), str):
+        raise ConfigError(f"{where}: mode and workdir must be strings")
+    slurm = mode == "slurm"
+    for j, job in enumerate(sub.get("jobs", [])):
+        at = f"{where}.jobs[{j}]"
+        if not isinstance(job, dict) or not isinstance(job.get("kind"), str) or not isinstance(job.get("tasks"), list):
+            raise ConfigError(f"{at}: expected an object with a 'kind' and a 'tasks' list")
+        if "job_id" not in job or not isinstance(job.get("role", ""), str):
+            raise ConfigError(f"{at}: no job_id (or a role that is not a string)")
+        if job["job_id"] != "":
+            check_job_id(f"{at}.job_id", str(job["job_id"]), slurm)
+        if slurm and job.get("dependency"):
+            check_dependency(f"{at}.dependency", str(job["dependency"]))
+        for t, task in enumerate(job["tasks"]):
+            if not isinstance(task, dict) or "task_id" not in task:
+                raise ConfigError(f"{at}.tasks[{t}]: expected an object with a task_id")
+            check_job_id(f"{at}.tasks[{t}].task_id", str(task["task_id"]), slurm)
+            if not isinstance(task.get("fold", ""), str):
+                raise ConfigError(f"{at}.tasks[{t}].fold: {task['fold']!r} is not a string")
 
 
 def new_entry(

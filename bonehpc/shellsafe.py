@@ -20,6 +20,8 @@ what bonehpc relies on (signal, requeue, array, dependency, output paths) unless
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 import shlex
 import shutil
@@ -193,19 +195,28 @@ def check_shell_line(key: str, value: str) -> str:
     elif HEREDOC_RE.search(value):
         problem = "opens a here-document (it would read the lines after it)"
     else:
-        try:
-            shlex.split(value, comments=True)
-        except ValueError as err:
-            problem = f"is not a complete shell line ({err})"
-        bash = shutil.which("bash")
-        if not problem and bash:
-            res = subprocess.run([bash, "-n"], input=value + "\n", capture_output=True, text=True, check=False)
-            if res.returncode:
-                last = (res.stderr.strip().splitlines() or ["?"])[-1]
-                problem = f"is not a complete shell line (bash -n: {re.sub(r'^.*? line [0-9]+: ', '', last)})"
+        problem = _incomplete(value)
     if problem:
         raise ConfigError(f"{key}: {value!r} {problem}")
     return value
+
+
+@functools.lru_cache(maxsize=256)
+def _incomplete(line: str) -> str:
+    """Why `line` is not a complete shell command ('' when it is): bash's own parser (`bash -n`, which runs
+    nothing), or shlex's quote rules where there is no bash. Cached: profiles are checked per job kind."""
+    bash = shutil.which("bash")
+    if bash is None:
+        try:
+            shlex.split(line, comments=True)
+        except ValueError as err:
+            return f"is not a complete shell line ({err})"
+        return ""
+    res = subprocess.run([bash, "-n"], input=line + "\n", capture_output=True, text=True, check=False)
+    if res.returncode == 0:
+        return ""
+    last = (res.stderr.strip().splitlines() or ["?"])[-1]
+    return f"is not a complete shell line (bash -n: {re.sub(r'^.*? line [0-9]+: ', '', last)})"
 
 
 def check_name(key: str, value: str, what: str = "experiment name") -> str:
@@ -225,6 +236,8 @@ def check_script_path(key: str, value: str, absolute: bool = False) -> str:
         )
     if not value:
         raise ConfigError(f"{key}: empty path")
+    if value.startswith("~"):  # submitit expands it in the job's paths, bonehpc would not: two folders
+        raise ConfigError(f"{key}: {value!r} starts with '~'; write the path without it (absolute or relative)")
     if absolute and not PurePosixPath(value).is_absolute():
         raise ConfigError(f"{key}: {value!r} is not an absolute path")
     return value
@@ -295,7 +308,7 @@ def check_additional(prefix: str, additional: Mapping[str, Any], override: list[
                 f"{where}: bonehpc sets --{opt} and relies on it (requeue, USR2 before the limit, job graph, "
                 f"logs); list {opt} in additional_override to replace it"
             )
-        if value is True or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        if value is True or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
             out[submitit_key(opt)] = value
             continue
         if not isinstance(value, str) or not value:
@@ -305,3 +318,31 @@ def check_additional(prefix: str, additional: Mapping[str, Any], override: list[
             raise ConfigError(f"{where}: {value!r} holds '\\', which Slurm reads as an escape in a job script")
         out[submitit_key(opt)] = value
     return out
+
+
+SLURM_JOB_ID_RE = re.compile(r"[0-9]{1,20}(_[0-9]{1,10})?")
+"""A Slurm job or array task id as bonehpc records it: `123` or `123_4`."""
+LOCAL_JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
+"""A local or debug id (L<pid>.<n>_<i>, a pid, skipped-...): never a leading '-' or a space."""
+DEPENDENCY_TYPES = ("after", "afterok", "afterany", "afternotok", "aftercorr", "afterburstbuffer")
+_DEP_ID = r"(?:DRY)?[0-9]{1,20}(?:_[0-9]{1,10})?"  # DRY<n>: the ids of a dry run (bonehpc.slurm.dry_run)
+_DEP_PART_RE = re.compile(rf"(?:{'|'.join(DEPENDENCY_TYPES)}):{_DEP_ID}(?::{_DEP_ID})*|singleton")
+
+
+def check_job_id(key: str, value: str, slurm: bool = True) -> str:
+    """A job or task id that reaches an sbatch/scancel/sacct argument or a dependency: digits (`123`,
+    `123_4`) for Slurm, a plain word for local/debug ids; never an option (`--user=...`) or a second line."""
+    pattern = SLURM_JOB_ID_RE if slurm else LOCAL_JOB_ID_RE
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        what = "a Slurm job id (123 or 123_4)" if slurm else "a job id (letters, digits, . _ : -)"
+        raise ConfigError(f"{key}: {value!r} is not {what}")
+    return value
+
+
+def check_dependency(key: str, value: str) -> str:
+    """A Slurm dependency string as it goes into `#SBATCH --dependency=`: <type>:<id>[:<id>...] joined by ','
+    (types: after, afterok, afterany, afternotok, aftercorr, afterburstbuffer; or singleton)."""
+    parts = value.split(",") if value else []
+    if not isinstance(value, str) or any(not _DEP_PART_RE.fullmatch(p) for p in parts):
+        raise ConfigError(f"{key}: {value!r} is not a Slurm dependency (<type>:<job id>[:<job id>...], ',' between)")
+    return value

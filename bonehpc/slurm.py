@@ -111,7 +111,7 @@ class ResourceSpec:
         return shellsafe.check_additional("", self.additional, self.additional_override)
 
 
-JOB_KINDS = ("train", "evaluate", "tune", "pack")
+JOB_KINDS = ("train", "evaluate", "tune", "pack", "submit")
 # First lines of every batch script. Sites signal the batch shell too (`scancel --full`, `--signal=B:`,
 # some preemption setups); bash dies of USR2 by default, and the job then ends FAILED 0:12 instead of
 # being requeued. The shell only waits: the task (submitit, TrainTask, the trainers) handles the signal.
@@ -143,7 +143,8 @@ class ClusterProfile(ResourceSpec):
 
         Defaults: a tune trial (one training process) gets 1 GPU and its per-GPU share of the train
         resources' CPUs and memory (all of them on a CPU-only profile), on one node; pack gets no GPU, and
-        on a partition of its own neither the profile's `constraint` nor its `additional` options.
+        on a partition of its own neither the profile's `constraint` nor its `additional` options; submit
+        (a job that only submits others) one CPU, no GPU, at most 2 GB.
         """
         base = {f.name: getattr(self, f.name) for f in dataclasses.fields(ResourceSpec)}
         if kind == "tune":
@@ -156,6 +157,8 @@ class ClusterProfile(ResourceSpec):
                 nodes=1,
                 nproc_per_node=1,
             )
+        elif kind == "submit":  # a job that only submits others (submit all's last one): one core, no GPU
+            base.update(gpus_per_node=0, nodes=1, cpus_per_task=1, mem_gb=min(2.0, base["mem_gb"]), nproc_per_node=1)
         over = self.per_kind.get(kind, {})
         if kind == "pack":
             base.update(gpus_per_node=0, nodes=1)
@@ -255,7 +258,7 @@ def make_executor(
     executor = submitit.AutoExecutor(folder=str(folder), cluster=mode, **kwargs)
     params = executor_parameters(spec, name, mode)
     if mode == "slurm" and dependency:
-        params["slurm_dependency"] = dependency
+        params["slurm_dependency"] = shellsafe.check_dependency("dependency", dependency)  # ids from jobs.json
         extra = dict(params.get("slurm_additional_parameters", {}))
         # a task whose dependency can never be met is cancelled, so the afterany evaluation still runs
         extra.setdefault("kill_on_invalid_dep", "yes")
@@ -412,7 +415,12 @@ def submit(
 
 def cancel(task_ids: Sequence[str], why: str) -> None:
     """scancel these Slurm tasks (ones that already ended are left as they are); logs why."""
-    ids = [str(t) for t in task_ids if str(t)]
+    ids: list[str] = []
+    odd: list[str] = []
+    for t in (str(t) for t in task_ids if str(t)):
+        (ids if shellsafe.SLURM_JOB_ID_RE.fullmatch(t) else odd).append(t)
+    if odd:  # jobs.json is checked when read; an id that is no Slurm id would be an scancel option (--user=...)
+        log.warning("not cancelling %s: not Slurm job ids", ", ".join(map(repr, odd)))
     if not ids:
         return
     log.info("cancelling %s: %s", ", ".join(ids), why)

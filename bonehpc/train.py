@@ -14,8 +14,10 @@ Roles: teacher; student (distils from the fold's teacher best.pt); baseline (the
 trained without distillation and without loading a teacher, to measure what KD buys).
 
 Model selection never sees the holdout: a fold run validates on its fold of the train split; a final
-run validates on a patient-grouped slice of the train patients (`train.final_val_frac`), and the
-official valid split is left to the one holdout evaluation (`bonehpc evaluate`).
+run validates on a patient-grouped slice of the train patients (`train.final_val_frac`) and keeps its last
+epoch (`train.final_epoch`: the slice monitors, it does not select), and the official valid split is left
+to the one holdout evaluation (`bonehpc evaluate`). Probabilities are corrected for the class weights of
+the loss (`bonehpc.metrics.correct_prior`; the record is `prob_correction` in metrics.json and checkpoints).
 
 Preemption: SIGUSR2 (Slurm `--signal=USR2@N`) and SIGTERM only set a flag. The loop acts on it at a
 step boundary, all ranks together: the epoch in progress is abandoned, the newest epoch-end state is
@@ -36,7 +38,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,6 +67,7 @@ from bonehpc.engine import amp_dtype_of, evaluate, train_one_epoch
 from bonehpc.fsio import atomic_write_csv, atomic_write_json, atomic_write_text
 from bonehpc.lease import RunLease, die_with_parent, slurm_task_id
 from bonehpc.log import close_logging, setup_logging
+from bonehpc.metrics import prob_correction_record
 from bonehpc.paths import (
     ROLES,
     RUN_CONFIG,
@@ -282,6 +285,8 @@ class Learner:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     device: torch.device
+    prob_correction: dict[str, Any] = field(default_factory=lambda: prob_correction_record(None))
+    """How this model's probabilities are corrected for class weighting (metrics.json, checkpoints)."""
 
     def wrap(self, info: dist.DistInfo, compile_model: bool) -> None:
         """DDP (several processes) and torch.compile around the model, after the weights are final."""
@@ -362,6 +367,7 @@ def build_learner(cfg: ExperimentConfig, fold: int | str, role: str, data: RunDa
     if tcfg.class_weight == "auto":
         class_weights = inverse_frequency_weights(data.train_labels)
         log.info("class weights %s", [round(float(w), 3) for w in class_weights])
+    correction = prob_correction_record(None if class_weights is None else class_weights.tolist())
     loss_fn = _build_loss(cfg, fold, role, build_task_loss(class_weights), device, data)
 
     global_batch = tcfg.batch_size * info.world_size
@@ -386,7 +392,9 @@ def build_learner(cfg: ExperimentConfig, fold: int | str, role: str, data: RunDa
         steps,
         rcfg.epochs,
     )
-    return Learner(model, model, net_info, loss_fn, loss_fn.kind, optimizer, scheduler, scaler, amp_dtype, device)
+    return Learner(
+        model, model, net_info, loss_fn, loss_fn.kind, optimizer, scheduler, scaler, amp_dtype, device, correction
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,6 +457,7 @@ class RunCheckpoints:
             scaler=lr.scaler,
             copy=background or not due,
         )
+        ckpt["prob_correction"] = lr.prob_correction  # predict and evaluate correct this model's probabilities
         writes = [(self.out / BEST, weights_payload(ckpt))] if improved else []
         if due:
             writes.append((self.out / LAST, ckpt))
@@ -501,7 +510,8 @@ def run(
     Args:
         cfg: the experiment config.
         fold: 0..num_folds-1 (validate on that fold of the train split) or "final" (train on the train
-            patients but a held-out slice of them, `train.final_val_frac`, which selects best.pt).
+            patients but a held-out slice of them, `train.final_val_frac`; best.pt is the last epoch unless
+            train.final_epoch=best selects it on the slice).
         role: "teacher", "student" (distils from the fold's teacher best.pt) or "baseline" (the
             student's model without distillation).
         run_dir: where the run's files go (default ExperimentPaths.of(cfg).role_dir(fold, role)).
@@ -583,9 +593,12 @@ def _train(ctx: RunContext) -> dict[str, float]:
 
 def _validate(learner: Learner, data: RunData) -> tuple[dict[str, float], pd.DataFrame]:
     """val/loss and the val/ metrics of the validation side, and its predictions (PRED_COLUMNS + loss)."""
-    from bonehpc.metrics import evaluate_predictions
+    from bonehpc.metrics import correct_prior, evaluate_predictions
 
     preds = evaluate(learner.model, data.val_loader, learner.device, learner.amp_dtype)
+    # honest probabilities: the class-weighted loss shifted every logit by log(w1/w0); val/ metrics, best-epoch
+    # selection and predictions_val.csv all see the corrected probability (the per-image loss stays the raw one)
+    preds["prob"] = correct_prior(preds["prob"].to_numpy(), learner.prob_correction["logit_shift"])
     missing = np.setdiff1d(data.val_ids, preds["image_id"].to_numpy())
     if len(missing):
         raise RuntimeError(f"evaluation skipped {len(missing)} validation images (e.g. {missing[0]})")
@@ -603,6 +616,20 @@ def _preempt(ckpts: RunCheckpoints | None, ctx: RunContext, epoch: int) -> Preem
     return Preempted(ctx.out, epoch, ctx.stop.signal)
 
 
+def selects_epoch(cfg: ExperimentConfig, fold: int | str) -> bool:
+    """Whether the run keeps its best epoch (fold runs; final runs with train.final_epoch=best) or its last one
+    (final runs by default: no selection on the small held-out slice, and no early stop)."""
+    return fold != "final" or cfg.train.final_epoch == "best"
+
+
+def _improved(state: TrainState, metric: float, epoch: int, selects: bool) -> bool:
+    """Record the epoch as best.pt's: when the metric improved (selecting), or when it is the last (not)."""
+    if selects:
+        return state.improve(metric, epoch)
+    state.best_metric, state.best_epoch = float(metric), epoch  # every epoch replaces the last: best.pt = last
+    return True
+
+
 def epoch_loop(
     ctx: RunContext, data: RunData, learner: Learner, state: TrainState, history: list[dict[str, Any]]
 ) -> pd.DataFrame | None:
@@ -617,6 +644,7 @@ def epoch_loop(
     ckpts = RunCheckpoints(ctx.out, tcfg, to_dict(ctx.cfg), learner) if info.is_main else None
     curves = Curves(ctx.out, purge_step=state.epoch) if info.is_main else None
     last_preds: pd.DataFrame | None = None
+    selects = selects_epoch(ctx.cfg, ctx.fold)
     try:
         for epoch in range(state.epoch, rcfg.epochs):
             t0 = time.perf_counter()
@@ -637,12 +665,12 @@ def epoch_loop(
             metric = record.get(tcfg.early_stop_metric)
             if metric is None:
                 raise KeyError(f"train.early_stop_metric {tcfg.early_stop_metric!r} is not a metric: {sorted(record)}")
-            improved = state.improve(metric, epoch)
+            improved = _improved(state, metric, epoch, selects)
             state.epoch = epoch + 1
             history.append(record)
             last_preds = preds
             log.info("%s", epoch_line(record, tcfg.early_stop_metric, improved))
-            early_stop = bool(tcfg.patience) and epoch - state.best_epoch >= tcfg.patience
+            early_stop = selects and bool(tcfg.patience) and epoch - state.best_epoch >= tcfg.patience
             final = early_stop or state.epoch == rcfg.epochs
             if ckpts is not None:
                 if ctx.lease is not None:
@@ -685,7 +713,8 @@ def finish(
         log.warning("%s was never finite; best.pt is the last epoch", tcfg.early_stop_metric)
         state.best_epoch = history[-1]["epoch"]
         if info.is_main:
-            save_checkpoint(ctx.out / BEST, make_checkpoint(state, learner.model, to_dict(ctx.cfg)))
+            best = make_checkpoint(state, learner.model, to_dict(ctx.cfg))
+            save_checkpoint(ctx.out / BEST, {**best, "prob_correction": learner.prob_correction})
             if last_preds is not None:
                 atomic_write_csv(ctx.out / RUN_PREDICTIONS, last_preds[PRED_COLS])
     best = next(r for r in history if r["epoch"] == state.best_epoch)
@@ -697,7 +726,11 @@ def finish(
         "epochs_run": len(history),
         "status": STATUS_COMPLETED,
         "metrics": metrics,
-        "selection": data.selection,
+        "selection": {
+            **data.selection,
+            "epoch": "best on the validation side" if selects_epoch(ctx.cfg, ctx.fold) else "last (train.final_epoch)",
+        },
+        "prob_correction": learner.prob_correction,
         "distill": learner.distill,
         "teacher_outputs": learner.loss_fn.source,
         "model": learner.net_info,

@@ -33,7 +33,7 @@ import math
 import os
 import socket
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +45,18 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
-from bonehpc.config import ConfigError, ExperimentConfig, apply_overrides, check_tune_space, save_config
+from bonehpc.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    check_tune_space,
+    config_in_place,
+    save_config,
+)
 from bonehpc.curves import Curves
 from bonehpc.fsio import atomic_write_json, atomic_write_text
 from bonehpc.paths import BEST_CKPT, BEST_PARAMS, RUN_CONFIG, ExperimentPaths, fold_name, read_json
+from bonehpc.registry import read_registry
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +162,15 @@ def check_space(cfg: ExperimentConfig) -> None:
         trial_config(cfg, sample)
 
 
-def missing_teachers(cfg: ExperimentConfig) -> list[Path]:
-    """`best.pt` files of the teachers of `tune.folds` that do not exist (the search reuses them)."""
+def missing_teachers(cfg: ExperimentConfig) -> dict[int, Path]:
+    """Fold -> `best.pt` of the teachers of `tune.folds` that are not final (the search reuses them): absent,
+    or written by a teacher still training (its metrics.json does not say completed)."""
     paths = ExperimentPaths.of(cfg)
-    return [p for p in (paths.role_dir(f, "teacher") / BEST_CKPT for f in cfg.tune.folds) if not p.is_file()]
+    return {
+        f: paths.role_dir(f, "teacher") / BEST_CKPT
+        for f in cfg.tune.folds
+        if not (paths.role_completed(f, "teacher") and (paths.role_dir(f, "teacher") / BEST_CKPT).is_file())
+    }
 
 
 def check_folds(cfg: ExperimentConfig) -> None:
@@ -665,23 +678,26 @@ def _short(v: Any) -> str:
 # Submission
 
 
-def prepare(cfg: ExperimentConfig, create: bool = True) -> optuna.Study | None:
+def prepare(cfg: ExperimentConfig, create: bool = True, queued: Collection[int] = ()) -> optuna.Study | None:
     """Every check that can fail before anything is submitted, then create the study and save the config.
 
     create=False (a dry run): the checks only; the existing study (None when there is none), nothing written.
+    queued: folds whose teacher is not trained yet but queued or running (the trials will wait for it).
 
     Raises:
-        TuneError: listing the teachers of `tune.folds` that are not trained yet.
+        TuneError: listing the teachers of `tune.folds` that are neither trained nor queued.
         ConfigError: for a bad search space, fold list or storage URL.
     """
     check_folds(cfg)
     check_space(cfg)
-    missing = missing_teachers(cfg)
+    paths = ExperimentPaths.of(cfg)
+    missing = [p for f, p in missing_teachers(cfg).items() if f not in queued]
     if missing:
         listing = "\n  ".join(str(p) for p in missing)
         raise TuneError(
-            f"the search reuses the trained teachers of tune.folds={list(cfg.tune.folds)}, missing:\n  {listing}\n"
-            "train them first (make submit-folds) or change tune.folds"
+            f"the search reuses the trained teachers of tune.folds={list(cfg.tune.folds)}, neither trained nor "
+            f"queued:\n  {listing}\nsubmit them first (make submit-folds; make submit-all queues both) or change "
+            f"tune.folds (experiment {paths.root})"
         )
     if not create:
         exists = bool(cfg.tune.storage.strip()) or ExperimentPaths.of(cfg).tune_journal.is_file()
@@ -707,4 +723,7 @@ def load_tune_config(exp_dir: str | Path, study: str = "") -> ExperimentConfig:
         others = sorted(p.parent.name for p in base.glob("studies/*/config.yaml"))
         hint = f" (studies here: {', '.join(others)})" if others else ""
         raise TuneError(f"{path} not found: no study was submitted for {exp_dir}{hint}; run `bonehpc submit tune`")
-    return load_config(path)
+    # the folder given is the only truth: a moved experiment's study is read and written there, not where
+    # its saved run_root points (the journal and best_params.yaml would be created at the old place)
+    subs = read_registry(base)["submissions"]
+    return config_in_place(load_config(path), exp_dir, (subs[-1].get("workdir") if subs else "") or os.getcwd())

@@ -23,13 +23,22 @@ class EvaluateTask:
 
     def __call__(self) -> dict[str, Any]:
         from bonehpc.config import load_config
-        from bonehpc.fsio import atomic_write_json
-        from bonehpc.paths import CORE_ROLES, ExperimentPaths, experiment_roles, fold_keys, fold_name
+        from bonehpc.lease import RunLease
+        from bonehpc.paths import ExperimentPaths
 
         if self.workdir:
             os.chdir(self.workdir)
         cfg = load_config(self.cfg_path)
         paths = ExperimentPaths.of(cfg)
+        paths.holdout.mkdir(parents=True, exist_ok=True)
+        # one evaluation at a time writes holdout/ and the report (a second one exits naming the first)
+        with RunLease(paths.holdout, what="evaluating this experiment"):
+            return self._evaluate(cfg, paths)
+
+    def _evaluate(self, cfg: Any, paths: Any) -> dict[str, Any]:
+        from bonehpc.fsio import atomic_write_json
+        from bonehpc.paths import CORE_ROLES, experiment_roles, fold_keys, fold_name
+
         outcome: dict[str, Any] = {"status": "completed", "completed": [], "failed": []}
         for fold in fold_keys(cfg.data.num_folds):
             for role in experiment_roles(cfg):

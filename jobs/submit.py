@@ -14,8 +14,9 @@ Fold graph of one experiment (Slurm mode), every job through the one primitive `
     evaluate        --dependency=afterany:<all arrays>: holdout evaluation + report, also when folds failed
 
 Folds already completed (their metrics.json says so) and tasks still pending or running are skipped, so
-submitting again is safe. Under cluster.mode local/debug the same graph runs with submitit's local/debug
-executor, one job after another in dependency order. Every submission is recorded in jobs.json
+submitting again is safe. Under cluster.mode local the same graph runs with submitit's local executor as a
+job graph (bonehpc.localgraph): the same dependency strings, with synthetic ids, and ready tasks at once as
+far as the machine allows; debug runs it in-process, in order. Every submission is recorded in jobs.json
 (bonehpc.registry).
 """
 
@@ -24,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ import pandas as pd
 
 from bonehpc import preflight, slurm
 from bonehpc.accounting import ACTIVE_STATES, RETRY_STATES, task_states
-from bonehpc.config import ConfigError, ExperimentConfig, apply_overrides, load_config, save_config
+from bonehpc.config import ConfigError, ExperimentConfig, config_in_place, load_config, save_config
 from bonehpc.lease import submit_lock
 from bonehpc.paths import (
     OUTPUTS_ROLE,
@@ -44,7 +47,7 @@ from bonehpc.paths import (
     fold_name,
     run_completed,
 )
-from bonehpc.registry import append_submission, config_hash, latest_tasks, new_entry, read_registry
+from bonehpc.registry import append_submission, config_hash, latest_tasks, new_entry, read_registry, registry_tasks
 from jobs.evaluate import EvaluateTask
 from jobs.outputs import OutputsTask
 from jobs.pack import FinalizePackTask, PackShardTask
@@ -261,7 +264,7 @@ def stage_groups(
     if ctx.mode == "debug" or not folds:
         return [(list(folds), "")] if folds else []
     tasks = (upstream or {}).get("tasks", [])
-    if upstream is not None and upstream["job_id"] and [fold_name(f) for f in folds] == [t["fold"] for t in tasks]:
+    if upstream and upstream.get("job_id") and [fold_name(f) for f in folds] == [t["fold"] for t in tasks]:
         return [(list(folds), f"aftercorr:{upstream['job_id']}")]
     by_fold = {t["fold"]: t["task_id"] for t in tasks}
     groups: list[tuple[list[int | str], str]] = []
@@ -330,8 +333,8 @@ def _submit_graph(ctx: slurm.SubmitContext, plan: Plan, kind: str, evaluate: boo
         task = TrainTask(cfg_path, "teacher", ctx.workdir, nproc)
         teacher = slurm.submit(ctx, "train", task, plan.teacher, role="teacher", label=fold_name)
         train_ids.append(teacher["job_id"])
+    outputs_jobs: list[dict[str, Any]] = []
     # teacher -> outputs (aftercorr) -> students: no student runs the teacher
-    outputs_jobs = []
     for folds, dependency in stage_groups(ctx, plan.outputs, teacher, plan, "teacher"):
         outputs = slurm.submit(
             ctx,
@@ -345,12 +348,12 @@ def _submit_graph(ctx: slurm.SubmitContext, plan: Plan, kind: str, evaluate: boo
         )
         train_ids.append(outputs["job_id"])
         outputs_jobs.append(outputs)
-    # several outputs jobs (no job id to aftercorr on): each student waits for its own fold's task (afterok)
-    upstream = None
-    if outputs_jobs:
-        job_id = outputs_jobs[0]["job_id"] if len(outputs_jobs) == 1 else ""
-        upstream = {"job_id": job_id, "tasks": [t for j in outputs_jobs for t in j["tasks"]]}
-    for folds, dependency in student_groups(ctx, plan, teacher, upstream):
+    # several outputs jobs: their tasks together (no single array to aftercorr on), so that student k still
+    # waits for outputs k (afterok on exactly that task), never for teacher k only
+    outputs = outputs_jobs[0] if len(outputs_jobs) == 1 else None
+    if len(outputs_jobs) > 1:
+        outputs = {"job_id": "", "tasks": [t for job in outputs_jobs for t in job["tasks"]]}
+    for folds, dependency in student_groups(ctx, plan, teacher, outputs):
         student = slurm.submit(
             ctx,
             "train",
@@ -384,28 +387,6 @@ def _submit_graph(ctx: slurm.SubmitContext, plan: Plan, kind: str, evaluate: boo
     return _record(ctx, kind, paths.root, skipped=plan.skipped)
 
 
-def config_in_place(exp: Path, workdir: str | Path) -> ExperimentConfig:
-    """The config of experiment folder `exp`, pointing at `exp` (the folder given is the only truth).
-
-    A config whose run_root/name (relative to the submission's `workdir`) is elsewhere belongs to a folder
-    that was moved: its run_root is rewritten to the folder's parent, so that nothing is read from or
-    written to the old place. A renamed folder is refused (the name also names the jobs and the tuning
-    study): rename it back.
-    """
-    cfg = load_config(exp / "config.yaml")
-    here = exp.resolve()
-    saved = (Path(workdir) / cfg.run_root / cfg.name).resolve()
-    if saved == here:
-        return cfg
-    if here.name != cfg.name:
-        raise ConfigError(
-            f"{exp}: the experiment folder was renamed (its config.yaml says name {cfg.name!r}); "
-            f"rename the folder back to {cfg.name!r}"
-        )
-    log.warning("%s was moved (config.yaml said %s): run_root is now %s", exp, saved, here.parent)
-    return apply_overrides(cfg, {"run_root": str(here.parent)})
-
-
 def resubmit(exp_dir: str | Path, workdir: str | Path | None = None) -> dict[str, Any]:
     """Resubmit only the failed / cancelled / timed-out tasks of an experiment (and their dependents)."""
     exp = Path(exp_dir)
@@ -415,7 +396,7 @@ def resubmit(exp_dir: str | Path, workdir: str | Path | None = None) -> dict[str
     registry = read_registry(exp)
     if not registry["submissions"]:
         raise ConfigError(f"{exp}/jobs.json: nothing was submitted yet; use `bonehpc submit folds`")
-    cfg = config_in_place(exp, registry["submissions"][-1].get("workdir") or os.getcwd())
+    cfg = config_in_place(load_config(cfg_path), exp, registry["submissions"][-1].get("workdir") or os.getcwd())
     with submit_lock(exp):  # what to rerun is decided under the lock that the submission then holds
         return _resubmit(exp, cfg, workdir)
 
@@ -494,21 +475,29 @@ def tune_tasks_needed(cfg: ExperimentConfig, study: Any, folder: Path) -> tuple[
     )
     registry = read_registry(folder)
     states = task_states(registry) if registry["submissions"] else {}
-    in_flight = sum(state in ACTIVE_STATES for state in states.values())
+    trial_tasks = {t["task_id"] for t in registry_tasks(registry) if t["kind"] == "tune"}  # not submit all's last job
+    in_flight = sum(state in ACTIVE_STATES for tid, state in states.items() if tid in trial_tasks)
     needed = max(0, cfg.tune.trials - finished - in_flight)
     why = f"{finished} trial(s) finished, {in_flight} task(s) pending or running, tune.trials={cfg.tune.trials}"
     return needed, why
 
 
-def submit_tune(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dict[str, Any]:
+def submit_tune(
+    cfg: ExperimentConfig, workdir: str | Path | None = None, waits: dict[int, tuple[str, str]] | None = None
+) -> dict[str, Any]:
     """Check, create the study, then submit ONE array that tops the study up to `tune.trials` trials
     (`tune.parallel` at a time): submitting again adds only what is missing.
 
-    cluster.mode local/debug runs the tasks with submitit's local/debug executor, one after another, before
-    returning. The submission is recorded in `runs/<exp>/tune/jobs.json` (the registry format of
-    `runs/<exp>/jobs.json`, kept apart so fold status tables stay about folds). A dry run creates nothing
-    (no study, no journal) and shows what a submission would add. Concurrent submits of one study: the
-    others stop (exit 2) naming the first.
+    cluster.mode local/debug runs the tasks with submitit's local executor (`tune.parallel` at once, within
+    the machine) or in-process, before returning. The submission is recorded in `runs/<exp>/tune/jobs.json`
+    (the registry format of `runs/<exp>/jobs.json`, kept apart so fold status tables stay about folds). A
+    dry run creates nothing (no study, no journal) and shows what a submission would add. Concurrent submits
+    of one study: the others stop (exit 2) naming the first.
+
+    Teachers of `tune.folds` that are not trained yet but queued or running (in jobs.json, or given in
+    `waits`: fold -> (role, task id)) are waited for: the array depends on them (afterok), on the fold's
+    queued teacher-outputs task when there is one (no second outputs task is submitted for that fold);
+    only a teacher neither trained nor queued is refused.
 
     Returns:
         The registry entry, plus `run_dir`, `study` and `storage`.
@@ -523,15 +512,35 @@ def submit_tune(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dic
     from bonehpc.teacher_outputs import check_tune_space
 
     check_tune_space(cfg)  # cached + a space over the views: refused before anything is written
-    study = tune.prepare(cfg, create=False)  # every check first: bad input writes nothing
+    waits = {**teacher_waits(cfg, ctx.paths), **(waits or {})}
+    study = tune.prepare(cfg, create=False, queued=waits)  # every check first: bad input writes nothing
     preflight.preflight_training(cfg, ctx.paths, ctx.profile, ctx.mode, ["student"], "tune")
     if slurm.is_dry_run():
-        return _submit_tune(cfg, ctx, study, folder)
+        return _submit_tune(cfg, ctx, study, folder, waits)
     with submit_lock(folder):
-        return _submit_tune(cfg, ctx, tune.prepare(cfg), folder)
+        return _submit_tune(cfg, ctx, tune.prepare(cfg, queued=waits), folder, waits)
 
 
-def _submit_tune(cfg: ExperimentConfig, ctx: slurm.SubmitContext, study: Any, folder: Path) -> dict[str, Any]:
+def teacher_waits(cfg: ExperimentConfig, paths: ExperimentPaths) -> dict[int, tuple[str, str]]:
+    """What the trials of `tune.folds` must wait for (jobs.json + sacct): fold -> (role, task id) of its
+    teacher-outputs task when queued or running (it comes after the teacher), else of its teacher when that
+    is not completed but queued or running."""
+    registry = read_registry(paths.root)
+    latest = latest_tasks(registry)
+    states = task_states(registry) if latest else {}
+    out = {}
+    for fold in cfg.tune.folds:
+        for role in (OUTPUTS_ROLE, "teacher"):
+            prev = latest.get((fold_name(fold), role))
+            if prev and states.get(prev["task_id"]) in ACTIVE_STATES and not paths.role_completed(fold, "teacher"):
+                out[fold] = (role, prev["task_id"])
+                break
+    return out
+
+
+def _submit_tune(
+    cfg: ExperimentConfig, ctx: slurm.SubmitContext, study: Any, folder: Path, waits: dict[int, tuple[str, str]]
+) -> dict[str, Any]:
     from bonehpc import tune
 
     needed, why = tune_tasks_needed(cfg, study, folder)
@@ -546,8 +555,15 @@ def _submit_tune(cfg: ExperimentConfig, ctx: slurm.SubmitContext, study: Any, fo
         ctx.mode,
     )
     if needed:
-        outputs = _tune_outputs(ctx, cfg, folder)
-        dependency = f"afterok:{outputs['job_id']}" if outputs is not None and ctx.mode != "debug" else ""
+        # trials start when the teachers they reuse succeeded; a failed teacher cancels them (kill_on_invalid_dep)
+        ids = list(dict.fromkeys(task for _, task in waits.values()))
+        if waits:
+            log.info("the trials wait for %s", ", ".join(f"fold{f} {role} {t}" for f, (role, t) in waits.items()))
+        queued = {f for f, (role, _) in waits.items() if role == OUTPUTS_ROLE}
+        outputs = _tune_outputs(ctx, cfg, folder, "afterok:" + ":".join(ids) if ids else "", queued)
+        if outputs is not None and ctx.mode != "debug":
+            ids.append(outputs["job_id"])
+        dependency = "afterok:" + ":".join(ids) if ids else ""
         task = TuneTask(str((folder / RUN_CONFIG).resolve()), ctx.workdir)
         record = slurm.submit(ctx, "tune", task, list(range(needed)), role="tune", dependency=dependency)
         for t in record["tasks"]:
@@ -555,14 +571,96 @@ def _submit_tune(cfg: ExperimentConfig, ctx: slurm.SubmitContext, study: Any, fo
     return _record(ctx, "tune", folder, study=name, storage=tune.storage_label(cfg))
 
 
-def _tune_outputs(ctx: slurm.SubmitContext, cfg: ExperimentConfig, folder: Path) -> dict[str, Any] | None:
-    """The outputs array of the tune folds whose cache is not current (every trial then reads it), or None."""
+def _tune_outputs(
+    ctx: slurm.SubmitContext, cfg: ExperimentConfig, folder: Path, dependency: str = "", queued: Collection[int] = ()
+) -> dict[str, Any] | None:
+    """The outputs array of the tune folds whose cache is not current (every trial then reads it), or None.
+    `dependency`: the teacher tasks it waits for (still queued or running); `queued`: folds whose outputs
+    task is already queued (not submitted twice: two writers of one cache)."""
     if not uses_outputs(cfg):
         return None
-    folds: list[int | str] = [f for f in cfg.tune.folds if not _outputs_current(cfg, f)]
+    folds: list[int | str] = [f for f in cfg.tune.folds if f not in queued and not _outputs_current(cfg, f)]
     if not folds:
         log.info("teacher outputs of tune.folds=%s are current: every trial reads them", list(cfg.tune.folds))
         return None
     nproc = cfg.cluster.nproc_per_node or ctx.profile.for_kind("train").nproc_per_node
     task = OutputsTask(str((folder / RUN_CONFIG).resolve()), OUTPUTS_ROLE, ctx.workdir, nproc)
-    return slurm.submit(ctx, "train", task, folds, role=OUTPUTS_ROLE, label=fold_name)
+    return slurm.submit(ctx, "train", task, folds, role=OUTPUTS_ROLE, dependency=dependency, label=fold_name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything at once: folds, the study, and the folds again with the best parameters
+
+
+def submit_all(cfg: ExperimentConfig, workdir: str | Path | None = None) -> dict[str, Any]:
+    """Queue the fold graph, the tune study (its trials wait for the teachers of tune.folds) and a last job
+    that, when the study has ended (afterany on its array), writes best_params.yaml and submits the folds
+    of `<name>-tuned` with them (TunedFoldsTask). Local mode runs the three in turn.
+
+    Returns:
+        One entry listing every job of the chain (`jobs`), with `run_dir`, `folds`, `tune`, `tuned`.
+    """
+    from bonehpc import tune
+
+    folds = submit_folds(cfg, workdir=workdir)
+    waits: dict[int, tuple[str, str]] = {}
+    for role in ("teacher", OUTPUTS_ROLE):  # a fold's queued outputs task wins over its teacher (it follows it)
+        for job in folds["jobs"]:
+            for t in job["tasks"] if job["role"] == role else []:
+                fold = t["fold"].removeprefix("fold")
+                if fold.isdigit() and int(fold) in cfg.tune.folds and "state" not in t:  # queued, not run here
+                    waits[int(fold)] = (role, t["task_id"])
+    tuned_study = submit_tune(cfg, workdir=workdir, waits=waits)
+    paths = ExperimentPaths.of(cfg)
+    ctx = _context(cfg, paths, workdir)
+    array = [job["job_id"] for job in tuned_study["jobs"] if job["kind"] == "tune"]
+    task = TunedFoldsTask(
+        str((tune.study_dir(cfg) / RUN_CONFIG).resolve()), str(paths.config.resolve()), ctx.workdir, f"{cfg.name}-tuned"
+    )
+    dependency = "afterany:" + ":".join(array) if array else ""
+    slurm.submit(ctx, "submit", task, role="tuned", dependency=dependency, label=lambda _: "tuned-folds")
+    tuned = _record(ctx, "tuned", tune.study_dir(cfg))
+    jobs = folds["jobs"] + tuned_study["jobs"] + tuned["jobs"]
+    return {**folds, "jobs": jobs, "folds": folds, "tune": tuned_study, "tuned": tuned}
+
+
+class TunedFoldsTask:
+    """The last job of `bonehpc submit all`: once the study has ended, the folds again with its best parameters.
+
+    It writes the study's best_params.yaml and submits the fold graph of the experiment's config plus those
+    parameters under the name `name` (submit_folds: Slurm jobs from inside this job, or a local run). It
+    fails in one line when no trial completed (nothing to re-submit).
+
+    Args:
+        tune_cfg_path: runs/<exp>/tune/config.yaml written by `submit tune` (which study).
+        exp_cfg_path: runs/<exp>/config.yaml written by `submit folds` (the experiment the folds re-run).
+        workdir: working directory of the job and of the submitted jobs.
+        name: experiment name of the tuned folds (runs/<name>/).
+    """
+
+    def __init__(self, tune_cfg_path: str, exp_cfg_path: str, workdir: str, name: str) -> None:
+        self.tune_cfg_path = tune_cfg_path
+        self.exp_cfg_path = exp_cfg_path
+        self.workdir = workdir
+        self.name = name
+
+    def __call__(self) -> dict[str, Any]:
+        if self.workdir:
+            os.chdir(self.workdir)
+        if os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local") and not logging.getLogger().handlers:
+            # what submit_folds logs (the jobs it submits) into this job's log
+            logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(levelname)s - %(message)s")
+        from bonehpc.config import load_config
+        from bonehpc.paths import BEST_PARAMS
+        from bonehpc.tune import TuneError, open_study, study_dir, write_best_params
+
+        tune_cfg = load_config(self.tune_cfg_path)
+        study = open_study(tune_cfg)
+        try:
+            params = write_best_params(study, study_dir(tune_cfg) / BEST_PARAMS)
+        except ValueError:
+            raise TuneError(f"study {study.study_name!r}: no trial completed; the folds are not re-submitted") from None
+        cfg = load_config(self.exp_cfg_path, [f"name={self.name}"], params=params)
+        log.info("best params %s -> submitting the folds of %s", params, self.name)
+        entry = submit_folds(cfg, workdir=self.workdir)
+        return {"run_dir": entry["run_dir"], "params": str(params), "jobs": [j["job_id"] for j in entry["jobs"]]}

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write a synthetic data set in the exact MURA-v1.1 layout",
         description="Write DIR/MURA-v1.1/{train,valid}/XR_<PART>/patientNNNNN/studyK_{positive,negative}/imageM.png "
         "and the four official headerless CSVs. Procedural radiographs of the seven MURA body parts; abnormal "
-        "studies (about 40 %%) show a fracture (healing, plated or in a cast). A few files are unusable on purpose "
+        "studies (--abnormal-rate, 40 %% by default) show a fracture (healing, plated or in a cast). "
+        "A few files are unusable on purpose "
         "(--bad-frac), so the pipeline meets bad data like real collections; DIR/MURA-v1.1/bonehpc_synthetic.json "
         "marks the set as synthetic and lists them. Same arguments, same bytes.",
     )
@@ -30,6 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0.01,
         help="fraction of image files written unusable on purpose: truncated, 0 bytes, not an image; at least one "
         "of each, and one train study loses all its images (default 0.01; 0: none)",
+    )
+    p.add_argument(
+        "--abnormal-rate",
+        type=float,
+        default=0.4,
+        help="fraction of abnormal studies in each split (default 0.4, about MURA's; e.g. 0.15 for a skewed set)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing synthetic DIR/MURA-v1.1")
     p.set_defaults(func=cmd_synth)
@@ -83,6 +90,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             rgb_frac=args.rgb_frac,
             bad_frac=args.bad_frac,
             overwrite=args.overwrite,
+            abnormal_rate=args.abnormal_rate,
         )
     except (ValueError, FileExistsError) as err:
         return _fail("synth", err)

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="abnormality probabilities per image and per study for new X-rays (optional Grad-CAM overlays)",
         description="Preprocesses like training's evaluation path (gray decode, square at the pack size, resize, "
         "normalise). Writes OUT (one row per image) and OUT_studies.csv (study = image folder, probability = mean "
-        "of its images, abnormal when > 0.5). Unreadable images are listed with a reason.",
+        "of its images, abnormal above --threshold). Unreadable images are listed with a reason.",
     )
     p.add_argument(
         "--model",
@@ -52,6 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="apply the temperature that `bonehpc evaluate` fitted on the experiment's out-of-fold predictions "
         "(calibration.json in the experiment folder; off by default: probabilities are the model's own)",
+    )
+    p.add_argument(
+        "--threshold",
+        default="default",
+        help="call abnormal above: oof (the role's out-of-fold operating point that `bonehpc evaluate` stored, "
+        "maximising study kappa), youden (its Youden's J cut), 0.5 (MURA protocol) or a number; default: oof when "
+        "the experiment has one, else 0.5. The output line says which was used",
     )
     p.set_defaults(func=_predict)
 
@@ -99,6 +106,7 @@ def _predict(args: argparse.Namespace) -> int:
             args.gradcam,
             role=args.role,
             calibrate=args.calibrate,
+            threshold=args.threshold,
         )
     except (PredictError, CheckpointError) as err:
         return _input_error("predict", str(err))
@@ -108,6 +116,7 @@ def _predict(args: argparse.Namespace) -> int:
         f"{len(df)} images ({bad} unreadable), {len(st)} studies, {int((st.pred == 1).sum())} called abnormal; "
         f"wrote {args.out} and {studies_csv_path(args.out)}"
         + (f" (calibrated: temperature {df.attrs['temperature']:.3f})" if df.attrs.get("temperature") else "")
+        + f"; threshold {df.attrs['threshold']:.4f}: {df.attrs['threshold_source']}"
     )
     return 1 if bad == len(df) else 0
 

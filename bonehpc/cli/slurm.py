@@ -68,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Submit the cross-validated experiment of --config: one teacher and one student task per "
         "fold plus the final model (array index K), then the holdout evaluation and report (afterany). "
         "Completed runs and tasks still pending/running are skipped, so submitting again is safe. "
-        "cluster.mode=local|debug runs the same graph without Slurm, one job after another.",
+        "cluster.mode=local runs the same graph without Slurm, ready tasks at once (cluster.local_parallel); "
+        "debug in-process.",
     )
     add_config_args(f)
     add_dry_run_arg(f)

@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train one fold/role (teacher, distilled student or baseline student) in this process",
         description="Train the teacher, student or baseline of one fold (or the final model on the train "
-        "patients; a held-out slice of them, train.final_val_frac, selects its best epoch).",
+        "patients less a held-out slice, train.final_val_frac, that monitors it; it keeps its last epoch unless "
+        "train.final_epoch=best).",
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -127,9 +128,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 1
     for model, m in results.items():
         log.info(
-            "%-17s study_kappa %.4f  study_auroc %.4f  image_auroc %.4f",
+            "%-17s study_kappa %.4f at 0.5 (MURA protocol)%s  study_auroc %.4f  image_auroc %.4f",
             model,
             m["study_kappa"],
+            f", {m['oof/study_kappa']:.4f} at the out-of-fold cut {m['oof_threshold']:.3f}"
+            if "oof_threshold" in m
+            else "",
             m["study_auroc"],
             m["image_auroc"],
         )

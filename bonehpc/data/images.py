@@ -187,7 +187,8 @@ def to_gray8(img: np.ndarray, bits: int | None = None) -> np.ndarray:
 
 def _header(data: bytes, is_png: bool, max_pixels: int) -> int:
     """Check the size a non-PNG header claims (Pillow reads headers without decoding), before OpenCV decodes
-    it: a 20000 x 20000 JPEG named .png is refused from its header. Returns the EXIF orientation (1: none)."""
+    it: a 20000 x 20000 JPEG named .png is refused from its header, and a format Pillow cannot read the header
+    of is not decoded at all. Returns the EXIF orientation (1: none)."""
     if is_png and b"eXIf" not in data:
         return 1  # the IHDR check covered the size; no EXIF chunk
     from PIL import Image
@@ -208,8 +209,14 @@ def _header(data: bytes, is_png: bool, max_pixels: int) -> int:
         raise RejectedImageError("too_large", f"header claims {claim}, a decompression bomb") from None
     except RejectedImageError:
         raise
-    except Exception:  # noqa: BLE001 - a header Pillow cannot read is OpenCV's to decode or reject
-        return 1
+    except Exception:  # noqa: BLE001 - any failure to read a header means: not decoded
+        if is_png:
+            return 1  # an unreadable EXIF chunk: the IHDR check covered the size, OpenCV decodes the pixels
+        # a format whose size cannot be read first is not decoded at all (OpenCV would decode e.g. a Radiance
+        # HDR claiming 20000 x 20000 px in full, up to its own cap of 1 Gpx)
+        if data.startswith(_KNOWN_SIGNATURES):
+            raise RejectedImageError("corrupt", "image header cannot be read") from None
+        raise RejectedImageError("not_an_image", "not a PNG or other image format whose header can be read") from None
     return orientation if orientation in ORIENTATIONS else 1
 
 

@@ -281,7 +281,7 @@ def check_size_change(out: Path, pack_size: int, overwrite: bool = False) -> Non
     for path in (out / PLAN_DIR / PLAN_JSON, out / MANIFEST_JSON):
         try:
             doc = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
         old = (doc.get("settings") or doc).get("pack_size") if isinstance(doc, dict) else None
         if old is not None:

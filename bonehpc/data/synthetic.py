@@ -220,11 +220,14 @@ def _choose(rng: np.random.Generator, table: tuple[tuple[int, float], ...] | tup
     return values[int(rng.choice(len(values), p=probs / probs.sum()))]
 
 
-def plan_studies(patients: int, seed: int, valid_frac: float = 0.2) -> list[StudyPlan]:
+def plan_studies(
+    patients: int, seed: int, valid_frac: float = 0.2, abnormal_rate: float = ABNORMAL_RATE
+) -> list[StudyPlan]:
     """The studies of a synthetic set (train patients first), without drawing any image.
 
     Every split has each body part as the main part of at least one patient (when it has seven
-    patients or more) and exactly round(ABNORMAL_RATE x studies) abnormal studies.
+    patients or more) and exactly round(abnormal_rate x studies) abnormal studies (at least one abnormal and
+    one normal study when the split has two or more).
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
     n_valid = min(patients - 1, max(1, round(patients * valid_frac)))
@@ -247,7 +250,10 @@ def plan_studies(patients: int, seed: int, valid_frac: float = 0.2) -> list[Stud
                 views = int(_choose(rng, VIEWS_PER_STUDY))  # type: ignore[call-overload]
                 key = (seed, split_index, patient, BODY_PARTS.index(part), numbers[part])
                 split_plans.append(StudyPlan(split, patient, part, numbers[part], 0, views, seed_key=key))
-        abnormal = rng.permutation(len(split_plans))[: round(ABNORMAL_RATE * len(split_plans))]
+        n_abnormal = round(abnormal_rate * len(split_plans))
+        if len(split_plans) >= 2:  # both classes in each split, whatever the rate
+            n_abnormal = min(max(n_abnormal, 1), len(split_plans) - 1)
+        abnormal = rng.permutation(len(split_plans))[:n_abnormal]
         for j in sorted(abnormal):
             split_plans[j].label = 1
             split_plans[j].finding = str(_choose(rng, FINDINGS))
@@ -616,6 +622,24 @@ def read_marker(mura_root: Path | str) -> dict[str, Any] | None:
     return None
 
 
+def _check_settings(
+    patients: int, max_side: int, valid_frac: float, rgb_frac: float, bad_frac: float, abnormal_rate: float
+) -> None:
+    """ValueError naming the first setting of `generate` out of its range."""
+    if patients < 2:
+        raise ValueError(f"patients: need at least 2 (one per split), got {patients}")
+    if max_side < 16:
+        raise ValueError(f"max_side: need at least 16 px, got {max_side}")
+    if not 0 < valid_frac < 1:
+        raise ValueError(f"valid_frac: must be in (0, 1), got {valid_frac}")
+    if not 0 <= rgb_frac <= 1:
+        raise ValueError(f"rgb_frac: must be in [0, 1], got {rgb_frac}")
+    if not 0 <= bad_frac <= 0.5:
+        raise ValueError(f"bad_frac: must be in [0, 0.5], got {bad_frac}")
+    if not 0 < abnormal_rate < 1:
+        raise ValueError(f"abnormal_rate: must be in (0, 1), got {abnormal_rate}")
+
+
 def generate(
     out: Path | str,
     patients: int,
@@ -626,6 +650,7 @@ def generate(
     *,
     bad_frac: float = 0.0,
     overwrite: bool = False,
+    abnormal_rate: float = ABNORMAL_RATE,
 ) -> Path:
     """Write a synthetic MURA-v1.1 tree with its four official CSVs under `out`.
 
@@ -639,6 +664,8 @@ def generate(
         bad_frac: Fraction of image files written unusable (truncated, empty, not an image; at least
             one of each, and one train study loses every image): see plan_bad_files. `bonehpc synth`
             uses DEFAULT_BAD_FRAC; 0 writes none.
+        abnormal_rate: Fraction of abnormal studies in each split (default ABNORMAL_RATE, about MURA's; e.g.
+            0.15 for a skewed collection).
         overwrite: Replace an existing synthetic `out/MURA-v1.1` (one with the synthetic marker; any
             other folder there is never deleted); otherwise an existing one is an error.
 
@@ -649,16 +676,7 @@ def generate(
         ValueError: On invalid arguments.
         FileExistsError: When `out/MURA-v1.1` exists and overwrite is false.
     """
-    if patients < 2:
-        raise ValueError(f"patients: need at least 2 (one per split), got {patients}")
-    if max_side < 16:
-        raise ValueError(f"max_side: need at least 16 px, got {max_side}")
-    if not 0 < valid_frac < 1:
-        raise ValueError(f"valid_frac: must be in (0, 1), got {valid_frac}")
-    if not 0 <= rgb_frac <= 1:
-        raise ValueError(f"rgb_frac: must be in [0, 1], got {rgb_frac}")
-    if not 0 <= bad_frac <= 0.5:
-        raise ValueError(f"bad_frac: must be in [0, 0.5], got {bad_frac}")
+    _check_settings(patients, max_side, valid_frac, rgb_frac, bad_frac, abnormal_rate)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file, not a folder")
@@ -674,7 +692,7 @@ def generate(
         shutil.rmtree(staging)
 
     start = time.perf_counter()
-    plans = plan_studies(patients, seed, valid_frac)
+    plans = plan_studies(patients, seed, valid_frac, abnormal_rate)
     bad = plan_bad_files(plans, bad_frac, seed)
     image_rows: dict[str, list[str]] = {s: [] for s in SPLITS}
     study_rows: dict[str, list[str]] = {s: [] for s in SPLITS}
@@ -697,6 +715,7 @@ def generate(
         valid_frac=valid_frac,
         rgb_frac=rgb_frac,
         bad_frac=bad_frac,
+        abnormal_rate=abnormal_rate,
         n_images=n_images,
     )
     if final.exists():

@@ -6,9 +6,9 @@ training run" and "Experiment layout"), recomputes every metric from the saved p
 `<exp_dir>/report/{index.html, report.md, *.csv, *.png}`. A partial experiment (failed or running folds,
 no holdout, no tuning, no Slurm) still gets a report that says what is missing and why.
 
-One module per section (cv, holdout, body_parts, curves, learning, kd, distill_cost, seed, data, tuning,
-cluster, repro, overview), over the document model (doc), the experiment as read from disk (experiment: through
-bonehpc.paths only), the figures (plots) and the two renderers (render).
+One module per section (cv, holdout, operating_point, body_parts, curves, learning, kd, distill_cost, seed, data,
+tuning, cluster, repro, overview), over the document model (doc), the experiment as read from disk
+(experiment: through bonehpc.paths only), the figures (plots) and the two renderers (render).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from bonehpc.report.experiment import Experiment, load_experiment, study_level
 from bonehpc.report.holdout import section_holdout
 from bonehpc.report.kd import measure_inference, section_kd_gain, section_teacher_student
 from bonehpc.report.learning import section_learning
+from bonehpc.report.operating_point import section_operating_point
 from bonehpc.report.overview import section_overview
 from bonehpc.report.render import render_html, render_markdown
 from bonehpc.report.repro import section_repro
@@ -46,6 +47,7 @@ SECTIONS: tuple[Callable[[Experiment], Section], ...] = (
     section_data,
     section_cv,
     section_holdout,
+    section_operating_point,
     section_body_parts,
     section_curves,
     section_learning,

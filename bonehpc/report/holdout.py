@@ -6,11 +6,14 @@ import pandas as pd
 
 from bonehpc.report.doc import CI_NOTE, LEVELS, METRICS, UNIT_NOTE, Section, _metric_row, ci_wide
 from bonehpc.report.experiment import Experiment, holdout_ci
+from bonehpc.report.operating_point import final_outside_ensemble
 
 HOLDOUT_PROTOCOL = (
-    "Holdout protocol: the final models never see the official valid split while training; they select their "
-    "epoch on a patient-grouped slice of the train patients (held out of their training), and the fold models "
-    "select on their own fold. The official valid split is evaluated once, by the holdout job, after training."
+    "Holdout protocol: the final models never see the official valid split while training; a patient-grouped "
+    "slice of the train patients is held out of their training and monitors it, and they keep their last epoch "
+    "(train.final_epoch=last; with best they select on the slice); the fold models select on their own fold. The "
+    "official valid split is evaluated once, by the holdout job, after training. Holdout probabilities are "
+    "corrected for the class weights of training; the out-of-fold operating point is in the next section."
 )
 
 
@@ -40,7 +43,7 @@ def selection_notes(exp: Experiment) -> list[tuple[str, str]]:
 def section_holdout(exp: Experiment) -> Section:
     sec = Section("Holdout: the official MURA valid split", "holdout")
     sec.p(
-        "final_*: one model per role trained on the train patients less a held-out selection slice. "
+        "final_*: one model per role trained on the train patients less a held-out slice. "
         "ensemble_*: the fold models of a role, "
         "their image probabilities averaged. " + HOLDOUT_PROTOCOL
     )
@@ -59,6 +62,8 @@ def section_holdout(exp: Experiment) -> Section:
         elif exp.holdout[model][2].get("folds_missing"):
             meta = exp.holdout[model][2]
             sec.p(f"{model}: averages folds {meta.get('folds_used')}; folds {meta['folds_missing']} missing", "missing")
+    for line in final_outside_ensemble(exp):  # a final model that disagrees with its own fold ensemble
+        sec.p(line, "missing")
     df = pd.DataFrame(rows).reindex(columns=["model", "level", "status", "n", "n_pos", *METRICS])
     sec.table(df, "holdout_metrics", "Holdout metrics of the final models and the fold ensembles.")
     ci = holdout_ci(exp)

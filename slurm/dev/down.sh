@@ -41,6 +41,15 @@ for pid in $(pgrep -f "$R/spool/" 2>/dev/null); do
   [ -n "$pgid" ] && kill -KILL -- "-$pgid" 2>/dev/null
 done
 wave "$R/run/slurmd-$H.pid" "$R/run/slurmctld.pid"
+# A slurmstepd that outlived its slurmd (a step still ending when the daemons stopped) talks to the next
+# cluster on the same ports: its "Kill task failed" drains that cluster's node, and its jobs' ids are
+# unknown there. Ours carry this root's SLURM_CONF in their environment (up.sh exports it to slurmd); they
+# and their remaining tasks (children and process groups) get SIGKILL.
+for pid in $(pgrep -x slurmstepd 2>/dev/null); do
+  tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$R/etc/slurm.conf" || continue
+  for child in $(pgrep -P "$pid" 2>/dev/null); do kill -KILL -- "-$child" "$child" 2>/dev/null; done
+  kill -KILL "$pid" 2>/dev/null && echo "killed slurmstepd $pid left by an earlier run"
+done
 wave "$R/run/slurmdbd.pid" "$R/mysql-run/mysqld.pid" "$R/run/munged.pid"
 [ "${SLURM_CI_WIPE:-0}" = 1 ] && rm -rf "$R"
 exit 0

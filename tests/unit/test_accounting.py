@@ -200,3 +200,11 @@ def test_status_json_is_strict_and_sums_every_run(tmp_path: Path) -> None:
     doc = json.loads(out, parse_constant=no_nan)
     ev = next(t for t in doc["tasks"] if t["role"] == "evaluate")
     assert ev["elapsed_s"] is None and ev["state"] == "UNKNOWN"
+
+
+def test_completed_only_when_metrics_and_job_agree(tmp_path: Path) -> None:
+    exp = _registry(tmp_path)
+    failed = FAULTS.splitlines()[2].replace("8|", "1_0|", 1)  # fold0/teacher's task ended FAILED 1:0
+    recs = group_rows(parse_sacct(failed + "\n"))
+    row = experiment_status(exp, records=recs, live={}).set_index(["fold", "role"]).loc[("fold0", "teacher")]
+    assert row["state"] == "FAILED" and row["metrics"] == "completed, task FAILED"

@@ -14,13 +14,41 @@ from bonehpc.paths import ExperimentPaths
 from bonehpc.train import run
 
 
-def test_holdout_final_and_ensemble(tiny_cfg) -> None:  # noqa: ANN001
+def test_holdout_final_and_ensemble(tiny_cfg, monkeypatch) -> None:  # noqa: ANN001
+    import bonehpc.metrics as M
+    from bonehpc.checkpoint import load_checkpoint
+    from bonehpc.data.shards import ShardReader
+
     cfg = apply_overrides(tiny_cfg, {"teacher.model": "hybrid_tiny", "train.max_steps_per_epoch": 2})
     paths = ExperimentPaths.of(cfg)
     for fold in (0, 1, "final"):
         run(cfg, fold, "teacher")
 
+    # the operating point is fitted on out-of-fold rows only: a spy sees every study it is given
+    seen: list[pd.DataFrame] = []
+    real_fit = M.fit_operating_point
+
+    def spy(studies: pd.DataFrame, temperature: float = 1.0) -> dict:
+        seen.append(studies.copy())
+        return real_fit(studies, temperature)
+
+    monkeypatch.setattr(M, "fit_operating_point", spy)
     results = evaluate_holdout(cfg)
+    index = ShardReader(cfg.data.shards).index
+    assert len(seen) == 1 and len(seen[0])
+    assert not set(seen[0]["study"]) & set(index.loc[index["split"] == "valid", "study"])  # no holdout row
+    oof = pd.concat([pd.read_csv(paths.role_dir(k, "teacher") / "predictions_val.csv") for k in (0, 1)])
+    assert set(seen[0]["study"]) == set(oof["study"])  # exactly the pooled out-of-fold studies
+    op = M.read_thresholds(paths.root)["teacher"]
+    assert op["value"] == pytest.approx(M.choose_threshold(seen[0]["label"], seen[0]["prob"])[0])
+    assert set(op["cross_fitted"]) == {"0", "1"}
+
+    # class weights are recorded by training and the probabilities corrected by their logit shift
+    summary = json.loads((paths.role_dir(0, "teacher") / "metrics.json").read_text())
+    rec = summary["prob_correction"]
+    w0, w1 = rec["class_weights"]
+    assert rec["logit_shift"] == pytest.approx(np.log(w1 / w0)) and rec["logit_shift"] != 0
+    assert load_checkpoint(paths.role_dir(0, "teacher") / "best.pt")["prob_correction"] == rec
     # No student was trained: those models are skipped, not faked.
     assert set(results) == {"final_teacher", "ensemble_teacher"}
 
@@ -34,6 +62,9 @@ def test_holdout_final_and_ensemble(tiny_cfg) -> None:  # noqa: ANN001
     np.testing.assert_allclose(final["prob"], direct["prob"], atol=1e-6)
     meta = json.loads((paths.holdout_dir("final_teacher") / "metrics.json").read_text())
     assert meta["status"] == "completed" and meta["kind"] == "final" and meta["n_images"] == len(final)
+    assert meta["threshold"]["value"] == op["value"]  # applied unchanged to the holdout
+    assert meta["metrics_oof_threshold"] == pytest.approx(M.evaluate_predictions(final, op["value"]), nan_ok=True)
+    assert results["final_teacher"]["oof_threshold"] == op["value"]
     assert meta["metrics"]["study_auroc"] == pytest.approx(results["final_teacher"]["study_auroc"], nan_ok=True)
 
     ens = pd.read_csv(paths.holdout_dir("ensemble_teacher") / "predictions.csv")

@@ -414,6 +414,11 @@ def _yaml_deep(c: Ctx) -> tuple[list[str], str]:
     return [*_submit_dry(c), "--params", _params_file(c, text)], r"best_params.yaml line 1: nested deeper than"
 
 
+def _yaml_huge(c: Ctx) -> tuple[list[str], str]:
+    text = "name: x\n" + "# padding\n" * 500_000  # 5 MB: refused before it is read
+    return [*_submit_dry(c), "--params", _params_file(c, text)], r"best_params.yaml: 5,000,008 bytes, more than"
+
+
 def _cli_nul(c: Ctx) -> tuple[list[str], str]:
     return ["status", "--exp", "a\x00b", "--run-root", str(c.tmp)], r"--exp: 'a\\x00b' holds the control character"
 
@@ -519,6 +524,74 @@ def _gradcam_holds_input(c: Ctx) -> tuple[list[str], str]:
     return argv, r"--gradcam .*cams holds input .*x.png"
 
 
+# Issue 20, second round: ids read back from jobs.json reach scancel's argv and `#SBATCH --dependency=`.
+
+
+def _registry(jobs: str, command: str, fragment: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    """An experiment folder whose jobs.json holds `jobs` (JSON text), then `bonehpc <command> --exp` on it."""
+
+    def build(c: Ctx) -> tuple[list[str], str]:
+        from bonehpc.config import load_config, save_config
+        from bonehpc.paths import ExperimentPaths
+
+        paths = ExperimentPaths.of(load_config(None, c.tiny()))
+        paths.root.mkdir(parents=True)
+        save_config(load_config(None, c.tiny()), paths.config)
+        paths.jobs.write_text(jobs)
+        return [*command.split(), "--exp", str(paths.root)], fragment
+
+    return build
+
+
+def _slurm_jobs(job_id: str = "7", task_id: str = "7_0", dependency: str = "") -> str:
+    import json
+
+    task = {"task_id": task_id, "fold": "fold0"}
+    job = {"kind": "train", "role": "teacher", "job_id": job_id, "dependency": dependency, "tasks": [task]}
+    return json.dumps({"submissions": [{"kind": "folds", "mode": "slurm", "workdir": "/", "jobs": [job]}]})
+
+
+# Issue 20, second round: a CSV or JSON file of 8 GiB (sparse: made at once, never read) is refused from its size.
+HUGE = 8 << 30
+HUGE_LINE = r"8,589,934,592 bytes, more than bonehpc reads"
+
+
+def _sparse(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(HUGE)
+    return path
+
+
+def _huge_mura_csv(c: Ctx) -> tuple[list[str], str]:
+    root = c.tmp / "mura"
+    shutil.copytree(c.world.root, root, ignore=shutil.ignore_patterns("*.png"))  # the CSVs are read first
+    _sparse(root / "MURA-v1.1" / "train_image_paths.csv")
+    return ["manifest", "--mura-root", str(root)], rf"train_image_paths.csv: {HUGE_LINE}"
+
+
+def _huge_manifest(command: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    def build(c: Ctx) -> tuple[list[str], str]:
+        m = str(_sparse(c.tmp / "m.csv"))
+        if command == "folds":
+            return ["folds", "--manifest", m, "--out", str(c.tmp / "f.csv")], rf"m.csv: {HUGE_LINE}"
+        return [
+            "pack",
+            "--mura-root",
+            str(c.world.root),
+            "--out",
+            str(c.tmp / "s"),
+            "--manifest",
+            m,
+        ], rf"m.csv: {HUGE_LINE}"
+
+    return build
+
+
+def _huge_predict_csv(c: Ctx) -> tuple[list[str], str]:
+    return _predict(c, "--out", str(c.tmp / "p.csv"), inp=_sparse(c.tmp / "list.csv")), rf"list.csv: {HUGE_LINE}"
+
+
 CASES = [
     # DATA: bonehpc synth / manifest / folds / pack and the config loader
     Case("csv-not-utf8", "DATA", _mura_csv_latin1),
@@ -571,6 +644,7 @@ CASES = [
     Case("name-percent-override", "HOSTILE", lambda c: (_submit_dry(c, "name=a%jb"), r"name: 'a%jb' is not a valid")),
     Case("name-semicolon-params", "HOSTILE", _name_in_params("name: a;reboot\n", r"name: 'a;reboot'")),
     Case("run-root-percent", "HOSTILE", lambda c: (_submit_dry(c, "run_root=/srv/%u/runs"), r"run_root: .*'%'")),
+    Case("run-root-tilde", "HOSTILE", lambda c: (_submit_dry(c, "run_root=~/runs"), r"run_root: '~/runs' starts with")),
     Case("profile-partition-newline", "HOSTILE", _profile_case('partition: "gpu\\nrm -rf ~"\n', r"partition: 'gpu\\n")),
     Case("profile-qos-space", "HOSTILE", _profile_case("qos: high prio\n", r"qos: 'high prio' is not a Slurm name")),
     Case(
@@ -587,6 +661,7 @@ CASES = [
     # family 4: inputs that would exhaust time or memory, refused before the expensive work
     Case("yaml-alias-bomb", "HOSTILE", _yaml_bomb),
     Case("yaml-50000-deep", "HOSTILE", _yaml_deep),
+    Case("yaml-5-mb", "HOSTILE", _yaml_huge),
     Case("name-nul-in-params", "HOSTILE", _name_in_params('name: "a\\0b"\n', r"name: 'a\\x00b'")),
     Case("cli-nul", "HOSTILE", _cli_nul),
     Case("predict-checkpoint-gigantic-model", "HOSTILE", _gigantic),
@@ -604,6 +679,33 @@ CASES = [
     Case("pack-size-change-into-existing-shards", "HOSTILE", _pack_size_change),
     Case("predict-gradcam-inside-input-folder", "HOSTILE", _gradcam_in_input),
     Case("predict-gradcam-holds-an-input", "HOSTILE", _gradcam_holds_input),
+    # issue 20, second round: jobs.json ids are Slurm ids (never an scancel option, never a second line)
+    Case(
+        "jobs-json-task-id-option",
+        "HOSTILE",
+        _registry(_slurm_jobs(task_id="--user=root"), "status", r"task_id: '--user=root' is not a Slurm job id"),
+    ),
+    Case(
+        "jobs-json-job-id-newline",
+        "HOSTILE",
+        _registry(_slurm_jobs(job_id="7\n#SBATCH --x"), "submit resubmit", r"job_id: '7\\n#SBATCH --x' is not"),
+    ),
+    Case(
+        "jobs-json-dependency-injection",
+        "HOSTILE",
+        _registry(_slurm_jobs(dependency="afterok:1 --wrap=x"), "submit resubmit", r"dependency: 'afterok:1 --wrap"),
+    ),
+    Case("jobs-json-deep", "HOSTILE", _registry("[" * 100_000, "status", r"jobs.json: nested too deep")),
+    Case(
+        "jobs-json-job-without-kind",
+        "HOSTILE",
+        _registry('{"submissions": [{"jobs": [{"tasks": []}]}]}', "submit resubmit", r"jobs\[0\]: expected .*'kind'"),
+    ),
+    Case("mura-csv-8-gib", "HOSTILE", _huge_mura_csv),
+    Case("folds-manifest-8-gib", "HOSTILE", _huge_manifest("folds")),
+    Case("pack-manifest-8-gib", "HOSTILE", _huge_manifest("pack")),
+    Case("predict-csv-8-gib", "HOSTILE", _huge_predict_csv),
+    Case("jobs-json-entry-not-object", "HOSTILE", _registry('{"submissions": [1]}', "status", r"submissions\[0\]: ")),
 ]
 
 
@@ -716,6 +818,27 @@ def test_resubmit_of_a_moved_experiment_writes_only_in_the_folder_given(world: W
     assert (new / "folds.csv").is_file() and load_config(new / "config.yaml").run_root == str(new.parent)
 
 
+def test_tune_status_of_a_moved_experiment_writes_only_in_the_folder_given(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import optuna
+
+    from bonehpc.config import load_config, save_config
+    from bonehpc.paths import ExperimentPaths
+    from bonehpc.tune import open_study, study_dir
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "old" / "runs", world.root, world.shards, "name=moved"))
+    study = open_study(cfg, create=True)  # the journal under old/runs/moved/tune/, one completed trial
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    save_config(cfg, study_dir(cfg) / "config.yaml")
+    new = tmp_path / "new" / "runs" / "moved"
+    new.parent.mkdir(parents=True)
+    ExperimentPaths.of(cfg).root.rename(new)
+    assert cli_main(["tune", "status", "--exp", str(new)]) == 0
+    assert list((tmp_path / "old" / "runs").iterdir()) == []  # no journal, no best_params.yaml at the old place
+    assert (new / "tune" / "best_params.yaml").is_file() and "COMPLETE=1" in capsys.readouterr().out
+
+
 def test_resubmit_of_a_renamed_experiment_is_refused_in_one_line(
     world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -762,6 +885,10 @@ def test_a_jpeg_named_png_claiming_20000_squared_is_refused_from_its_header(
     with pytest.raises(images.RejectedImageError, match=r"JPEG header claims 300x300 px, above the cap of 1000"):
         data[sof + 5 : sof + 9] = (300).to_bytes(2, "big") + (300).to_bytes(2, "big")
         images.decode_gray8(bytes(data), max_pixels=1000)
+    # a format whose header cannot be read first is not decoded (OpenCV reads Radiance HDR up to 1 Gpx)
+    hdr = b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 20000 +X 20000\n" + bytes(64)
+    with pytest.raises(images.RejectedImageError, match=r"not_an_image"):
+        images.decode_gray8(hdr)
 
 
 def _png(arr: object, exif_orientation: int = 1, sbit: int = 0) -> bytes:
@@ -822,3 +949,76 @@ def test_overlays_of_images_with_the_same_last_folders_get_two_files() -> None:
     assert overlay_name(a, study) != overlay_name(b, study)
     assert overlay_name(a, study).startswith("XR_HAND_patient1_study1_positive__image1__")
     assert overlay_name("/x/a b.png", "s/") != overlay_name("/x/a_b.png", "s/")  # same once made safe
+
+
+def test_ids_that_are_no_slurm_ids_never_reach_scancel_or_a_dependency(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bonehpc import slurm
+    from bonehpc.config import ConfigError
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(
+        slurm.subprocess, "run", lambda argv, **_: calls.append(argv) or subprocess.CompletedProcess(argv, 0)
+    )
+    slurm.cancel(["12_3", "--user=root", "-u", "4\n5", "9"], "test")
+    assert calls == [["scancel", "12_3", "9"]]
+    spec = slurm.ResourceSpec()
+    for dep in ("afterok:1\n#SBATCH --time=1", "afterok:-1", "afterany:1 2", "after:%j", "afterok:"):
+        with pytest.raises(ConfigError, match="dependency: .* is not a Slurm dependency"):
+            slurm.render_sbatch(spec, "/x/%j", "n", dependency=dep)
+    assert "#SBATCH --dependency=aftercorr:12,afterok:3_1:3_2" in slurm.render_sbatch(
+        spec, "/x/%j", "n", dependency="aftercorr:12,afterok:3_1:3_2"
+    )
+
+
+HOSTILE_MAKE = "a b'c\"d;touch PWNED `touch PWNED` $$(touch PWNED) * -x"
+"""As typed in `make status EXP=...` ($$ is make's $): a space, both quotes, ;, backticks, $(...), a glob."""
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("status", ["status", "--exp", "{v}", "--run-root", "{v}"]),
+        ("report", ["report", "--exp", "{v}", "--run-root", "{v}"]),
+        ("resubmit", ["submit", "resubmit", "--exp", "{v}", "--run-root", "{v}"]),
+        ("tune-status", ["tune", "status", "--exp", "{v}", "--run-root", "{v}", "--study", "{v}"]),
+        ("predict", ["predict", "--model", "{v}/{v}", "--input", "{v}", "--out", "{v}"]),
+        ("submit-folds", ["submit", "folds", "--config", "{v}", "--params", "{v}", "cluster.profile={v}"]),
+    ],
+)
+def test_make_variables_reach_bonehpc_as_one_word_each(tmp_path: Path, target: str, expected: list[str]) -> None:
+    """EXP, RUN_ROOT, CONFIG, PARAMS, PROFILE, STUDY, INPUT, OUT: each one argument, nothing run by a shell."""
+    import json
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / ".stamp").touch()  # `setup` is done
+    fake = venv / "bin" / "bonehpc"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint('ARGV=' + json.dumps(sys.argv[1:]))\n")
+    fake.chmod(0o755)
+    os.utime(venv / "bin" / ".stamp", (2**31, 2**31))  # newer than pyproject.toml
+    names = ("EXP", "RUN_ROOT", "CONFIG", "PARAMS", "PROFILE", "STUDY", "INPUT", "OUT")
+    res = subprocess.run(
+        ["make", "-s", "-C", str(root), target, f"VENV={venv}", *(f"{n}={HOSTILE_MAKE}" for n in names)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    value = HOSTILE_MAKE.replace("$$", "$")
+    argv = [json.loads(line[5:]) for line in res.stdout.splitlines() if line.startswith("ARGV=")]
+    assert argv == [[a.replace("{v}", value) for a in expected]], res.stdout + res.stderr
+    assert not list(tmp_path.glob("PWNED")) and not (root / "PWNED").exists()
+
+
+def test_huge_json_files_from_elsewhere_are_refused_or_unreadable_from_their_size(tmp_path: Path) -> None:
+    """manifest.json of a shard folder, metrics.json / calibration.json (read_json): 8 GiB sparse files."""
+    from bonehpc.data.shards import ShardError, load_manifest_json
+    from bonehpc.paths import read_json
+
+    _sparse(tmp_path / "shards" / "manifest.json")
+    with pytest.raises(ShardError, match=HUGE_LINE):
+        load_manifest_json(tmp_path / "shards")
+    assert read_json(_sparse(tmp_path / "metrics.json")) is None  # "unreadable", as a torn file

@@ -28,7 +28,7 @@ def test_dependency_strings_are_read_the_slurm_way() -> None:
 def test_machine_is_shared_out() -> None:
     # the project's 2-core VM: two tasks of one thread each
     assert plan_share("auto", cores=2, gpus=[], workers=1) == Share(2, 1, (), 2, 1)
-    assert plan_share(1, cores=2, gpus=[], workers=0).threads == 2
+    assert plan_share(1, cores=2, gpus=[], workers=1).threads == 2  # one at a time: both cores
     # an 8-GPU workstation: one task per GPU, its CUDA_VISIBLE_DEVICES, the loader workers paid from the cores
     share = plan_share("auto", cores=64, gpus=list(range(8)), workers=4)
     assert (share.slots, share.threads, share.gpus) == (8, 4, tuple((g,) for g in range(8)))
@@ -41,6 +41,12 @@ def test_machine_is_shared_out() -> None:
     assert visible_gpus({}, count=lambda: 2) == [0, 1]
     with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES"):
         visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-0f3a"})
+    from bonehpc.config import load_config
+
+    assert load_config(None, ["cluster.local_parallel=3"]).cluster.local_parallel == 3
+    for bad in ("0", "many"):
+        with pytest.raises(ConfigError, match="cluster.local_parallel"):
+            load_config(None, [f"cluster.local_parallel={bad}"])
 
 
 def _graph(tmp_path: Path, share: Share) -> tuple[LocalGraph, object]:
@@ -143,9 +149,9 @@ def test_ctrl_c_stops_every_task_a_rerun_resumes_and_concurrent_folds_match_one_
     time.sleep(1)
     assert _alive(str(cfg_path)) == [] and _alive(str(paths.config)) == []  # every task and trainer ended
     (entry,) = json.loads(paths.jobs.read_text())["submissions"]
-    teacher, student = (job["tasks"][0] for job in entry["jobs"])
-    assert teacher["state"] == "CANCELLED" and "interrupted" in teacher["reason"]
-    assert student["state"] == "CANCELLED" and "before it started" in student["reason"]
+    tasks = {job["role"]: job["tasks"][0] for job in entry["jobs"]}  # teacher (outputs) student
+    assert tasks["teacher"]["state"] == "CANCELLED" and "interrupted" in tasks["teacher"]["reason"]
+    assert tasks["student"]["state"] == "CANCELLED" and "before it started" in tasks["student"]["reason"]
     assert (paths.role_dir(0, "teacher") / "last.pt").is_file() and not paths.role_completed(0, "teacher")
 
     again = submit_folds(alone, only={("fold0", "teacher")}, evaluate=False)

@@ -298,3 +298,62 @@ def test_temperature_recovers_an_overconfident_model() -> None:
     assert expected_calibration_error(y, fixed) < expected_calibration_error(y, p_overconfident) / 3
     with pytest.raises(ValueError, match="temperature"):
         apply_temperature(p_overconfident, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- operating point
+
+
+def test_choose_threshold_is_the_best_cut_by_brute_force() -> None:
+    from sklearn.metrics import cohen_kappa_score, roc_curve
+
+    from bonehpc.metrics import choose_threshold
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(300) < 0.15).astype(int)
+    p = np.clip(0.3 * y + rng.normal(0.35, 0.15, 300), 0.001, 0.999).round(3)  # ties on purpose
+    t, k = choose_threshold(y, p, "kappa")
+    brute = max(cohen_kappa_score(y, (p > c).astype(int)) for c in np.unique(p))
+    assert k == pytest.approx(brute) and cohen_kappa_score(y, (p > t).astype(int)) == pytest.approx(brute)
+    assert t != 0.5
+    tj, j = choose_threshold(y, p, "youden")
+    fpr, tpr, _ = roc_curve(y, p)
+    assert j == pytest.approx(np.max(tpr - fpr))
+    yy = (p > tj).astype(int)
+    assert (yy[y == 1].mean() - yy[y == 0].mean()) == pytest.approx(j)
+    assert choose_threshold(np.zeros(5), p[:5]) == (0.5, pytest.approx(float("nan"), nan_ok=True))
+    with pytest.raises(ValueError, match="threshold method"):
+        choose_threshold(y, p, "accuracy")
+
+
+def test_cross_fitted_threshold_of_a_fold_ignores_that_fold() -> None:
+    from bonehpc.metrics import choose_threshold, cross_fitted_thresholds
+
+    rng = np.random.default_rng(0)
+    st = pd.DataFrame({"label": rng.integers(0, 2, 200), "fold": np.repeat([0, 1], 100)})
+    st["prob"] = np.clip(0.4 * st["label"] + rng.random(200) * 0.6, 0, 1)
+    cuts = cross_fitted_thresholds(st)
+    for k in (0, 1):
+        other = st[st.fold != k]
+        assert cuts[k] == choose_threshold(other["label"], other["prob"])[0]
+    st.loc[st.fold == 0, "prob"] = 1 - st.loc[st.fold == 0, "prob"]  # fold 0 changes: only fold 1's cut moves
+    assert cross_fitted_thresholds(st)[0] == cuts[0] and cross_fitted_thresholds(st)[1] != cuts[1]
+
+
+def test_logit_shift_undoes_class_weighting() -> None:
+    """The minimiser of a class-weighted log loss is q_w = w1 q / (w1 q + w0 (1 - q)); the shift gives q back,
+    and with it a mean probability equal to the prevalence."""
+    from bonehpc.distill import inverse_frequency_weights
+    from bonehpc.metrics import correct_prior, logit_shift, prob_correction_record
+
+    rng = np.random.default_rng(1)
+    q = rng.beta(1, 5, 20000)  # calibrated probabilities, prevalence ~0.17
+    y = (rng.random(q.size) < q).astype(int)
+    w0, w1 = inverse_frequency_weights(y).tolist()
+    qw = w1 * q / (w1 * q + w0 * (1 - q))
+    assert qw.mean() > y.mean() + 0.15  # what the weighted loss makes of them
+    fixed = correct_prior(qw, logit_shift([w0, w1]))
+    np.testing.assert_allclose(fixed, q, atol=1e-6)
+    assert abs(fixed.mean() - y.mean()) < 0.01
+    assert logit_shift(None) == 0.0 and prob_correction_record(None)["logit_shift"] == 0.0
+    with pytest.raises(ValueError, match="class weights"):
+        logit_shift([1.0, 0.0])

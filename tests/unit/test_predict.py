@@ -55,14 +55,14 @@ def test_unreadable_images_are_listed_and_studies_averaged(tiny_experiment: Path
     assert bad["prob"].isna().all() and bad["pred"].isna().all()
     ok = on_disk[on_disk.status == "ok"]
     assert ok["prob"].between(0, 1).all() and len(ok) >= 5
-    assert (ok["pred"] == (ok["prob"] > 0.5).astype(int)).all()
+    assert (ok["pred"] == (ok["prob"] > df.attrs["threshold"]).astype(int)).all()  # the stored out-of-fold cut
     studies = pd.read_csv(studies_csv_path(out)).set_index("study")
     assert studies_csv_path(out).name == "preds_studies.csv"
     assert len(studies) == 4
     for study, g in ok.groupby("study"):
         assert studies.loc[study, "prob"] == pytest.approx(g["prob"].mean(), abs=1e-12)
         assert studies.loc[study, "n_images"] == len(g)
-        assert studies.loc[study, "pred"] == int(g["prob"].mean() > 0.5)
+        assert studies.loc[study, "pred"] == int(g["prob"].mean() > df.attrs["threshold"])
     lonely = str(image_folder / "patient9" / "study1") + "/"
     assert studies.loc[lonely, "status"] == "no readable image" and studies.loc[lonely, "n_unreadable"] == 1
     mixed = str(image_folder / "patient0" / "study1") + "/"
@@ -194,9 +194,9 @@ def test_one_study_aggregation_in_predict_and_report(monkeypatch: pytest.MonkeyP
     calls: list[str] = []
     real = bonehpc.metrics.study_table
 
-    def spy(df: pd.DataFrame) -> pd.DataFrame:
+    def spy(df: pd.DataFrame, *args: float) -> pd.DataFrame:
         calls.append("x")
-        return real(df)
+        return real(df, *args)
 
     for mod in (bonehpc.metrics, bonehpc.predict):
         monkeypatch.setattr(mod, "study_table", spy)  # the report calls metrics.study_table (M.study_table)
@@ -308,3 +308,37 @@ def _copy(ckpt: Path, tmp_path: Path) -> Path:
     dst.parent.mkdir()
     shutil.copy(ckpt, dst)
     return dst
+
+
+def test_threshold_is_the_stored_out_of_fold_operating_point(
+    tiny_experiment: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """predict calls studies and images abnormal above the role's stored out-of-fold cut by default and says so;
+    --threshold 0.5 / a number / youden override it; oof without a stored cut, or a bad value, is one line, exit 2."""
+    from bonehpc.cli import main
+    from bonehpc.metrics import read_thresholds
+
+    op = read_thresholds(tiny_experiment)["student"]
+    model = tiny_experiment / "final" / "student"
+    df = predict(model, image_folder, tmp_path / "a.csv")
+    assert df.attrs["threshold"] == op["value"] and "out-of-fold operating point" in df.attrs["threshold_source"]
+    ok = df[df.status == "ok"]
+    assert (ok["pred"] == (ok["prob"] > op["value"]).astype(int)).all()
+    st = df.attrs["studies"].dropna(subset=["prob"])
+    assert (st["pred"] == (st["prob"] > op["value"]).astype(int)).all()
+    assert predict(model, image_folder, tmp_path / "b.csv", threshold="0.5").attrs["threshold"] == 0.5
+    youden = predict(model, image_folder, tmp_path / "c.csv", threshold="youden", calibrate=True)
+    assert youden.attrs["threshold"] == op["youden"]["value_calibrated"]
+
+    assert main(["predict", "--model", str(model), "--input", str(image_folder), "--out", str(tmp_path / "d.csv")]) == 0
+    assert f"threshold {op['value']:.4f}: out-of-fold operating point of student" in capsys.readouterr().out
+    alone = tmp_path / "alone" / "best.pt"  # a checkpoint outside any experiment: no stored cut
+    alone.parent.mkdir()
+    shutil.copy(model / "best.pt", alone)
+    assert predict(alone, image_folder, tmp_path / "e.csv").attrs["threshold"] == 0.5  # default falls back
+    for bad in ("oof", "1.5", "high"):
+        rc = main(["predict", "--model", str(alone), "--input", str(image_folder), "--out", str(tmp_path / "f.csv"),
+                   "--threshold", bad])  # fmt: skip
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "--threshold" in err
+        assert not (tmp_path / "f.csv").exists()

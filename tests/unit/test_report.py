@@ -28,6 +28,7 @@ SECTION_IDS = (
     "data",
     "cv",
     "holdout",
+    "operating",
     "bodyparts",
     "curves",
     "learning",
@@ -319,7 +320,8 @@ def test_holdout_protocol_calibration_data_counts_and_synthetic_seed_section(bui
 
     report = built / "report"
     html = (report / "index.html").read_text()
-    assert "select their epoch on a patient-grouped slice of the train patients" in html
+    assert "slice of the train patients is held out of their training and monitors it" in html
+    assert "they keep their last epoch" in html
     assert "The official valid split is evaluated once" in html
     # ECE beside the reliability diagram; the temperature was fitted out-of-fold by evaluate_holdout
     ece = pd.read_csv(report / "calibration_ece.csv").set_index("predictions")
@@ -415,3 +417,42 @@ def test_the_report_names_no_run_file_itself() -> None:
                 found.append(f"{path.name}:{node.lineno}: {text!r}")
     assert "metrics.json" in known and "predictions_val.csv" in known and "journal.log" in known
     assert not found, "literal file names in the report (use bonehpc.paths):\n" + "\n".join(found)
+
+
+def test_operating_point_section_and_the_final_model_flag(built: Path, tmp_path: Path) -> None:
+    """Kappa at 0.5 and at the out-of-fold cut (cross-fitted for CV) with CIs, overall and per body part; a final
+    model whose holdout kappa leaves its ensemble's CI is flagged in the report."""
+    from bonehpc.metrics import evaluate_predictions, read_thresholds
+    from bonehpc.report import build_report
+
+    rep = built / "report"
+    ci = pd.read_csv(rep / "operating_point_ci_long.csv")
+    op = read_thresholds(built)["teacher"]
+    sets = set(ci["model"])
+    cut = f"oof {op['value']:.3f}"
+    assert {"CV teacher @ 0.5", "CV teacher @ oof (cross-fitted)", f"holdout final_teacher @ {cut}"} <= sets
+    assert {"holdout final_teacher @ 0.5", f"holdout ensemble_teacher @ {cut}"} <= sets
+    preds = pd.read_csv(built / "holdout" / "final_teacher" / "predictions.csv")
+    row = ci[(ci.model == f"holdout final_teacher @ {cut}") & (ci.metric == "kappa") & (ci.body_part == "ALL")]
+    assert row["estimate"].iloc[0] == pytest.approx(evaluate_predictions(preds, op["value"])["study_kappa"])
+    assert {"ALL", *preds["body_part"]} <= set(ci["body_part"])
+    parts = pd.read_csv(rep / "operating_point_body_parts.csv")
+    assert f"kappa holdout final_teacher @ {cut}" in parts.columns and parts["body_part"].iloc[-1] == "ALL"
+    assert "operating_points" in (rep / "index.html").read_text()
+
+    exp = tmp_path / "tiny"
+    shutil.copytree(built, exp, ignore=shutil.ignore_patterns("report"))
+    bad = exp / "holdout" / "final_teacher" / "predictions.csv"
+    ens = pd.read_csv(exp / "holdout" / "ensemble_teacher" / "predictions.csv")
+    ens.assign(prob=np.where(ens["label"] == 1, 0.9, 0.1)).to_csv(
+        exp / "holdout" / "ensemble_teacher" / "predictions.csv", index=False
+    )
+    preds.assign(prob=np.where(preds["label"] == 1, 0.1, 0.9)).to_csv(bad, index=False)  # a bad epoch, exaggerated
+    build_report(exp)
+    md = (exp / "report" / "report.md").read_text()
+    flags = re.findall(
+        r"FLAG final_teacher: holdout study kappa -0\.\d+ at (0\.5|oof [\d.]+) is outside the 95 % CI "
+        r"\[1\.000, 1\.000\]",
+        md,
+    )
+    assert "0.5" in flags and cut in flags  # both cuts, in the holdout and the operating point sections

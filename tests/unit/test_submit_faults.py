@@ -50,21 +50,21 @@ def test_student_k_waits_for_teacher_k_only_and_the_old_evaluation_is_superseded
     _register(paths, [("fold0", "teacher", "55_0", "RUNNING"), ("holdout", "evaluate", "56", "PENDING")])
     with slurm.dry_run() as scripts:
         entry = from_jobs_submit().submit_folds(cfg)
-    deps = [(j["role"], [t["fold"] for t in j["tasks"] if "fold" in t], j["dependency"]) for j in entry["jobs"]]
-    assert deps[:4] == [
-        ("teacher", ["fold1", "final"], ""),
-        ("student", ["fold0"], "afterok:55_0"),  # its own teacher, the running one
-        ("student", ["fold1"], "afterok:DRY1_0"),  # not fold 0's teacher (the bug: one afterok for all)
-        ("student", ["final"], "afterok:DRY1_1"),
-    ]
-    assert deps[4][0] == "" and set(deps[4][2].removeprefix("afterany:").split(":")) == {
+    task_of = {(j["role"], t["fold"]): t["task_id"] for j in entry["jobs"] for t in j["tasks"] if "fold" in t}
+    task_of[("teacher", "fold0")] = "55_0"  # still running from the earlier submission
+    upstream = {"outputs": "teacher", "student": "outputs" if ("outputs", "fold0") in task_of else "teacher"}
+    stages = [j for j in entry["jobs"] if j["role"] in upstream]
+    assert {t["fold"] for j in stages for t in j["tasks"]} == {"fold0", "fold1", "final"}
+    for job in stages:  # each task waits for its own fold's upstream task, and for nothing else
+        assert len(job["tasks"]) == 1, job  # the folds' upstream tasks are in different jobs: one job per fold
+        fold = job["tasks"][0]["fold"]
+        assert job["dependency"] == f"afterok:{task_of[(upstream[job['role']], fold)]}", (job, task_of)
+    ev = entry["jobs"][-1]
+    assert ev["kind"] == "evaluate" and set(ev["dependency"].removeprefix("afterany:").split(":")) == {
         "55_0",
-        "DRY1",
-        "DRY2",
-        "DRY3",
-        "DRY4",
+        *(j["job_id"] for j in entry["jobs"][:-1]),
     }
-    assert len(scripts) == 5
+    assert len(scripts) == len(entry["jobs"])
     plan = from_jobs_submit().plan_folds(cfg, paths)
     assert plan.superseded == ["56"]  # the queued evaluation waits on the old tasks only: replaced
 
@@ -113,10 +113,15 @@ def test_tune_tops_up_to_trials_and_its_dry_run_writes_nothing(tmp_path, synth_r
         d = ExperimentPaths.of(cfg).role_dir(fold, "teacher")
         d.mkdir(parents=True)
         (d / "best.pt").write_bytes(b"")
+        (d / "metrics.json").write_text('{"status": "completed"}')
     journal = ExperimentPaths.of(cfg).tune_journal
+
+    def tune_tasks(entry: dict) -> int:
+        return sum(len(j["tasks"]) for j in entry["jobs"] if j["role"] == "tune")
+
     with slurm.dry_run():
         entry = submit_tune(cfg)
-    assert len(entry["jobs"][0]["tasks"]) == 5
+    assert tune_tasks(entry) == 5
     assert not journal.exists() and not tune.study_dir(cfg).exists()  # a dry run creates no study
 
     study = tune.prepare(cfg)
@@ -126,7 +131,7 @@ def test_tune_tops_up_to_trials_and_its_dry_run_writes_nothing(tmp_path, synth_r
     study.tell(study.ask(), state=tune.TrialState.FAIL)  # failed, not retried: it used up its slot
     with slurm.dry_run():
         entry = submit_tune(cfg)
-    assert len(entry["jobs"][0]["tasks"]) == 2  # 5 - 3, not another 5
+    assert tune_tasks(entry) == 2  # 5 - 3, not another 5
     done = apply_overrides(cfg, {"tune.trials": 3})
     with slurm.dry_run():
         assert submit_tune(done)["jobs"] == []
@@ -152,7 +157,7 @@ def test_make_status_and_report_take_the_run_root() -> None:
         check=True,
     ).stdout
     cmds = [line for line in out.splitlines() if "bonehpc " in line]
-    assert len(cmds) == 3 and all("--exp e --run-root /elsewhere" in c for c in cmds), cmds
+    assert len(cmds) == 3 and all("--exp 'e' --run-root '/elsewhere'" in c for c in cmds), cmds
 
 
 def test_a_time_limit_without_room_to_progress_is_refused(tmp_path, synth_root, shards_dir) -> None:
@@ -171,3 +176,29 @@ def test_a_time_limit_without_room_to_progress_is_refused(tmp_path, synth_root, 
     short.write_text("partition: debug\ntime_min: 2\nsignal_delay_s: 25\nsave_wait_s: 15\nstartup_s: 30\n")
     with slurm.dry_run():
         assert submit_folds(cfg)["jobs"]
+
+
+def test_a_second_evaluation_of_one_experiment_is_refused(tiny_cfg, tmp_path) -> None:
+    """Drill 5's two evaluations at once on one folder: the second stops naming the first, writes nothing."""
+    from bonehpc.config import save_config
+    from bonehpc.lease import LeaseHeldError
+    from jobs.evaluate import EvaluateTask
+
+    paths = ExperimentPaths.of(tiny_cfg)
+    cfg_path = tmp_path / "config.yaml"
+    save_config(tiny_cfg, cfg_path)
+    paths.holdout.mkdir(parents=True)
+    hold = (
+        "import sys, time; from bonehpc.lease import RunLease; RunLease(sys.argv[1]).acquire(); "
+        "print('held', flush=True); time.sleep(60)"
+    )
+    cmd = [sys.executable, "-c", hold, str(paths.holdout)]
+    holder = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(LeaseHeldError, match=f"evaluating this experiment: pid {holder.pid}"):
+            EvaluateTask(str(cfg_path))()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (paths.holdout / "outcome.json").exists()

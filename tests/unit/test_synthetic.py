@@ -210,3 +210,22 @@ def test_overwrite_never_deletes_a_real_data_set(tmp_path: Path) -> None:
         generate(tmp_path, patients=4, seed=0, max_side=32, overwrite=True)
     assert (real / "train_image_paths.csv").read_text() == "precious\n"
     assert read_marker(tmp_path) is None
+
+
+def test_abnormal_rate_option() -> None:
+    """`synth --abnormal-rate`: each split gets round(rate x studies) abnormal studies (both classes kept); the
+    default plan is unchanged; a rate outside (0, 1) is one line, exit 2."""
+    from bonehpc.cli import main
+    from bonehpc.data.synthetic import ABNORMAL_RATE, plan_studies
+
+    for rate in (0.15, 0.6):
+        plans = plan_studies(120, seed=3, abnormal_rate=rate)
+        for split in ("train", "valid"):
+            labels = [p.label for p in plans if p.split == split]
+            assert sum(labels) == min(max(round(rate * len(labels)), 1), len(labels) - 1)
+    assert [p.label for p in plan_studies(40, seed=1)] == [
+        p.label for p in plan_studies(40, seed=1, abnormal_rate=ABNORMAL_RATE)
+    ]
+    tiny = plan_studies(3, seed=0, abnormal_rate=0.01)
+    assert {p.label for p in tiny if p.split == "train"} == {0, 1}
+    assert main(["synth", "--out", "/nonexistent/never", "--patients", "4", "--abnormal-rate", "1.5"]) == 2

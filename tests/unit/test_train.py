@@ -470,3 +470,31 @@ def test_curves_writer_never_fails_a_run(tmp_path: Path, monkeypatch, caplog) ->
     curves.close()
     assert not curves.enabled and not (tmp_path / "missing").exists()
     assert [r.levelname for r in caplog.records if "curves" in r.getMessage()] == ["WARNING"]
+
+
+def test_final_model_keeps_its_last_epoch_unless_told_to_select(tiny_cfg, monkeypatch) -> None:  # noqa: ANN001
+    """train.final_epoch=last (default): the final run's best.pt is its last epoch, whatever the slice says (a
+    small slice cannot pick a bad epoch), no early stop; =best: the best epoch on the slice, as fold runs do."""
+    import bonehpc.train as train_mod
+    from bonehpc.config import ConfigError
+
+    real = train_mod._validate
+    scores = iter([0.9, 0.1, 0.9, 0.1])  # epoch 0 looks best on the slice
+
+    def fake(learner, data):  # noqa: ANN001, ANN202
+        val, preds = real(learner, data)
+        return {**val, "val/study_auroc": next(scores)}, preds
+
+    monkeypatch.setattr(train_mod, "_validate", fake)
+    over = {"teacher.model": "hybrid_tiny", "teacher.epochs": 2, "train.max_steps_per_epoch": 1, "train.patience": 1}
+    cfg = apply_overrides(tiny_cfg, {**over, "train.early_stop_metric": "val/study_auroc"})
+    paths = ExperimentPaths.of(cfg)
+    run(cfg, "final", "teacher")
+    last = json.loads((paths.role_dir("final", "teacher") / "metrics.json").read_text())
+    assert last["best_epoch"] == 1 and last["epochs_run"] == 2 and last["selection"]["epoch"].startswith("last")
+    assert load_checkpoint(paths.role_dir("final", "teacher") / "best.pt")["epoch"] == 2
+    run(apply_overrides(cfg, {"train.final_epoch": "best"}), "final", "teacher", paths.root / "sel")
+    sel = json.loads((paths.root / "sel" / "metrics.json").read_text())
+    assert sel["best_epoch"] == 0 and sel["selection"]["epoch"].startswith("best")
+    with pytest.raises(ConfigError, match="train.final_epoch"):
+        apply_overrides(cfg, {"train.final_epoch": "median"})

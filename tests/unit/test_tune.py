@@ -157,7 +157,8 @@ def _fake_teachers(cfg: ExperimentConfig) -> None:
     for fold in cfg.tune.folds:
         d = ExperimentPaths.of(cfg).role_dir(fold, "teacher")
         d.mkdir(parents=True, exist_ok=True)
-        (d / "best.pt").write_bytes(b"")  # prepare() only checks that the teacher exists
+        (d / "best.pt").write_bytes(b"")  # prepare() only checks that the teacher exists and completed
+        (d / "metrics.json").write_text('{"status": "completed"}')
 
 
 def test_study_identity_is_kept(tmp_path: Path) -> None:
@@ -527,3 +528,30 @@ def test_named_studies_keep_their_trials_apart(tmp_path: Path) -> None:
     with pytest.raises(TuneError, match="studies here: wide"):
         load_tune_config(exp, "nope")
     assert main(["tune", "status", "--exp", str(exp), "--study", "wide", "--json"]) == 0
+
+
+def test_submit_all_dry_run_shows_the_whole_chain(tmp_path: Path, synth_root: Path, shards_dir: Path) -> None:
+    """folds, then the trials waiting for the teacher of tune.folds, then the tuned folds after the study."""
+    from tinyexp import tiny_overrides
+
+    from bonehpc import slurm
+    from jobs.submit import submit_all, submit_tune
+
+    over = tiny_overrides(tmp_path / "runs", synth_root, shards_dir, "cluster.mode=slurm", "cluster.profile=dev")
+    cfg = load_config(None, [*over, "tune.trials=3", "tune.folds=[1]"])
+    with slurm.dry_run(), pytest.raises(TuneError, match="neither trained nor queued"):
+        submit_tune(cfg)  # alone: the teacher of fold 1 is neither trained nor queued
+    with slurm.dry_run() as scripts:
+        entry = submit_all(cfg)
+    assert [s.splitlines()[0] for s in scripts] == [
+        "##### train teacher job DRY1: array of 3 (fold0, fold1, final)",
+        "##### train outputs job DRY2: array of 3 (fold0, fold1, final)",
+        "##### train student job DRY3: array of 3 (fold0, fold1, final)",
+        "##### evaluate job DRY4",
+        "##### tune tune job DRY5: array of 3 (0, 1, 2)",  # no second outputs task for fold 1: it waits for DRY2_1
+        "##### submit tuned job DRY6",
+    ]
+    assert "#SBATCH --dependency=afterok:DRY2_1" in scripts[4] and "#SBATCH --kill-on-invalid-dep=yes" in scripts[4]
+    assert "#SBATCH --dependency=afterany:DRY5" in scripts[5] and "--gpus" not in scripts[5]
+    assert [j["dependency"] for j in entry["jobs"]][4:] == ["afterok:DRY2_1", "afterany:DRY5"]
+    assert not ExperimentPaths.of(cfg).root.exists()  # a dry run writes nothing
