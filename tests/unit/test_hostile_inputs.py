@@ -598,6 +598,10 @@ def _report_foreign(c: Ctx) -> tuple[list[str], str]:
     return ["report", "--exp", "notes", "--run-root", str(c.tmp)], r"notes is not an experiment folder"
 
 
+def _tune_dry(space: str, fragment: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    return lambda c: (["submit", "tune", "--dry-run", *c.tiny("cluster.mode=slurm", "tune.folds=[0]", space)], fragment)
+
+
 CASES = [
     # DATA: bonehpc synth / manifest / folds / pack and the config loader
     Case("csv-not-utf8", "DATA", _mura_csv_latin1),
@@ -708,6 +712,21 @@ CASES = [
         _registry('{"submissions": [{"jobs": [{"tasks": []}]}]}', "submit resubmit", r"jobs\[0\]: expected .*'kind'"),
     ),
     Case("report-into-a-folder-that-is-no-experiment", "HOSTILE", _report_foreign),
+    Case(
+        "tune-space-moves-the-run-root",
+        "HOSTILE",
+        _tune_dry(
+            "tune.space={run_root: {type: categorical, choices: [/tmp/a, /tmp/b]}}", r"run_root cannot be searched"
+        ),
+    ),
+    Case(
+        "tune-space-middle-choice-newline",
+        "HOSTILE",
+        _tune_dry(
+            'tune.space={student.model: {type: categorical, choices: [hybrid_tiny, "x\\n#SBATCH -t 1", hybrid_tiny]}}',
+            r"student.model: 'x\\n#SBATCH -t 1' holds the control character",
+        ),
+    ),
     Case("mura-csv-8-gib", "HOSTILE", _huge_mura_csv),
     Case("folds-manifest-8-gib", "HOSTILE", _huge_manifest("folds")),
     Case("pack-manifest-8-gib", "HOSTILE", _huge_manifest("pack")),
