@@ -602,6 +602,16 @@ def _tune_dry(space: str, fragment: str) -> Callable[[Ctx], tuple[list[str], str
     return lambda c: (["submit", "tune", "--dry-run", *c.tiny("cluster.mode=slurm", "tune.folds=[0]", space)], fragment)
 
 
+def _pack_setting_change(flag: str, value: str, was: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    """Another setting than pack_size changes every shard's bytes too: the same refusal (issue 20 family 5)."""
+
+    def build(c: Ctx) -> tuple[list[str], str]:
+        argv = ["pack", "--mura-root", str(c.world.root), "--out", str(c.world.shards), "--pack-size", "64"]
+        return [*argv, "--min-side", "0", flag, value, "--quiet"], rf"holds images packed with {was}, not .*--overwrite"
+
+    return build
+
+
 CASES = [
     # DATA: bonehpc synth / manifest / folds / pack and the config loader
     Case("csv-not-utf8", "DATA", _mura_csv_latin1),
@@ -726,6 +736,17 @@ CASES = [
             'tune.space={student.model: {type: categorical, choices: [hybrid_tiny, "x\\n#SBATCH -t 1", hybrid_tiny]}}',
             r"student.model: 'x\\n#SBATCH -t 1' holds the control character",
         ),
+    ),
+    Case(
+        "pack-fit-change-into-existing-shards", "HOSTILE", _pack_setting_change("--fit", "stretch", "fit 'letterbox'")
+    ),
+    Case(
+        "pack-compression-change-into-existing-shards",
+        "HOSTILE",
+        _pack_setting_change("--compression", "lzf", "compression 'none'"),
+    ),
+    Case(
+        "pack-min-side-change-into-existing-shards", "HOSTILE", _pack_setting_change("--min-side", "200", "min_side 0")
     ),
     Case("mura-csv-8-gib", "HOSTILE", _huge_mura_csv),
     Case("folds-manifest-8-gib", "HOSTILE", _huge_manifest("folds")),
