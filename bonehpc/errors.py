@@ -5,3 +5,7 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key."""
+
+
+class InputTooLargeError(ValueError):
+    """A CSV or JSON file larger than any bonehpc reads (bonehpc.fsio.read_bytes_bounded); names the file."""

@@ -17,7 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from bonehpc.errors import InputTooLargeError
+
 TMP_SUFFIX = ".tmp"
+MAX_TEXT_BYTES = 256 << 20
+"""The largest CSV or JSON file bonehpc reads (MURA's largest CSV is ~3 MB; a manifest of a million images
+~150 MB): a larger one, e.g. a sparse file of terabytes, is refused before a byte is read into memory."""
 
 
 def tmp_name_for(path: Path) -> Path:
@@ -42,6 +47,29 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_bytes_bounded(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of a CSV or JSON file, refused when over `max_bytes` (checked before reading, and while
+    reading: a file that grows, or one whose size the file system does not report, is still bounded).
+
+    Raises:
+        InputTooLargeError: the file is larger than `max_bytes`.
+        OSError: it cannot be read.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        data = b"" if size > max_bytes else f.read(max_bytes + 1)
+    if size > max_bytes or len(data) > max_bytes:
+        raise InputTooLargeError(
+            f"{path}: {max(size, len(data)):,} bytes, more than bonehpc reads from a CSV or JSON file ({max_bytes:,})"
+        )
+    return data
+
+
+def read_text_bounded(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """`read_bytes_bounded` decoded as UTF-8 (UnicodeDecodeError when it is not)."""
+    return read_bytes_bounded(path, max_bytes).decode("utf-8")
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], *, mkdir: bool = True) -> Path:

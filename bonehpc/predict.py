@@ -25,6 +25,7 @@ anything is computed; outputs are written atomically, so a failure leaves no hal
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import os
@@ -45,7 +46,7 @@ from bonehpc.checkpoint import BEST, build_model_from_checkpoint, load_checkpoin
 from bonehpc.config import ExperimentConfig, from_dict
 from bonehpc.constants import THRESHOLD
 from bonehpc.data.images import RejectedImageError, fit_square, letterbox_geometry, read_gray8
-from bonehpc.fsio import atomic_write_bytes, atomic_write_csv
+from bonehpc.fsio import atomic_write_bytes, atomic_write_csv, read_bytes_bounded
 from bonehpc.metrics import (
     CALIBRATION_FILE,
     apply_temperature,
@@ -258,7 +259,7 @@ def list_inputs(inputs: str | Path) -> list[Path]:
     if src.suffix.lower() != ".csv":
         raise PredictError(f"{src}: input must be a folder or a .csv of image paths")
     try:
-        df = pd.read_csv(src, header=None, dtype=str)
+        df = pd.read_csv(io.BytesIO(read_bytes_bounded(src)), header=None, dtype=str)
     except pd.errors.EmptyDataError:
         raise PredictError(f"{src}: empty CSV (no image paths)") from None
     except (UnicodeDecodeError, pd.errors.ParserError, OSError) as err:

@@ -336,7 +336,7 @@ def _submit_graph(ctx: slurm.SubmitContext, plan: Plan, kind: str, evaluate: boo
     outputs_jobs: list[dict[str, Any]] = []
     # teacher -> outputs (aftercorr) -> students: no student runs the teacher
     for folds, dependency in stage_groups(ctx, plan.outputs, teacher, plan, "teacher"):
-        outputs = slurm.submit(
+        job = slurm.submit(
             ctx,
             "train",
             OutputsTask(cfg_path, OUTPUTS_ROLE, ctx.workdir, nproc),
@@ -346,11 +346,11 @@ def _submit_graph(ctx: slurm.SubmitContext, plan: Plan, kind: str, evaluate: boo
             run_if=lambda fold: paths.role_completed(fold, "teacher"),
             label=fold_name,
         )
-        train_ids.append(outputs["job_id"])
-        outputs_jobs.append(outputs)
+        train_ids.append(job["job_id"])
+        outputs_jobs.append(job)
     # several outputs jobs: their tasks together (no single array to aftercorr on), so that student k still
     # waits for outputs k (afterok on exactly that task), never for teacher k only
-    outputs = outputs_jobs[0] if len(outputs_jobs) == 1 else None
+    outputs: dict[str, Any] | None = outputs_jobs[0] if len(outputs_jobs) == 1 else None
     if len(outputs_jobs) > 1:
         outputs = {"job_id": "", "tasks": [t for job in outputs_jobs for t in job["tasks"]]}
     for folds, dependency in student_groups(ctx, plan, teacher, outputs):

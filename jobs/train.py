@@ -125,7 +125,8 @@ def torchrun_command(
         ]
     else:
         cmd.append("--standalone")
-    return [*cmd, "-m", module, "--config", cfg_path, "--fold", str(fold), "--role", role]
+    # --config=PATH: a path that starts with '-' (run_root=-x) stays the option's value, not an option
+    return [*cmd, "-m", module, f"--config={cfg_path}", "--fold", str(fold), "--role", role]
 
 
 def _task_logging() -> None:

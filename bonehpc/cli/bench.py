@@ -58,7 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default="resnet50", help="teacher model (resnet50)")
     p.add_argument("--student", default="hybrid_small", help="student model (hybrid_small)")
     p.add_argument(
-        "--roles", type=_csv, default=("teacher", "student", "kd"), help="train steps to measure (teacher,student,kd)"
+        "--roles",
+        type=_csv,
+        default=("teacher", "student", "kd", "kd_cached", "outputs"),
+        help="train steps to measure (teacher,student,kd,kd_cached,outputs: kd_cached = student + cached teacher "
+        "logits, outputs = the teacher-outputs job's inference)",
     )
     p.add_argument("--kd", default="soft", choices=("soft", "hard"), help="distillation kind of the KD step")
     p.add_argument("--workers", type=int, default=0, help="loader workers (0: min(8, cores - 1))")

@@ -82,11 +82,20 @@ def _input_error(command: str, message: str) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from bonehpc.paths import JOBS_REGISTRY, RUN_CONFIG
     from bonehpc.report import build_report
 
     exp_dir = Path(args.run_root) / args.exp
     if not exp_dir.is_dir():
         return _input_error("report", f"experiment folder not found: {exp_dir}")
+    # the report goes into <folder>/report/: only into a folder that bonehpc's runs made (its config, its
+    # jobs.json, or a run's saved config), never into any folder --exp/--run-root happen to name
+    if not any((exp_dir / f).is_file() for f in (RUN_CONFIG, JOBS_REGISTRY)) and not any(
+        exp_dir.glob(f"*/*/{RUN_CONFIG}")
+    ):
+        return _input_error(
+            "report", f"{exp_dir} is not an experiment folder (no {RUN_CONFIG}, {JOBS_REGISTRY} or runs in it)"
+        )
     index = build_report(exp_dir)
     print(index)
     return 0

@@ -8,6 +8,7 @@ by it against the packed patients and data.num_folds, and cut into the two sides
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from bonehpc.fsio import atomic_write_csv
+from bonehpc.fsio import atomic_write_csv, read_bytes_bounded
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def read_folds(path: str | Path) -> pd.DataFrame:
     if not p.is_file():
         raise FoldError(f"folds file not found: {p}")
     try:
-        df = pd.read_csv(p, dtype={"patient": str})
+        df = pd.read_csv(io.BytesIO(read_bytes_bounded(p)), dtype={"patient": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise FoldError(f"{p}: not a readable folds CSV: {err}") from None
     missing = [c for c in ("patient", "fold") if c not in df.columns]

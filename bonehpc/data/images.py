@@ -151,18 +151,22 @@ _SAID: set[int] = set()
 def to_gray8(img: np.ndarray, bits: int | None = None) -> np.ndarray:
     """An image as cv2.imdecode(IMREAD_UNCHANGED) returns it, as uint8 gray [H, W].
 
-    BGR / BGRA (palette PNGs arrive as BGR) use the luma weights of cv2.cvtColor (alpha is dropped);
-    gray+alpha keeps the gray plane; 16-bit values are scaled by their data's bit depth (`bits`, else
-    `data_bits`) to 0..255: full 16-bit data by x / 257, 12-bit data by x x 255 / 4095, so that 12-bit
+    BGR / BGRA (palette PNGs arrive as BGR) use the luma weights of cv2.cvtColor (a constant alpha is
+    dropped); gray+alpha keeps the gray plane; 16-bit values are scaled by their data's bit depth (`bits`,
+    else `data_bits`) to 0..255: full 16-bit data by x / 257, 12-bit data by x x 255 / 4095, so that 12-bit
     X-rays are not packed almost black; each bit depth other than 16 is logged once per process.
 
     Raises:
-        RejectedImageError: ('unsupported') for other depths or channel counts.
+        RejectedImageError: ('unsupported') for other depths or channel counts, and an alpha that varies.
     """
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     if img.ndim == 3:
         channels = img.shape[2]
+        if channels in (2, 4) and img[:, :, -1].min() != img[:, :, -1].max():
+            # the picture then depends on the background it is shown over (an X-ray may even live in the
+            # alpha plane alone): dropping alpha would pack something else than the file shows, silently
+            raise RejectedImageError("unsupported", "transparent pixels (alpha varies); flatten the image first")
         if channels == 3:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
         elif channels == 4:

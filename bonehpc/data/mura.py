@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bonehpc.fsio import atomic_write_csv
+from bonehpc.fsio import atomic_write_csv, read_bytes_bounded
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def decode_utf8(data: bytes, name: str | Path) -> str:
 def _read_csv(path: Path) -> list[tuple[int, list[str]]]:
     """(line number, fields) of every non-blank row; malformed column counts are left to the caller."""
     try:
-        text = decode_utf8(path.read_bytes(), path)
+        text = decode_utf8(read_bytes_bounded(path), path)
     except OSError as err:
         raise ManifestError(f"{path}: cannot read ({err.strerror or err})") from None
     rows = []
@@ -412,7 +412,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if not p.is_file():
         raise ManifestError(f"manifest file not found: {p}")
     try:
-        text = decode_utf8(p.read_bytes(), p)
+        text = decode_utf8(read_bytes_bounded(p), p)
     except OSError as err:
         raise ManifestError(f"{p}: cannot read ({err.strerror or err})") from None
     if not text.strip():

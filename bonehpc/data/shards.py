@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import io
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from bonehpc.data.images import FITS
-from bonehpc.fsio import atomic_write_text, fsync_dir, tmp_name_for
+from bonehpc.fsio import atomic_write_text, fsync_dir, read_bytes_bounded, tmp_name_for
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +292,8 @@ def load_manifest_json(shards_dir: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ShardError(f"{p}: missing - the pack did not finish (or failed; see {REJECTED_CSV} there)")
     try:
-        info = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        info = json.loads(read_bytes_bounded(p))
+    except (OSError, ValueError, RecursionError) as err:
         raise ShardError(f"{p}: not readable JSON ({err})") from err
     if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
         found = info.get("format_version") if isinstance(info, dict) else None
@@ -305,7 +306,10 @@ def load_manifest_json(shards_dir: str | Path) -> dict[str, Any]:
 
 def _read_index(path: Path) -> pd.DataFrame:
     try:
-        df = pd.read_csv(path, dtype={"path": str, "study": str, "patient": str, "shard": str, "body_part": str})
+        df = pd.read_csv(
+            io.BytesIO(read_bytes_bounded(path)),
+            dtype={"path": str, "study": str, "patient": str, "shard": str, "body_part": str},
+        )
     except (OSError, ValueError) as err:
         raise ShardError(f"{path}: not readable ({err})") from err
     missing = [c for c in INDEX_COLUMNS if c not in df.columns]

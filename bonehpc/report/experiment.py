@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -15,6 +16,7 @@ import pandas as pd
 from bonehpc import metrics as M
 from bonehpc.config import ExperimentConfig, from_dict, read_yaml
 from bonehpc.constants import PRED_COLUMNS
+from bonehpc.fsio import read_bytes_bounded, read_text_bounded
 from bonehpc.paths import (
     CORE_ROLES,
     HOLDOUT_METRICS,
@@ -52,7 +54,7 @@ class Run:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_text())
+    data = json.loads(read_text_bounded(path))
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data
@@ -60,7 +62,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(read_text_bounded(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -73,7 +75,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
 
 def read_predictions(path: Path) -> pd.DataFrame:
     """A predictions CSV (image_id, study, body_part, label, prob); names the file and the missing columns."""
-    df = pd.read_csv(path)
+    df = pd.read_csv(io.BytesIO(read_bytes_bounded(path)))
     missing = [c for c in PRED_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing columns {missing}")

@@ -145,7 +145,8 @@ def test_tune_trial_with_workers_is_retried_after_usr2(slurm_cluster: str, exp_c
     )
     t0 = time.monotonic()
     entry = submit_tune(cfg, workdir=ROOT)
-    task_id = entry["jobs"][0]["tasks"][0]["task_id"]
+    # the tune array (after the teacher outputs job of tune.folds, when the graph has that stage)
+    task_id = next(j for j in entry["jobs"] if j["role"] == "tune")["tasks"][0]["task_id"]
     run_dir = trial_run_dir(cfg, 0, 0)
     _after_first_epoch(run_dir / "metrics.jsonl", ["scancel", "--signal=USR2", task_id])
     trials = _wait_study(cfg, 2, timeout_s=420)

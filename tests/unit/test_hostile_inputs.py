@@ -551,6 +551,67 @@ def _slurm_jobs(job_id: str = "7", task_id: str = "7_0", dependency: str = "") -
     return json.dumps({"submissions": [{"kind": "folds", "mode": "slurm", "workdir": "/", "jobs": [job]}]})
 
 
+# Issue 20, second round: a CSV or JSON file of 8 GiB (sparse: made at once, never read) is refused from its size.
+HUGE = 8 << 30
+HUGE_LINE = r"8,589,934,592 bytes, more than bonehpc reads"
+
+
+def _sparse(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(HUGE)
+    return path
+
+
+def _huge_mura_csv(c: Ctx) -> tuple[list[str], str]:
+    root = c.tmp / "mura"
+    shutil.copytree(c.world.root, root, ignore=shutil.ignore_patterns("*.png"))  # the CSVs are read first
+    _sparse(root / "MURA-v1.1" / "train_image_paths.csv")
+    return ["manifest", "--mura-root", str(root)], rf"train_image_paths.csv: {HUGE_LINE}"
+
+
+def _huge_manifest(command: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    def build(c: Ctx) -> tuple[list[str], str]:
+        m = str(_sparse(c.tmp / "m.csv"))
+        if command == "folds":
+            return ["folds", "--manifest", m, "--out", str(c.tmp / "f.csv")], rf"m.csv: {HUGE_LINE}"
+        return [
+            "pack",
+            "--mura-root",
+            str(c.world.root),
+            "--out",
+            str(c.tmp / "s"),
+            "--manifest",
+            m,
+        ], rf"m.csv: {HUGE_LINE}"
+
+    return build
+
+
+def _huge_predict_csv(c: Ctx) -> tuple[list[str], str]:
+    return _predict(c, "--out", str(c.tmp / "p.csv"), inp=_sparse(c.tmp / "list.csv")), rf"list.csv: {HUGE_LINE}"
+
+
+def _report_foreign(c: Ctx) -> tuple[list[str], str]:
+    (c.tmp / "notes" / "report").mkdir(parents=True)  # the user's own report/ folder: never written into
+    (c.tmp / "notes" / "report" / "index.html").write_text("mine")
+    return ["report", "--exp", "notes", "--run-root", str(c.tmp)], r"notes is not an experiment folder"
+
+
+def _tune_dry(space: str, fragment: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    return lambda c: (["submit", "tune", "--dry-run", *c.tiny("cluster.mode=slurm", "tune.folds=[0]", space)], fragment)
+
+
+def _pack_setting_change(flag: str, value: str, was: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    """Another setting than pack_size changes every shard's bytes too: the same refusal (issue 20 family 5)."""
+
+    def build(c: Ctx) -> tuple[list[str], str]:
+        argv = ["pack", "--mura-root", str(c.world.root), "--out", str(c.world.shards), "--pack-size", "64"]
+        return [*argv, "--min-side", "0", flag, value, "--quiet"], rf"holds images packed with {was}, not .*--overwrite"
+
+    return build
+
+
 CASES = [
     # DATA: bonehpc synth / manifest / folds / pack and the config loader
     Case("csv-not-utf8", "DATA", _mura_csv_latin1),
@@ -660,6 +721,37 @@ CASES = [
         "HOSTILE",
         _registry('{"submissions": [{"jobs": [{"tasks": []}]}]}', "submit resubmit", r"jobs\[0\]: expected .*'kind'"),
     ),
+    Case("report-into-a-folder-that-is-no-experiment", "HOSTILE", _report_foreign),
+    Case(
+        "tune-space-moves-the-run-root",
+        "HOSTILE",
+        _tune_dry(
+            "tune.space={run_root: {type: categorical, choices: [/tmp/a, /tmp/b]}}", r"run_root cannot be searched"
+        ),
+    ),
+    Case(
+        "tune-space-middle-choice-newline",
+        "HOSTILE",
+        _tune_dry(
+            'tune.space={student.model: {type: categorical, choices: [hybrid_tiny, "x\\n#SBATCH -t 1", hybrid_tiny]}}',
+            r"student.model: 'x\\n#SBATCH -t 1' holds the control character",
+        ),
+    ),
+    Case(
+        "pack-fit-change-into-existing-shards", "HOSTILE", _pack_setting_change("--fit", "stretch", "fit 'letterbox'")
+    ),
+    Case(
+        "pack-compression-change-into-existing-shards",
+        "HOSTILE",
+        _pack_setting_change("--compression", "lzf", "compression 'none'"),
+    ),
+    Case(
+        "pack-min-side-change-into-existing-shards", "HOSTILE", _pack_setting_change("--min-side", "200", "min_side 0")
+    ),
+    Case("mura-csv-8-gib", "HOSTILE", _huge_mura_csv),
+    Case("folds-manifest-8-gib", "HOSTILE", _huge_manifest("folds")),
+    Case("pack-manifest-8-gib", "HOSTILE", _huge_manifest("pack")),
+    Case("predict-csv-8-gib", "HOSTILE", _huge_predict_csv),
     Case("jobs-json-entry-not-object", "HOSTILE", _registry('{"submissions": [1]}', "status", r"submissions\[0\]: ")),
 ]
 
@@ -938,6 +1030,7 @@ HOSTILE_MAKE = "a b'c\"d;touch PWNED `touch PWNED` $$(touch PWNED) * -x"
         ("tune-status", ["tune", "status", "--exp", "{v}", "--run-root", "{v}", "--study", "{v}"]),
         ("predict", ["predict", "--model", "{v}/{v}", "--input", "{v}", "--out", "{v}"]),
         ("submit-folds", ["submit", "folds", "--config", "{v}", "--params", "{v}", "cluster.profile={v}"]),
+        ("verify", ["verify", "--full", "--", "{v}"]),  # data.shards of CONFIG (here: CONFIG itself)
     ],
 )
 def test_make_variables_reach_bonehpc_as_one_word_each(tmp_path: Path, target: str, expected: list[str]) -> None:
@@ -950,7 +1043,12 @@ def test_make_variables_reach_bonehpc_as_one_word_each(tmp_path: Path, target: s
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / ".stamp").touch()  # `setup` is done
     fake = venv / "bin" / "bonehpc"
-    fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint('ARGV=' + json.dumps(sys.argv[1:]))\n")
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        "if sys.argv[1] == 'config':\n    print(json.dumps({'data': {'shards': sys.argv[3]}}))\n"  # JSON is YAML
+        "else:\n    print('ARGV=' + json.dumps(sys.argv[1:]))\n"
+    )
+    (venv / "bin" / "python").symlink_to(sys.executable)
     fake.chmod(0o755)
     os.utime(venv / "bin" / ".stamp", (2**31, 2**31))  # newer than pyproject.toml
     names = ("EXP", "RUN_ROOT", "CONFIG", "PARAMS", "PROFILE", "STUDY", "INPUT", "OUT")
@@ -966,3 +1064,40 @@ def test_make_variables_reach_bonehpc_as_one_word_each(tmp_path: Path, target: s
     argv = [json.loads(line[5:]) for line in res.stdout.splitlines() if line.startswith("ARGV=")]
     assert argv == [[a.replace("{v}", value) for a in expected]], res.stdout + res.stderr
     assert not list(tmp_path.glob("PWNED")) and not (root / "PWNED").exists()
+
+
+def test_huge_json_files_from_elsewhere_are_refused_or_unreadable_from_their_size(tmp_path: Path) -> None:
+    """manifest.json of a shard folder, metrics.json / calibration.json (read_json): 8 GiB sparse files."""
+    from bonehpc.data.shards import ShardError, load_manifest_json
+    from bonehpc.paths import read_json
+
+    _sparse(tmp_path / "shards" / "manifest.json")
+    with pytest.raises(ShardError, match=HUGE_LINE):
+        load_manifest_json(tmp_path / "shards")
+    assert read_json(_sparse(tmp_path / "metrics.json")) is None  # "unreadable", as a torn file
+
+
+def test_a_config_path_starting_with_a_dash_reaches_the_trainer_as_its_value() -> None:
+    """run_root=-x (a valid folder name) must not turn the torchrun child's --config value into an option."""
+    from bonehpc.cli import build_parser
+    from jobs.train import torchrun_command
+
+    cmd = torchrun_command("-x/e/config.yaml", 0, "teacher", 1, "/usr/bin/python3", env={})
+    args = build_parser().parse_args(["train", *cmd[cmd.index("bonehpc.cli.train") + 1 :]])
+    assert (args.config, args.fold, args.role, args.overrides) == ("-x/e/config.yaml", "0", "teacher", [])
+
+
+@pytest.mark.parametrize("mode", ["LA", "RGBA"])
+def test_an_image_whose_alpha_varies_is_rejected_not_packed_as_its_colour_planes(tmp_path: Path, mode: str) -> None:
+    """The X-ray drawn in the alpha plane over black: dropping alpha would pack a black image without a word."""
+    import numpy as np
+    from PIL import Image
+
+    from bonehpc.data.images import RejectedImageError, read_gray8
+
+    xray = np.random.default_rng(0).integers(0, 256, (40, 50), dtype=np.uint8)
+    black = np.zeros_like(xray)
+    planes = [black, xray] if mode == "LA" else [black, black, black, xray]
+    Image.fromarray(np.stack(planes, -1), mode).save(tmp_path / "a.png")
+    with pytest.raises(RejectedImageError, match="transparent pixels"):
+        read_gray8(tmp_path / "a.png")

@@ -149,9 +149,9 @@ def test_ctrl_c_stops_every_task_a_rerun_resumes_and_concurrent_folds_match_one_
     time.sleep(1)
     assert _alive(str(cfg_path)) == [] and _alive(str(paths.config)) == []  # every task and trainer ended
     (entry,) = json.loads(paths.jobs.read_text())["submissions"]
-    teacher, student = (job["tasks"][0] for job in entry["jobs"])
-    assert teacher["state"] == "CANCELLED" and "interrupted" in teacher["reason"]
-    assert student["state"] == "CANCELLED" and "before it started" in student["reason"]
+    tasks = {job["role"]: job["tasks"][0] for job in entry["jobs"]}  # teacher (outputs) student
+    assert tasks["teacher"]["state"] == "CANCELLED" and "interrupted" in tasks["teacher"]["reason"]
+    assert tasks["student"]["state"] == "CANCELLED" and "before it started" in tasks["student"]["reason"]
     assert (paths.role_dir(0, "teacher") / "last.pt").is_file() and not paths.role_completed(0, "teacher")
 
     again = submit_folds(alone, only={("fold0", "teacher")}, evaluate=False)

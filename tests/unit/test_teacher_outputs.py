@@ -230,3 +230,22 @@ def test_report_cost_table_puts_outputs_beside_students(exp, tmp_path: Path) -> 
     save_config(other, ExperimentPaths.of(other).config)
     sec = section_distill_cost(load_experiment(ExperimentPaths.of(other).root))
     assert not [b for b in sec.blocks if hasattr(b, "df")] and "No teacher-outputs stage" in str(sec.blocks)
+
+
+def test_students_wait_for_their_own_folds_outputs_task() -> None:
+    """teacher -> outputs -> student per fold: aftercorr on one outputs array with the students' folds; otherwise
+    afterok on each student's own outputs task (new or still active), never on the teacher."""
+    from types import SimpleNamespace
+
+    from jobs.submit import Plan, student_groups
+
+    ctx = SimpleNamespace(mode="slurm")
+    teacher = {"job_id": "5", "tasks": [{"fold": "fold0", "task_id": "5_0"}, {"fold": "fold1", "task_id": "5_1"}]}
+    one = {"job_id": "9", "tasks": [{"fold": "fold0", "task_id": "9_0"}, {"fold": "fold1", "task_id": "9_1"}]}
+    plan = Plan([0, 1], [0, 1], True, {}, {}, outputs=[0, 1])
+    assert student_groups(ctx, plan, teacher, one) == [([0, 1], "aftercorr:9")]
+    merged = {"job_id": "", "tasks": [{"fold": "fold0", "task_id": "11_0"}]}  # several outputs jobs
+    plan = Plan([], [0, 1], True, {}, {("fold1", "outputs"): "7_1"}, outputs=[0])
+    assert student_groups(ctx, plan, None, merged) == [([0], "afterok:11_0"), ([1], "afterok:7_1")]
+    plan = Plan([1], [1], True, {}, {}, outputs=[])  # no outputs stage (online): the teacher
+    assert student_groups(ctx, plan, {"job_id": "5", "tasks": teacher["tasks"][1:]}, None) == [([1], "aftercorr:5")]
