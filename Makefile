@@ -74,7 +74,8 @@ pack: setup ## pack the data set of CONFIG into HDF5 shards (here; `bonehpc subm
 	$(BIN)/bonehpc pack --config $(call q,$(CONFIG)) $(ARGS)
 
 verify: setup ## full check (SHA-256) of the shards of CONFIG
-	$(BIN)/bonehpc verify --full $$($(BIN)/bonehpc config --config $(call q,$(CONFIG)) $(ARGS) | $(BIN)/python -c 'import sys,yaml; print(yaml.safe_load(sys.stdin)["data"]["shards"])')
+	@shards="$$($(BIN)/bonehpc config --config $(call q,$(CONFIG)) $(ARGS) | $(BIN)/python -c 'import sys,yaml; print(yaml.safe_load(sys.stdin)["data"]["shards"])')" && \
+	  set -x && $(BIN)/bonehpc verify --full -- "$$shards"
 
 submit-folds: setup ## submit the cross-validated teacher+student experiment of CONFIG (PROFILE=, PARAMS=)
 	$(BIN)/bonehpc submit folds --config $(call q,$(CONFIG)) $(PARAMS_ARG) $(DRY_ARG) $(PROFILE_ARG)

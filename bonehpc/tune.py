@@ -148,9 +148,18 @@ def trial_config(cfg: ExperimentConfig, params: Mapping[str, Any]) -> Experiment
         raise ConfigError(f"tune.space: applying {dict(params)} failed: {err}") from None
 
 
+FIXED_KEYS = ("name", "run_root", "cluster.", "tune.", "data.mura_root", "data.shards", "data.cross_split_patients")
+"""Keys a search may not vary: where the experiment, its jobs and its data are (a trial would write outside the
+study, or train on other data than its teachers), and the search itself."""
+
+
 def check_space(cfg: ExperimentConfig) -> None:
-    """Fail early when a space key is not a config key or a range end gives an invalid config."""
+    """Fail early (at submit) when a space key is not a config key, is one of FIXED_KEYS, or when a range end
+    or ANY categorical choice gives an invalid config (each is checked once, the other keys at a range end)."""
     dists = space_distributions(cfg.tune.space)
+    fixed = [k for k in dists if k in FIXED_KEYS or k.startswith(tuple(p for p in FIXED_KEYS if p.endswith(".")))]
+    if fixed:
+        raise ConfigError(f"tune.space: {', '.join(fixed)} cannot be searched (where the experiment and its data are)")
     for corner in (0, -1):
         sample: dict[str, Any] = {}
         for key, dist in dists.items():
@@ -160,6 +169,10 @@ def check_space(cfg: ExperimentConfig) -> None:
                 assert isinstance(dist, (FloatDistribution, IntDistribution))
                 sample[key] = dist.low if corner == 0 else dist.high
         trial_config(cfg, sample)
+        for key, dist in dists.items():
+            if isinstance(dist, CategoricalDistribution):
+                for choice in dist.choices[1:-1]:
+                    trial_config(cfg, {**sample, key: choice})
 
 
 def missing_teachers(cfg: ExperimentConfig) -> dict[int, Path]:

@@ -3,10 +3,10 @@
 For the teacher, the student, the KD step (student + frozen teacher forward), the cached KD step (student +
 teacher logits looked up by image id, `bonehpc.teacher_outputs.CachedTeacherOutputs`) and the outputs job's
 teacher inference (inference mode, the training autocast; compared with the teacher's training step), on a
-device-resident batch
-("ceiling": the synthetic backend, no reading, no augmentation) and end to end with each loader
-backend; eager and/or torch.compile. The timed windows of all sources of one model interleave, so
-that load changes on a shared machine hit every source alike.
+device-resident batch ("ceiling": the synthetic backend, no reading, no augmentation) and end to end with each
+loader backend; eager and/or torch.compile. The timed windows of all roles and sources of one mode interleave
+(teacher, student, kd, ... x ceiling, dali, torch, then again), so that load changes on a shared machine hit
+every source and every role alike: the kd cached / student ratio compares windows taken side by side.
 """
 
 from __future__ import annotations
@@ -244,8 +244,8 @@ class _TrainSection:
                 run["error"] = _error(err)
         return timers
 
-    def measure(self, mode: str, role: str, name: str, teacher: str | None) -> None:
-        """Warm up on every source, then interleave the timed windows (ceiling, dali, torch, ceiling, ...)."""
+    def _prepare(self, mode: str, role: str, name: str, teacher: str | None) -> list[tuple[dict[str, Any], _Timer]]:
+        """Build one role's step and warm it up on every source; its (run, timer) pairs."""
         try:
             cached_ids = None
             if role == "kd_cached":  # every id a stream can give: the ceiling's and the shards'
@@ -254,14 +254,19 @@ class _TrainSection:
         except Exception as err:  # noqa: BLE001
             log.exception("building %s %s failed", role, mode)
             self.out["runs"].append({"role": role, "mode": mode, "error": _error(err)})
-            return
-        timers = self._warm_up(step, mode, role, teacher)
+            return []
+        return self._warm_up(step, mode, role, teacher)
+
+    def measure(self, mode: str, roles: list[tuple[str, str, str | None]]) -> None:
+        """Warm up every role on every source, then interleave ALL their timed windows (student, kd, kd cached,
+        ... x ceiling, dali, torch, then again), so that load changes on a shared machine hit every ratio alike."""
+        timers = [pair for role, name, teacher in roles for pair in self._prepare(mode, role, name, teacher)]
         for _ in range(self.opts.repeats):
             for run, timer in list(timers):
                 try:
                     timer.window()
                 except Exception as err:  # noqa: BLE001
-                    log.exception("train benchmark %s/%s/%s failed", role, mode, run["source"])
+                    log.exception("train benchmark %s/%s/%s failed", run["role"], mode, run["source"])
                     run["error"] = _error(err)
                     timers.remove((run, timer))
         for run, timer in timers:
@@ -291,8 +296,7 @@ def bench_train(opts: BenchOptions, data: BenchData, dev: torch.device, workdir:
     section = _TrainSection(opts, data, dev)
     try:
         for mode in section.modes:
-            for role, name, teacher in roles:
-                section.measure(mode, role, name, teacher)
+            section.measure(mode, roles)
     finally:
         section.close()
     section.out["ratios"] = train_ratios(section.out["runs"])

@@ -45,7 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="accept a patient number in both the train and the valid split (data.cross_split_patients; "
         "refused by default: a holdout leak)",
     )
-    p.add_argument("--overwrite", action="store_true", help="repack an --out packed at another pack_size")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="repack an --out packed at another pack_size, fit, compression or min_side",
+    )
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser(

@@ -274,21 +274,27 @@ def _manifest_of(mura_root: str | Path, cross_split_patients: bool = False) -> p
     return build_manifest(mura_root, check_files=False, cross_split_patients=cross_split_patients)
 
 
-def check_size_change(out: Path, pack_size: int, overwrite: bool = False) -> None:
-    """Refuse to pack into a shard folder packed at another pack_size unless `overwrite`: every shard
-    would be replaced, and experiments that use the folder would silently get other images."""
-    old = None
+def check_size_change(out: Path, pack_size: int, overwrite: bool = False, **others: Any) -> None:
+    """Refuse to pack into a shard folder packed with other PackSettings (pack_size, and the `others` given:
+    fit, compression, min_side) unless `overwrite`: every shard would be replaced, and experiments that use
+    the folder would silently get other images."""
+    new = {"pack_size": pack_size, **others}
     for path in (out / PLAN_DIR / PLAN_JSON, out / MANIFEST_JSON):
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError, RecursionError):
             continue
-        old = (doc.get("settings") or doc).get("pack_size") if isinstance(doc, dict) else None
-        if old is not None:
+        old = (doc.get("settings") or doc) if isinstance(doc, dict) else None
+        if isinstance(old, dict) and old.get("pack_size") is not None:
             break
-    if old is not None and old != pack_size and not overwrite:
+    else:
+        return
+    changed = [k for k, v in new.items() if old.get(k) is not None and old[k] != v]
+    if changed and not overwrite:
+        k = changed[0]
+        was = f"at pack_size {old[k]}, not {new[k]}" if k == "pack_size" else f"with {k} {old[k]!r}, not {new[k]!r}"
         raise PackInputError(
-            f"--out {out} holds images packed at pack_size {old}, not {pack_size}: every shard would be "
+            f"--out {out} holds images packed {was}: every shard would be "
             "replaced; pass --overwrite to repack it, or give another folder"
         )
 
@@ -322,7 +328,7 @@ def plan_pack(
     out_dir = Path(out).resolve()
     check_out_folder(out_dir)
     if check:
-        check_size_change(out_dir, pack_size, overwrite)
+        check_size_change(out_dir, pack_size, overwrite, fit=fit, compression=compression, min_side=min_side)
     root = locate(mura_root).resolve()
     df = _manifest_of(root, cross_split_patients) if manifest is None else manifest
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
@@ -867,7 +873,7 @@ def pack_dataset(
     else:
         check_manifest(manifest, "the given manifest", cross_split_patients)
     check_out_folder(Path(out).resolve())
-    check_size_change(Path(out).resolve(), pack_size, overwrite)
+    check_size_change(Path(out).resolve(), pack_size, overwrite, fit=fit, compression=compression, min_side=min_side)
     check_free_space(Path(out).resolve(), len(manifest), pack_size, compression)
     out_dir = _open_out(out)
     with contextlib.ExitStack() as stack:

@@ -598,6 +598,20 @@ def _report_foreign(c: Ctx) -> tuple[list[str], str]:
     return ["report", "--exp", "notes", "--run-root", str(c.tmp)], r"notes is not an experiment folder"
 
 
+def _tune_dry(space: str, fragment: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    return lambda c: (["submit", "tune", "--dry-run", *c.tiny("cluster.mode=slurm", "tune.folds=[0]", space)], fragment)
+
+
+def _pack_setting_change(flag: str, value: str, was: str) -> Callable[[Ctx], tuple[list[str], str]]:
+    """Another setting than pack_size changes every shard's bytes too: the same refusal (issue 20 family 5)."""
+
+    def build(c: Ctx) -> tuple[list[str], str]:
+        argv = ["pack", "--mura-root", str(c.world.root), "--out", str(c.world.shards), "--pack-size", "64"]
+        return [*argv, "--min-side", "0", flag, value, "--quiet"], rf"holds images packed with {was}, not .*--overwrite"
+
+    return build
+
+
 CASES = [
     # DATA: bonehpc synth / manifest / folds / pack and the config loader
     Case("csv-not-utf8", "DATA", _mura_csv_latin1),
@@ -708,6 +722,32 @@ CASES = [
         _registry('{"submissions": [{"jobs": [{"tasks": []}]}]}', "submit resubmit", r"jobs\[0\]: expected .*'kind'"),
     ),
     Case("report-into-a-folder-that-is-no-experiment", "HOSTILE", _report_foreign),
+    Case(
+        "tune-space-moves-the-run-root",
+        "HOSTILE",
+        _tune_dry(
+            "tune.space={run_root: {type: categorical, choices: [/tmp/a, /tmp/b]}}", r"run_root cannot be searched"
+        ),
+    ),
+    Case(
+        "tune-space-middle-choice-newline",
+        "HOSTILE",
+        _tune_dry(
+            'tune.space={student.model: {type: categorical, choices: [hybrid_tiny, "x\\n#SBATCH -t 1", hybrid_tiny]}}',
+            r"student.model: 'x\\n#SBATCH -t 1' holds the control character",
+        ),
+    ),
+    Case(
+        "pack-fit-change-into-existing-shards", "HOSTILE", _pack_setting_change("--fit", "stretch", "fit 'letterbox'")
+    ),
+    Case(
+        "pack-compression-change-into-existing-shards",
+        "HOSTILE",
+        _pack_setting_change("--compression", "lzf", "compression 'none'"),
+    ),
+    Case(
+        "pack-min-side-change-into-existing-shards", "HOSTILE", _pack_setting_change("--min-side", "200", "min_side 0")
+    ),
     Case("mura-csv-8-gib", "HOSTILE", _huge_mura_csv),
     Case("folds-manifest-8-gib", "HOSTILE", _huge_manifest("folds")),
     Case("pack-manifest-8-gib", "HOSTILE", _huge_manifest("pack")),
@@ -990,6 +1030,7 @@ HOSTILE_MAKE = "a b'c\"d;touch PWNED `touch PWNED` $$(touch PWNED) * -x"
         ("tune-status", ["tune", "status", "--exp", "{v}", "--run-root", "{v}", "--study", "{v}"]),
         ("predict", ["predict", "--model", "{v}/{v}", "--input", "{v}", "--out", "{v}"]),
         ("submit-folds", ["submit", "folds", "--config", "{v}", "--params", "{v}", "cluster.profile={v}"]),
+        ("verify", ["verify", "--full", "--", "{v}"]),  # data.shards of CONFIG (here: CONFIG itself)
     ],
 )
 def test_make_variables_reach_bonehpc_as_one_word_each(tmp_path: Path, target: str, expected: list[str]) -> None:
@@ -1002,7 +1043,12 @@ def test_make_variables_reach_bonehpc_as_one_word_each(tmp_path: Path, target: s
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / ".stamp").touch()  # `setup` is done
     fake = venv / "bin" / "bonehpc"
-    fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint('ARGV=' + json.dumps(sys.argv[1:]))\n")
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        "if sys.argv[1] == 'config':\n    print(json.dumps({'data': {'shards': sys.argv[3]}}))\n"  # JSON is YAML
+        "else:\n    print('ARGV=' + json.dumps(sys.argv[1:]))\n"
+    )
+    (venv / "bin" / "python").symlink_to(sys.executable)
     fake.chmod(0o755)
     os.utime(venv / "bin" / ".stamp", (2**31, 2**31))  # newer than pyproject.toml
     names = ("EXP", "RUN_ROOT", "CONFIG", "PARAMS", "PROFILE", "STUDY", "INPUT", "OUT")

@@ -245,7 +245,9 @@ def test_resume_after_a_killed_pack(synth_root: Path, tmp_path: Path) -> None:
     assert again.shards_written == 1
     assert (out / "shard-00000.h5").stat().st_ino == before["shard-00000.h5"].st_ino
     verify_shards(out, full=True)
-    restyled = pack_dataset(synth_root, out, pack_size=32, fit="stretch", images_per_shard=16, workers=1)
+    restyled = pack_dataset(
+        synth_root, out, pack_size=32, fit="stretch", images_per_shard=16, workers=1, overwrite=True
+    )
     assert restyled.shards_skipped == 0
     assert ShardReader(out).info["fit"] == "stretch"
 
