@@ -3,15 +3,21 @@
 #
 # Root, no systemd: every daemon is started by hand and recorded in a PID file under the root dir, so
 # down.sh can stop exactly these processes. Installs the Debian packages when they are missing.
-# Env: SLURM_CI_ROOT (default /tmp/bonehpc-slurm), SLURM_CI_CPUS (declared CPUs, default 8),
-#      SLURM_CI_MEM_MB (default 16000), SLURM_CI_FAKE_GPUS (default 2), SLURM_CI_FRESH=1 (wipe the root first),
+# Env: SLURM_CI_ROOT (default /tmp/bonehpc-slurm), SLURM_CI_JOBS_PER_CORE (jobs sharing a core, default 4),
+#      SLURM_CI_MEM_MB (default 16000, at most the machine's), SLURM_CI_FAKE_GPUS (default 2), SLURM_CI_FRESH=1 (wipe the root first),
 #      SLURM_CI_CGROUP=1 (proctrack/task cgroup plugins instead of linuxproc + task/affinity; see slurm/README.md).
 # Ports: 3306 (MariaDB), 6817 (slurmctld), 6818 (slurmd), 6819 (slurmdbd), all on 127.0.0.1.
 set -euo pipefail
 R=${SLURM_CI_ROOT:-/tmp/bonehpc-slurm}
 H=$(hostname -s)
-NCPU=${SLURM_CI_CPUS:-8}
+SHARE=${SLURM_CI_JOBS_PER_CORE:-4}
 MEM_MB=${SLURM_CI_MEM_MB:-16000}
+if [ -n "${SLURM_CI_CPUS:-}" ]; then
+  # declaring more CPUs than exist folded several allocated cores onto one real core under core binding:
+  # a -c 2 step on a fragmented node failed to launch (exit 65). Sharing cores replaces it.
+  echo "up.sh: SLURM_CI_CPUS is no longer supported: the node declares the machine's CPU layout; set SLURM_CI_JOBS_PER_CORE (default 4) for jobs side by side" >&2
+  exit 2
+fi
 NGPU=${SLURM_CI_FAKE_GPUS:-2}
 CGROUP=${SLURM_CI_CGROUP:-0}
 T0=$(date +%s%N)
@@ -42,6 +48,13 @@ if [ -f "$R/run/slurmctld.pid" ] && kill -0 "$(cat "$R/run/slurmctld.pid")" 2>/d
   exit 1
 fi
 [ "${SLURM_CI_FRESH:-0}" = 1 ] && rm -rf "$R"
+# The node declares this machine's real layout (slurmd -C), so task/affinity binds allocated cores to
+# distinct real cores; side-by-side jobs come from sharing cores (OverSubscribe), not from phantom CPUs.
+LAYOUT=$(slurmd -C | head -1 | grep -o 'CPUs=[0-9]* Boards=[0-9]* SocketsPerBoard=[0-9]* CoresPerSocket=[0-9]* ThreadsPerCore=[0-9]*')
+[ -n "$LAYOUT" ] || { echo "up.sh: slurmd -C printed no CPU layout" >&2; exit 1; }
+NCPU=$(echo "$LAYOUT" | sed 's/^CPUs=\([0-9]*\).*/\1/')
+REAL_MB=$(slurmd -C | head -1 | grep -o 'RealMemory=[0-9]*' | cut -d= -f2)
+[ "$MEM_MB" -le "$REAL_MB" ] || MEM_MB=$REAL_MB
 mkdir -p "$R"/{etc,state,spool/"slurmd-$H",log,run,dev,mysql-data,mysql-run}
 export SLURM_CONF=$R/etc/slurm.conf
 
@@ -89,8 +102,6 @@ SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
-# lets the node declare more CPUs than it has, so arrays do not serialise on a 2-core machine
-SlurmdParameters=config_overrides
 GresTypes=gpu
 SlurmctldTimeout=30
 SlurmdTimeout=60
@@ -107,8 +118,10 @@ JobCompType=jobcomp/none
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
-NodeName=$H NodeAddr=127.0.0.1 CPUs=$NCPU RealMemory=$MEM_MB $gres State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=500 PriorityTier=1 PreemptMode=REQUEUE GraceTime=20
+NodeName=$H NodeAddr=127.0.0.1 $LAYOUT RealMemory=$MEM_MB $gres State=UNKNOWN
+# debug shares each core among up to $SHARE jobs (arrays run side by side on a small machine); urgent does not
+# share with debug, so an urgent job that needs the cores preempts (requeues) the debug jobs on them
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=500 PriorityTier=1 PreemptMode=REQUEUE GraceTime=20 OverSubscribe=FORCE:$SHARE
 PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP DefMemPerCPU=500 PriorityTier=10 PreemptMode=OFF
 CONF
 cat >"$R/etc/slurmdbd.conf" <<CONF
@@ -203,5 +216,5 @@ fi
 # an account like a real site's (the dev profile's `account:` names it)
 sacctmgr -i add account bonehpc Description=bonehpc Organization=dev >/dev/null 2>&1 || true
 sacctmgr -i add user root Account=bonehpc >/dev/null 2>&1 || true
-say "cluster up: node $H idle, $NCPU CPUs, $NGPU fake GPUs, partitions debug (default) and urgent"
+say "cluster up: node $H idle, $NCPU CPUs ($SHARE jobs per core in debug), $NGPU fake GPUs, partitions debug (default) and urgent"
 echo "export SLURM_CONF=$SLURM_CONF"

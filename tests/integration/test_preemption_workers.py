@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_submit_folds import _cfg, _row, _wait
+from test_submit_folds import _cfg, _row, _wait, node_cpus
 from test_tune_cluster import _wait_study, exp_cfg  # noqa: F401 (exp_cfg is a fixture used below)
 
 from bonehpc.config import apply_overrides
@@ -94,8 +94,7 @@ def test_requeue_with_workers_resumes_with_same_metrics(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_urgent_preemption_with_workers_resumes(slurm_cluster, synth_root, shards_dir, tmp_path, backend: str) -> None:
-    # the urgent job asks the whole node (8 declared CPUs), so it preempts the task; the task asks 2 (the real
-    # cores: with TaskPluginParam=Cores a step cannot be laid out on more cores than the VM has)
+    # the urgent job asks every CPU of the node, so it preempts the task (urgent does not share cores with debug)
     profile = tmp_path / "fill.yaml"
     profile.write_text(
         "partition: debug\ncpus_per_task: 2\nmem_gb: 3\ntime_min: 30\nsignal_delay_s: 60\nsave_wait_s: 15\n"
@@ -112,7 +111,18 @@ def test_urgent_preemption_with_workers_resumes(slurm_cluster, synth_root, shard
     submit_folds(cfg, only={("fold0", "teacher")}, evaluate=False)
     paths = ExperimentPaths.of(cfg)
     run_dir = paths.role_dir(0, "teacher")
-    urgent = ["sbatch", "--parsable", "-p", "urgent", "-c", "8", "-J", "urgent", "-o", str(tmp_path / "urgent.out")]
+    urgent = [
+        "sbatch",
+        "--parsable",
+        "-p",
+        "urgent",
+        "-c",
+        node_cpus(),
+        "-J",
+        "urgent",
+        "-o",
+        str(tmp_path / "urgent.out"),
+    ]
     _after_first_epoch(run_dir / "metrics.jsonl", [*urgent, "--wrap", "sleep 3"])
     df = _wait(paths.root)
     row = _row(df, "fold0", "teacher")

@@ -24,6 +24,11 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 
 
+def node_cpus() -> str:
+    """The dev node's CPU count (the machine's own: slurm/dev/up.sh declares its real layout)."""
+    return subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, check=True).stdout.split()[0]
+
+
 def _cfg(root: Path, synth_root: Path, shards_dir: Path, name: str, *extra: str) -> ExperimentConfig:
     overrides = tiny_overrides(
         root, synth_root, shards_dir, f"name={name}", "cluster.mode=slurm", "cluster.profile=dev"
@@ -204,8 +209,8 @@ def test_requeued_training_resumes_with_same_metrics(slurm_cluster, synth_root, 
 
 
 def test_preempted_by_urgent_partition_resumes(slurm_cluster, synth_root, shards_dir, tmp_path) -> None:
-    # the urgent job below asks the whole node (8 declared CPUs), so it preempts the task; the task asks 2 (the
-    # VM's real cores: with TaskPluginParam=Cores a step cannot be laid out on more). The time limit is long
+    # the urgent job below asks every CPU of the node, so it preempts the task (urgent does not share cores with
+    # debug jobs). The time limit is long
     # enough that submitit calls the signal a preemption (not a timeout: it does not use up max_num_timeout)
     profile = tmp_path / "fill.yaml"
     profile.write_text(
@@ -228,7 +233,7 @@ def test_preempted_by_urgent_partition_resumes(slurm_cluster, synth_root, shards
             "-p",
             "urgent",
             "-c",
-            "8",
+            node_cpus(),
             "-J",
             "urgent",
             "-o",
