@@ -11,7 +11,6 @@ asking it for 17 makes it export 18 and then try a down-conversion that fails fo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from bonehpc.checkpoint import build_model_from_checkpoint, load_checkpoint
-from bonehpc.fsio import atomic_write_json, tmp_name_for
+from bonehpc.fsio import atomic_write_json, load_json_bounded, tmp_name_for
 from bonehpc.paths import BEST_CKPT, LAST_CKPT
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ def _check_out(out: Path) -> None:
     info = Path(f"{out}.json")
     if out.exists():
         try:
-            ours = json.loads(info.read_text(encoding="utf-8")).get("path") == str(out)
+            ours = load_json_bounded(info).get("path") == str(out)
         except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:

@@ -72,6 +72,16 @@ def read_text_bounded(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
     return read_bytes_bounded(path, max_bytes).decode("utf-8")
 
 
+def load_json_bounded(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> Any:
+    """The JSON document in `path`: ValueError (never RecursionError or MemoryError) for one that is not JSON,
+    nested deeper than the parser's stack, or larger than `max_bytes`; OSError when it cannot be read."""
+    data = read_bytes_bounded(path, max_bytes)
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deep") from None
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], *, mkdir: bool = True) -> Path:
     """Call ``write(f)`` on a binary file that replaces `path` atomically once it returns."""
     p = Path(path)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bonehpc.fsio import read_text_bounded
+from bonehpc.fsio import load_json_bounded
 
 if TYPE_CHECKING:
     from bonehpc.config import ExperimentConfig
@@ -53,7 +52,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
     """The JSON object in `path`, or None when it is missing or unreadable (a half-written file cannot
     exist: bonehpc writes atomically)."""
     try:
-        obj = json.loads(read_text_bounded(path))  # ValueError too: a file larger than bonehpc reads
+        obj = load_json_bounded(path)  # ValueError also for a file too large or nested too deep
     except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
         return None
     return obj if isinstance(obj, dict) else None

@@ -59,7 +59,7 @@ from bonehpc.data.shards import (
     shard_name,
     write_manifest_json,
 )
-from bonehpc.fsio import TMP_SUFFIX, atomic_write_csv, atomic_write_text
+from bonehpc.fsio import TMP_SUFFIX, atomic_write_csv, atomic_write_text, load_json_bounded
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +281,8 @@ def check_size_change(out: Path, pack_size: int, overwrite: bool = False, **othe
     new = {"pack_size": pack_size, **others}
     for path in (out / PLAN_DIR / PLAN_JSON, out / MANIFEST_JSON):
         try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError, RecursionError):
+            doc = load_json_bounded(path)
+        except (OSError, ValueError):
             continue
         old = (doc.get("settings") or doc) if isinstance(doc, dict) else None
         if isinstance(old, dict) and old.get("pack_size") is not None:

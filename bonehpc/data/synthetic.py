@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from bonehpc import __version__
+from bonehpc.fsio import load_json_bounded
 
 log = logging.getLogger(__name__)
 
@@ -615,7 +616,7 @@ def read_marker(mura_root: Path | str) -> dict[str, Any] | None:
         path = folder / SYNTHETIC_MARKER
         if path.is_file():
             try:
-                doc = json.loads(path.read_text(encoding="utf-8"))
+                doc = load_json_bounded(path)  # a marker from elsewhere: never a RecursionError
             except (OSError, ValueError):
                 return None
             return doc if isinstance(doc, dict) and doc.get("synthetic") is True else None

@@ -1101,3 +1101,22 @@ def test_an_image_whose_alpha_varies_is_rejected_not_packed_as_its_colour_planes
     Image.fromarray(np.stack(planes, -1), mode).save(tmp_path / "a.png")
     with pytest.raises(RejectedImageError, match="transparent pixels"):
         read_gray8(tmp_path / "a.png")
+
+
+def test_small_json_files_from_elsewhere_nested_50000_deep_are_unreadable_not_a_traceback(tmp_path: Path) -> None:
+    """The synthetic marker of a data set (pack read it last: every shard written, then a RecursionError), the
+    .onnx.json beside an export's --out, run metrics: each a ValueError to its reader, never a RecursionError."""
+    from bonehpc.data.synthetic import SYNTHETIC_MARKER, read_marker
+    from bonehpc.export import ExportError, _check_out
+    from bonehpc.paths import read_json
+
+    deep = "[" * 50_000
+    (tmp_path / "MURA-v1.1").mkdir()
+    (tmp_path / "MURA-v1.1" / SYNTHETIC_MARKER).write_text(deep)
+    assert read_marker(tmp_path) is None  # not a marker bonehpc wrote: real data
+    (tmp_path / "m.onnx").write_text("someone's model")
+    (tmp_path / "m.onnx.json").write_text(deep)
+    with pytest.raises(ExportError, match="was not written by bonehpc export"):
+        _check_out(tmp_path / "m.onnx")
+    (tmp_path / "metrics.json").write_text(deep)
+    assert read_json(tmp_path / "metrics.json") is None
