@@ -259,22 +259,31 @@ def out_of_fold(exp_root: str | Path, role: str, num_folds: int) -> tuple[pd.Dat
     return (pd.concat(frames, ignore_index=True) if frames else None), folds, corrections
 
 
-def fit_operating_point(studies: pd.DataFrame, temperature: float = 1.0) -> dict[str, Any]:
+def fit_operating_point(
+    studies: pd.DataFrame, temperature: float = 1.0, calibrated: pd.DataFrame | None = None
+) -> dict[str, Any]:
     """The operating point of a role from its pooled OUT-OF-FOLD study table (study_table rows plus a fold
     column; never holdout studies): the kappa-optimal cut (the one applied), Youden's J cut (named option), both
-    also on the temperature-scaled scale, and the cross-fitted cut of each fold (`cross_fitted_thresholds`)."""
+    also on the temperature-scaled scale (chosen on `calibrated`, the study table of the temperature-scaled
+    images, when given: a study is a mean of images, so the scaled cut is not the scaled number), and the
+    cross-fitted cut of each fold (`cross_fitted_thresholds`)."""
     y, p = studies["label"].to_numpy(), studies["prob"].to_numpy(dtype=float)
     kt, ks = choose_threshold(y, p, "kappa")
     yt, ys = choose_threshold(y, p, "youden")
+    if calibrated is not None:
+        yc, pc = calibrated["label"].to_numpy(), calibrated["prob"].to_numpy(dtype=float)
+        kc, jc = choose_threshold(yc, pc, "kappa")[0], choose_threshold(yc, pc, "youden")[0]
+    else:
+        kc, jc = (float(apply_temperature(np.array([t]), temperature)[0]) for t in (kt, yt))
     return {
         "method": "kappa",
         "value": kt,
         "kappa": ks,
-        "value_calibrated": float(apply_temperature(np.array([kt]), temperature)[0]),
+        "value_calibrated": kc,
         "youden": {
             "value": yt,
             "j": ys,
-            "value_calibrated": float(apply_temperature(np.array([yt]), temperature)[0]),
+            "value_calibrated": jc,
         },
         "cross_fitted": {str(k): v for k, v in cross_fitted_thresholds(studies).items()},
         "n_studies": len(studies),
@@ -322,7 +331,7 @@ def write_calibration(exp_root: str | Path, roles: tuple[str, ...] | list[str], 
             "mean_prob_uncorrected": float(raw.mean()),
             "ece_uncorrected": expected_calibration_error(y, raw),
             "prob_correction": dict(zip(map(str, folds), corrections, strict=True)),
-            "threshold": fit_operating_point(studies, t),
+            "threshold": fit_operating_point(studies, t, study_table(oof.assign(prob=apply_temperature(p, t)))),
         }
     doc = {
         "method": "temperature scaling: p -> sigmoid(logit(p) / T), T minimising the log loss; operating point: "

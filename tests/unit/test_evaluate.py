@@ -28,15 +28,16 @@ def test_holdout_final_and_ensemble(tiny_cfg, monkeypatch) -> None:  # noqa: ANN
     seen: list[pd.DataFrame] = []
     real_fit = M.fit_operating_point
 
-    def spy(studies: pd.DataFrame, temperature: float = 1.0) -> dict:
-        seen.append(studies.copy())
-        return real_fit(studies, temperature)
+    def spy(studies: pd.DataFrame, *rest: object) -> dict:
+        seen.extend([studies.copy(), *(r for r in rest if isinstance(r, pd.DataFrame))])
+        return real_fit(studies, *rest)
 
     monkeypatch.setattr(M, "fit_operating_point", spy)
     results = evaluate_holdout(cfg)
     index = ShardReader(cfg.data.shards).index
-    assert len(seen) == 1 and len(seen[0])
-    assert not set(seen[0]["study"]) & set(index.loc[index["split"] == "valid", "study"])  # no holdout row
+    assert len(seen) == 2 and all(len(t) for t in seen)  # the study table and its temperature-scaled twin
+    for table in seen:
+        assert not set(table["study"]) & set(index.loc[index["split"] == "valid", "study"])  # no holdout row
     oof = pd.concat([pd.read_csv(paths.role_dir(k, "teacher") / "predictions_val.csv") for k in (0, 1)])
     assert set(seen[0]["study"]) == set(oof["study"])  # exactly the pooled out-of-fold studies
     op = M.read_thresholds(paths.root)["teacher"]
