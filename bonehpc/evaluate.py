@@ -10,7 +10,7 @@ checkpoints) and ensemble_teacher, ensemble_student (mean probability of the fol
 role, over the folds whose best.pt exists; the folds used and missing are recorded); with the
 optional no-KD baseline (distill.baseline: `bonehpc.paths.experiment_roles`), final_baseline and
 ensemble_baseline too.
-Before any holdout prediction it fits one temperature per role on the folds' out-of-fold predictions
+Before any holdout prediction it fits one temperature and bias per role on the folds' out-of-fold predictions
 (`bonehpc.metrics.write_calibration` -> `calibration.json` at the experiment root).
 """
 
@@ -96,13 +96,16 @@ def _calibrate(paths: ExperimentPaths, cfg: ExperimentConfig) -> dict[str, dict[
     for role, c in calib["roles"].items():
         op = c["threshold"]
         log.info(
-            "%s: temperature %.3f (out-of-fold image ECE %.4f -> %.4f), mean probability %.3f vs prevalence %.3f, "
+            "%s: temperature %.3f, bias %+.3f (out-of-fold image ECE %.4f -> %.4f), mean probability %.3f "
+            "(recalibrated %.3f) vs prevalence %.3f, "
             "operating point %.3f (out-of-fold study kappa %.3f; Youden's J cut %.3f)",
             role,
             c["temperature"],
+            c["bias"],
             c["ece_before"],
             c["ece_after"],
             c["mean_prob"],
+            c["mean_prob_calibrated"],
             c["prevalence"],
             op["value"],
             op["kappa"],

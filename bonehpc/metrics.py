@@ -63,6 +63,9 @@ CI_LEVEL = 0.95
 CI_METRICS = ("kappa", "auroc", "f1", "accuracy")
 # Temperature-scaling record at the experiment root: written by `bonehpc evaluate`, read by report and predict.
 CALIBRATION_FILE = "calibration.json"
+# What a calibration file may hold (fit_calibration keeps T in the first; its bias search spans the second).
+TEMPERATURE_RANGE = (0.05, 20.0)
+BIAS_RANGE = (-50.0, 50.0)
 # Largest resamples x studies block held in memory at once (float64: 8 bytes each).
 _BLOCK = 4_000_000
 
@@ -227,6 +230,41 @@ def fit_temperature(y: np.ndarray, p: np.ndarray) -> float:
     return float(grid[int(np.argmin(nll))])
 
 
+def fit_calibration(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """(T, b) of the logistic recalibration p -> sigmoid(logit(p) / T + b), maximum likelihood (unpenalised
+    scikit-learn LogisticRegression on logit(p)).
+
+    Fit it on out-of-fold predictions only (never on the holdout). The bias b absorbs what the class-weight logit
+    shift leaves over (a small net that overfits its train folds is over-confident, so the fixed log(w1/w0) shift
+    over-corrects); at the optimum the mean recalibrated probability equals the prevalence of the rows it was fitted
+    on. T is kept in TEMPERATURE_RANGE (then b is refitted alone), and one class only gives (1, 0).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(y, dtype=int)
+    z = _logit(np.asarray(p, dtype=float))
+    if len(np.unique(y)) < 2:
+        return 1.0, 0.0
+    lr = LogisticRegression(C=np.inf, solver="lbfgs", max_iter=1000).fit(z[:, None], y)
+    a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    low, high = TEMPERATURE_RANGE
+    if not low <= (1.0 / a if a > 0 else math.inf) <= high:
+        # the slope left the range (e.g. a net with no signal): clamp T and refit the bias with z / T as offset
+        t = min(max(1.0 / a, low), high) if a > 0 else high
+        b = _fit_bias(y, z / t)
+        return t, b
+    return 1.0 / a, b
+
+
+def _fit_bias(y: np.ndarray, offset: np.ndarray) -> float:
+    """The intercept b maximising the likelihood of sigmoid(offset + b) (a 1-D convex problem, scipy brentq on
+    its score: mean(sigmoid(offset + b)) = mean(y))."""
+    from scipy.optimize import brentq
+
+    target = float(np.mean(y))
+    return float(brentq(lambda b: float(np.mean(1.0 / (1.0 + np.exp(-(offset + b))))) - target, *BIAS_RANGE))
+
+
 def read_thresholds(exp_root: str | Path) -> dict[str, dict[str, Any]]:
     """role -> its out-of-fold operating point (`fit_operating_point`) from CALIBRATION_FILE (empty when none)."""
     doc = read_json(Path(exp_root) / CALIBRATION_FILE) or {}
@@ -238,11 +276,21 @@ def read_thresholds(exp_root: str | Path) -> dict[str, dict[str, Any]]:
 
 def read_temperatures(exp_root: str | Path) -> dict[str, float]:
     """role -> temperature from the experiment's CALIBRATION_FILE (empty when there is none)."""
+    return {r: t for r, (t, _) in read_calibration(exp_root).items()}
+
+
+def read_calibration(exp_root: str | Path) -> dict[str, tuple[float, float]]:
+    """role -> (temperature, bias) from the experiment's CALIBRATION_FILE (empty when there is none); a file from
+    before the bias was fitted (temperature only) reads as bias 0."""
     doc = read_json(Path(exp_root) / CALIBRATION_FILE) or {}
     roles = doc.get("roles")
     if not isinstance(roles, dict):
         return {}
-    return {str(r): float(v["temperature"]) for r, v in roles.items() if isinstance(v, dict) and "temperature" in v}
+    return {
+        str(r): (float(v["temperature"]), float(v.get("bias", 0.0)))
+        for r, v in roles.items()
+        if isinstance(v, dict) and "temperature" in v
+    }
 
 
 def out_of_fold(exp_root: str | Path, role: str, num_folds: int) -> tuple[pd.DataFrame | None, list[int], list[Any]]:
@@ -260,7 +308,7 @@ def out_of_fold(exp_root: str | Path, role: str, num_folds: int) -> tuple[pd.Dat
 
 
 def fit_operating_point(
-    studies: pd.DataFrame, temperature: float = 1.0, calibrated: pd.DataFrame | None = None
+    studies: pd.DataFrame, temperature: float = 1.0, calibrated: pd.DataFrame | None = None, bias: float = 0.0
 ) -> dict[str, Any]:
     """The operating point of a role from its pooled OUT-OF-FOLD study table (study_table rows plus a fold
     column; never holdout studies): the kappa-optimal cut (the one applied), Youden's J cut (named option), both
@@ -274,7 +322,7 @@ def fit_operating_point(
         yc, pc = calibrated["label"].to_numpy(), calibrated["prob"].to_numpy(dtype=float)
         kc, jc = choose_threshold(yc, pc, "kappa")[0], choose_threshold(yc, pc, "youden")[0]
     else:
-        kc, jc = (float(apply_temperature(np.array([t]), temperature)[0]) for t in (kt, yt))
+        kc, jc = (float(apply_temperature(np.array([t]), temperature, bias)[0]) for t in (kt, yt))
     return {
         "method": "kappa",
         "value": kt,
@@ -292,18 +340,18 @@ def fit_operating_point(
 
 
 def write_calibration(exp_root: str | Path, roles: tuple[str, ...] | list[str], num_folds: int) -> dict[str, Any]:
-    """Fit one temperature and one operating point per role on the out-of-fold predictions of its completed fold
-    runs (each train image predicted by the fold model that did not see it; never the holdout) and write
-    CALIBRATION_FILE.
+    """Fit one recalibration (temperature and bias, `fit_calibration`) and one operating point per role on the
+    out-of-fold predictions of its completed fold runs (each train image predicted by the fold model that did not
+    see it; never the holdout) and write CALIBRATION_FILE.
 
     The predictions are already corrected for class weighting (training writes prob after `correct_prior`);
     the correction each run recorded is copied here.
 
     Returns:
-        The document written: {"method", "fitted_on", "roles": {role: {"temperature", "n_images", "folds",
-        "ece_before", "ece_after", "mean_prob", "prevalence", "prob_correction", "threshold"}}} (image level
-        ECE, mean probability and prevalence; threshold: `fit_operating_point`); roles without a completed fold
-        are left out, and nothing is written when no role has one.
+        The document written: {"method", "fitted_on", "roles": {role: {"temperature", "bias", "n_images",
+        "folds", "ece_before", "ece_after", "mean_prob", "mean_prob_calibrated", "prevalence", "prob_correction",
+        "threshold"}}} (image level ECE, mean probability and prevalence; threshold: `fit_operating_point`);
+        roles without a completed fold are left out, and nothing is written when no role has one.
     """
     paths = ExperimentPaths(Path(exp_root))
     out: dict[str, Any] = {}
@@ -312,7 +360,8 @@ def write_calibration(exp_root: str | Path, roles: tuple[str, ...] | list[str], 
         if oof is None:
             continue
         y, p = oof["label"].to_numpy(), oof["prob"].to_numpy(dtype=float)
-        t = fit_temperature(y, p)
+        t, b = fit_calibration(y, p)
+        cal = apply_temperature(p, t, b)
         # the class-weighted model's own probabilities, for the record: each fold's correction undone
         shifts = {k: float((c or {}).get("logit_shift", 0.0)) for k, c in zip(folds, corrections, strict=True)}
         shift = oof["fold"].map(shifts)
@@ -322,19 +371,22 @@ def write_calibration(exp_root: str | Path, roles: tuple[str, ...] | list[str], 
         )
         out[role] = {
             "temperature": t,
+            "bias": b,
             "n_images": len(oof),
             "folds": folds,
             "ece_before": expected_calibration_error(y, p),
-            "ece_after": expected_calibration_error(y, apply_temperature(p, t)),
+            "ece_after": expected_calibration_error(y, cal),
             "mean_prob": float(p.mean()),
+            "mean_prob_calibrated": float(cal.mean()),
             "prevalence": float(y.mean()),
             "mean_prob_uncorrected": float(raw.mean()),
             "ece_uncorrected": expected_calibration_error(y, raw),
             "prob_correction": dict(zip(map(str, folds), corrections, strict=True)),
-            "threshold": fit_operating_point(studies, t, study_table(oof.assign(prob=apply_temperature(p, t)))),
+            "threshold": fit_operating_point(studies, t, study_table(oof.assign(prob=cal)), b),
         }
     doc = {
-        "method": "temperature scaling: p -> sigmoid(logit(p) / T), T minimising the log loss; operating point: "
+        "method": "logistic recalibration (temperature and bias): p -> sigmoid(logit(p) / T + b), (T, b) minimising "
+        "the log loss of the pooled out-of-fold images; operating point: "
         "the study-probability cut maximising study kappa (Youden's J cut also given)",
         "fitted_on": "out-of-fold image predictions of the fold models (predictions_val.csv), never the holdout",
         "roles": out,
@@ -349,11 +401,12 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
-    """sigmoid(logit(p) / T): the calibrated probability (T = 1 leaves p unchanged up to clipping at 1e-7)."""
+def apply_temperature(p: np.ndarray, temperature: float, bias: float = 0.0) -> np.ndarray:
+    """sigmoid(logit(p) / T + b): the calibrated probability (T = 1, b = 0 leave p unchanged up to clipping at
+    1e-7)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return 1.0 / (1.0 + np.exp(-_logit(np.asarray(p, dtype=float)) / temperature))
+    return 1.0 / (1.0 + np.exp(-(_logit(np.asarray(p, dtype=float)) / temperature + bias)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ be read are listed with a reason, never fatal.
 
 Each member's probability is first corrected for the class weighting of its training loss (the logit shift
 its checkpoint records, `bonehpc.metrics.correct_prior`), so probabilities mean what they say. Calibration is
-opt-in (`calibrate=True`, CLI ``--calibrate``): each member's image probability p becomes sigmoid(logit(p) / T)
-with the temperature T of its role that `bonehpc evaluate` fitted on the experiment's out-of-fold predictions
+opt-in (`calibrate=True`, CLI ``--calibrate``): each member's image probability p becomes
+sigmoid(logit(p) / T + b) with the temperature T and bias b of its role that `bonehpc evaluate` fitted on the
+experiment's out-of-fold predictions
 (`bonehpc.metrics.CALIBRATION_FILE`). Images and studies are called abnormal above the threshold (`threshold`,
 CLI ``--threshold oof|youden|0.5|<value>``): by default the role's out-of-fold operating point stored in
 CALIBRATION_FILE (the cut maximising out-of-fold study kappa, on the calibrated scale with ``--calibrate``),
@@ -48,11 +49,13 @@ from bonehpc.constants import THRESHOLD
 from bonehpc.data.images import RejectedImageError, fit_square, letterbox_geometry, read_gray8
 from bonehpc.fsio import atomic_write_bytes, atomic_write_csv, read_bytes_bounded
 from bonehpc.metrics import (
+    BIAS_RANGE,
     CALIBRATION_FILE,
+    TEMPERATURE_RANGE,
     apply_temperature,
     checkpoint_logit_shift,
     correct_prior,
-    read_temperatures,
+    read_calibration,
     read_thresholds,
     study_table,
 )
@@ -61,8 +64,6 @@ from bonehpc.paths import read_json
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-TEMPERATURE_RANGE = (0.05, 20.0)
-"""Temperatures a calibration file may hold: the range bonehpc.metrics.fit_temperature searches."""
 IMAGE_COLUMNS = ["path", "study", "status", "reason", "prob"]
 STUDY_COLUMNS = ["study", "n_images", "n_unreadable", "prob", "pred", "status"]
 
@@ -80,6 +81,7 @@ class Predictor:
     sources: list[Path]
     device: torch.device
     temperature: float | None = None  # applied to every member's image probability when set
+    bias: float = 0.0  # the out-of-fold recalibration's intercept, applied with the temperature
     shifts: list[float | None] | None = None  # per member: the logit shift of its class weights (None: unknown)
 
 
@@ -132,8 +134,9 @@ def _experiment_of(model: Path) -> Path | None:
     return None
 
 
-def _temperature(model: Path, paths: list[Path], role: str) -> float:
-    """The out-of-fold temperature of the model's role (the run folder's name for a single checkpoint)."""
+def _temperature(model: Path, paths: list[Path], role: str) -> tuple[float, float]:
+    """The out-of-fold (temperature, bias) of the model's role (the run folder's name for a single checkpoint);
+    a calibration file without a bias (written before it was fitted) gives bias 0."""
     exp = _experiment_of(model)
     if exp is None:
         raise PredictError(
@@ -145,14 +148,14 @@ def _temperature(model: Path, paths: list[Path], role: str) -> float:
     entry = doc.get("roles", {}).get(run_role) if isinstance(doc.get("roles"), dict) else None
     if not isinstance(entry, dict) or "temperature" not in entry:
         raise PredictError(f"--calibrate: {exp / CALIBRATION_FILE} has no temperature for role {run_role!r}")
-    t = entry["temperature"]
-    low, high = TEMPERATURE_RANGE
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not low <= t <= high:
-        raise PredictError(
-            f"--calibrate: {exp / CALIBRATION_FILE}: temperature of role {run_role!r} is {t!r:.40}, not a number "
-            f"in [{low}, {high}] (the range `bonehpc evaluate` fits in); re-run `bonehpc evaluate`"
-        )
-    return float(read_temperatures(exp)[run_role])
+    for key, (low, high) in (("temperature", TEMPERATURE_RANGE), ("bias", BIAS_RANGE)):
+        v = entry.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low <= v <= high:
+            raise PredictError(
+                f"--calibrate: {exp / CALIBRATION_FILE}: {key} of role {run_role!r} is {v!r:.40}, not a number "
+                f"in [{low}, {high}] (the range `bonehpc evaluate` fits in); re-run `bonehpc evaluate`"
+            )
+    return read_calibration(exp)[run_role]
 
 
 def resolve_threshold(model: Path, paths: list[Path], role: str, spec: str, calibrate: bool) -> tuple[float, str]:
@@ -208,7 +211,7 @@ def load_predictor(
         raise PredictError(f"role must be teacher, student or baseline, got {role!r}")
     dev = resolve_device(device)
     paths = _member_paths(Path(model), role)
-    temperature = _temperature(Path(model), paths, role) if calibrate else None
+    temperature, bias = _temperature(Path(model), paths, role) if calibrate else (None, 0.0)
     models, cfg, shifts = [], None, []
     for p in paths:
         state = load_checkpoint(p, map_location="cpu")
@@ -236,9 +239,9 @@ def load_predictor(
         model,
         cfg.data.pack_size,
         cfg.data.image_size,
-        f", temperature {temperature:.3f}" if temperature else "",
+        f", temperature {temperature:.3f}, bias {bias:+.3f}" if temperature else "",
     )
-    return Predictor(models, cfg, paths, dev, temperature, shifts)
+    return Predictor(models, cfg, paths, dev, temperature, shifts=shifts, bias=bias)
 
 
 def list_inputs(inputs: str | Path) -> list[Path]:
@@ -506,6 +509,7 @@ def predict(
     atomic_write_csv(studies_csv_path(out), studies)
     df.attrs["studies"] = studies
     df.attrs["temperature"] = pred.temperature  # None: the models' own probabilities
+    df.attrs["bias"] = pred.bias
     df.attrs["threshold"], df.attrs["threshold_source"] = cut, source
     log.info("%d images (%d unreadable), %d studies -> %s", len(df), bad, len(studies), out)
     return df
@@ -517,7 +521,7 @@ def _probs(pred: Predictor, x: torch.Tensor) -> np.ndarray:
         each = torch.stack([torch.softmax(m(x).float(), dim=1)[:, 1] for m in pred.models]).cpu().numpy()
     each = np.stack([correct_prior(e, s or 0.0) for e, s in zip(each, pred.shifts or [None] * len(each), strict=True)])
     if pred.temperature is not None:
-        each = apply_temperature(each, pred.temperature)
+        each = apply_temperature(each, pred.temperature, pred.bias)
     return each.mean(axis=0)
 
 

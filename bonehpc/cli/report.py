@@ -50,8 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--calibrate",
         action="store_true",
-        help="apply the temperature that `bonehpc evaluate` fitted on the experiment's out-of-fold predictions "
-        "(calibration.json in the experiment folder; off by default: probabilities are the model's own)",
+        help="apply the temperature and bias that `bonehpc evaluate` fitted on the experiment's out-of-fold "
+        "predictions (calibration.json in the experiment folder; off by default: probabilities are the model's own)",
     )
     p.add_argument(
         "--threshold",
@@ -124,7 +124,11 @@ def _predict(args: argparse.Namespace) -> int:
     print(
         f"{len(df)} images ({bad} unreadable), {len(st)} studies, {int((st.pred == 1).sum())} called abnormal; "
         f"wrote {args.out} and {studies_csv_path(args.out)}"
-        + (f" (calibrated: temperature {df.attrs['temperature']:.3f})" if df.attrs.get("temperature") else "")
+        + (
+            f" (calibrated: temperature {df.attrs['temperature']:.3f}, bias {df.attrs.get('bias', 0.0):+.3f})"
+            if df.attrs.get("temperature")
+            else ""
+        )
         + f"; threshold {df.attrs['threshold']:.4f}: {df.attrs['threshold_source']}"
     )
     return 1 if bad == len(df) else 0

@@ -59,10 +59,11 @@ def section_curves(exp: Experiment) -> Section:
         calib = M.read_temperatures(exp.root)
         if calib:
             sec.p(
-                "Temperature scaling: one temperature T per role, fitted on the out-of-fold image predictions of the "
-                "fold models (never on the holdout) by `bonehpc evaluate`, saved in "
-                f"{M.CALIBRATION_FILE}; `bonehpc predict --calibrate` applies it (p -> sigmoid(logit(p) / T)). It "
-                "leaves every image's call at 0.5 unchanged; study means and probabilities move.",
+                "Recalibration: one temperature T and bias b per role, fitted on the out-of-fold image predictions of "
+                "the fold models (never on the holdout) by `bonehpc evaluate`, saved in "
+                f"{M.CALIBRATION_FILE}; `bonehpc predict --calibrate` applies it (p -> sigmoid(logit(p) / T + b)). "
+                "The bias moves the out-of-fold mean probability onto the out-of-fold prevalence, so calls at a "
+                "fixed 0.5 cut change; the out-of-fold cut is chosen on the scale it is applied on.",
                 "note",
             )
         else:
@@ -71,8 +72,8 @@ def section_curves(exp: Experiment) -> Section:
 
 
 def calibration_table(exp: Experiment, sets: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """ECE per prediction set, and for holdout models the ECE after their role's temperature."""
-    temps = M.read_temperatures(exp.root)
+    """ECE per prediction set, and for holdout models the ECE after their role's recalibration."""
+    temps = M.read_calibration(exp.root)
     rows = []
     for name, st in sets.items():
         row: dict[str, Any] = {
@@ -84,10 +85,19 @@ def calibration_table(exp: Experiment, sets: Mapping[str, pd.DataFrame]) -> pd.D
         role = model.split("_", 1)[-1]
         preds = exp.holdout.get(model, (None,))[0]
         if name.startswith("holdout ") and role in temps and preds is not None:
-            scaled = study_level(preds.assign(prob=M.apply_temperature(preds["prob"].to_numpy(), temps[role])))
-            row["temperature (fitted out-of-fold)"] = temps[role]
-            row["ECE after temperature"] = M.expected_calibration_error(scaled["label"], scaled["prob"])
+            t, b = temps[role]
+            scaled = study_level(preds.assign(prob=M.apply_temperature(preds["prob"].to_numpy(), t, b)))
+            row["temperature (fitted out-of-fold)"] = t
+            row["bias (fitted out-of-fold)"] = b
+            row["ECE after recalibration"] = M.expected_calibration_error(scaled["label"], scaled["prob"])
         rows.append(row)
     return pd.DataFrame(rows).reindex(
-        columns=["predictions", "studies", "ECE", "temperature (fitted out-of-fold)", "ECE after temperature"]
+        columns=[
+            "predictions",
+            "studies",
+            "ECE",
+            "temperature (fitted out-of-fold)",
+            "bias (fitted out-of-fold)",
+            "ECE after recalibration",
+        ]
     )

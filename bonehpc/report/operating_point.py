@@ -88,6 +88,44 @@ def points_table(exp: Experiment) -> pd.DataFrame:
                 "ECE": c.get("ece_before"),
                 "ECE before the correction": c.get("ece_uncorrected"),
                 "temperature": c.get("temperature"),
+                "bias": c.get("bias", 0.0),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def mean_prob_table(exp: Experiment) -> pd.DataFrame:
+    """Mean predicted image probability vs prevalence, before the class-weight correction, after it and after the
+    out-of-fold recalibration: out-of-fold (the rows the recalibration was fitted on) and each holdout model
+    (never used for any fit). The holdout "before" undoes the mean logit shift of the role's fold runs."""
+    rows = []
+    roles = calibration_doc(exp).get("roles") or {}
+    for role, c in roles.items():
+        rows.append(
+            {
+                "predictions": f"out-of-fold {role}",
+                "images": c.get("n_images"),
+                "prevalence": c.get("prevalence"),
+                "before correction": c.get("mean_prob_uncorrected"),
+                "after correction": c.get("mean_prob"),
+                "after recalibration": c.get("mean_prob_calibrated"),
+            }
+        )
+    for model, (preds, *_rest) in exp.holdout.items():
+        c = roles.get(model.split("_", 1)[-1])
+        if preds is None or not c or "temperature" not in c:
+            continue
+        p = preds["prob"].to_numpy(float)
+        shifts = [float(v["logit_shift"]) for v in (c.get("prob_correction") or {}).values() if v]
+        shift = sum(shifts) / len(shifts) if shifts else 0.0
+        rows.append(
+            {
+                "predictions": f"holdout {model}",
+                "images": len(p),
+                "prevalence": float(preds["label"].mean()),
+                "before correction": float(M.correct_prior(p, -shift).mean()),
+                "after correction": float(p.mean()),
+                "after recalibration": float(M.apply_temperature(p, c["temperature"], c.get("bias", 0.0)).mean()),
             }
         )
     return pd.DataFrame(rows)
@@ -144,6 +182,16 @@ def section_operating_point(exp: Experiment) -> Section:
         sec.table(points, "operating_points", "Stored operating points and probability record per role.")
     else:
         sec.p(f"no operating point stored ({M.CALIBRATION_FILE} missing: `bonehpc evaluate` writes it)", "missing")
+    means = mean_prob_table(exp)
+    if len(means):
+        sec.table(
+            means,
+            "mean_probability",
+            "Mean predicted image probability vs prevalence: the model's own (class-weighted) output, after the "
+            "log(w1/w0) logit correction, and after the temperature+bias recalibration fitted on the out-of-fold "
+            "rows (the out-of-fold rows are its fit: their recalibrated mean equals their prevalence by "
+            "construction; the holdout rows are the test).",
+        )
     for line in final_outside_ensemble(exp):
         sec.p(line, "missing")
     ci = threshold_ci(exp)

@@ -33,6 +33,14 @@ def test_holdout_final_and_ensemble(tiny_cfg, monkeypatch) -> None:  # noqa: ANN
         return real_fit(studies, *rest)
 
     monkeypatch.setattr(M, "fit_operating_point", spy)
+    fitted: list[tuple[np.ndarray, np.ndarray]] = []
+    real_cal = M.fit_calibration
+
+    def cal_spy(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+        fitted.append((np.asarray(y).copy(), np.asarray(p, dtype=float).copy()))
+        return real_cal(y, p)
+
+    monkeypatch.setattr(M, "fit_calibration", cal_spy)
     results = evaluate_holdout(cfg)
     index = ShardReader(cfg.data.shards).index
     assert len(seen) == 2 and all(len(t) for t in seen)  # the study table and its temperature-scaled twin
@@ -40,6 +48,12 @@ def test_holdout_final_and_ensemble(tiny_cfg, monkeypatch) -> None:  # noqa: ANN
         assert not set(table["study"]) & set(index.loc[index["split"] == "valid", "study"])  # no holdout row
     oof = pd.concat([pd.read_csv(paths.role_dir(k, "teacher") / "predictions_val.csv") for k in (0, 1)])
     assert set(seen[0]["study"]) == set(oof["study"])  # exactly the pooled out-of-fold studies
+    # the temperature and bias are fitted on exactly the pooled out-of-fold image rows (no holdout row)
+    assert len(fitted) == 1
+    np.testing.assert_allclose(np.sort(fitted[0][1]), np.sort(oof["prob"].to_numpy(float)))
+    assert fitted[0][0].sum() == oof["label"].sum()
+    doc = json.loads((paths.root / "calibration.json").read_text())["roles"]["teacher"]
+    assert abs(doc["mean_prob_calibrated"] - doc["prevalence"]) < 0.01  # the bias puts the OOF mean on prevalence
     op = M.read_thresholds(paths.root)["teacher"]
     assert op["value"] == pytest.approx(M.choose_threshold(seen[0]["label"], seen[0]["prob"])[0])
     assert set(op["cross_fitted"]) == {"0", "1"}

@@ -357,3 +357,26 @@ def test_logit_shift_undoes_class_weighting() -> None:
     assert logit_shift(None) == 0.0 and prob_correction_record(None)["logit_shift"] == 0.0
     with pytest.raises(ValueError, match="class weights"):
         logit_shift([1.0, 0.0])
+
+
+def test_recalibration_bias_puts_the_skewed_mean_on_the_prevalence(tmp_path) -> None:  # noqa: ANN001
+    """A small net that overfits is over-confident, so the fixed class-weight shift over-corrects (mean below the
+    prevalence); temperature alone cannot move the mean back, temperature + bias (fit_calibration) does."""
+    import json
+
+    from bonehpc.metrics import fit_calibration, read_calibration
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(-2.2, 1.2, 20000)  # true logits, prevalence ~0.15
+    y = (rng.random(z.size) < 1 / (1 + np.exp(-z))).astype(int)
+    p = 1 / (1 + np.exp(-(2.0 * z - 2.0)))  # over-confident and over-corrected
+    assert y.mean() - p.mean() > 0.03
+    t = fit_temperature(y, p)
+    assert abs(apply_temperature(p, t).mean() - y.mean()) > 0.01  # the temperature alone leaves the gap
+    t2, b = fit_calibration(y, p)
+    assert abs(apply_temperature(p, t2, b).mean() - y.mean()) < 0.01
+    assert t2 == pytest.approx(2.0, rel=0.1) and b == pytest.approx(1.0, abs=0.15)
+    assert fit_calibration(np.zeros(5, int), np.full(5, 0.3)) == (1.0, 0.0)  # one class: identity
+    # a calibration file from before the bias (temperature only) reads as bias 0
+    (tmp_path / "calibration.json").write_text(json.dumps({"roles": {"teacher": {"temperature": 1.5}}}))
+    assert read_calibration(tmp_path) == {"teacher": (1.5, 0.0)}

@@ -291,14 +291,17 @@ def test_calibrated_predictions_use_the_out_of_fold_temperature(
     from bonehpc.metrics import apply_temperature
 
     calib = json.loads((tiny_experiment / "calibration.json").read_text())
-    t = calib["roles"]["teacher"]["temperature"]
+    t, b = calib["roles"]["teacher"]["temperature"], calib["roles"]["teacher"]["bias"]
     ckpt = tiny_experiment / "fold0" / "teacher" / "best.pt"
     raw = predict(ckpt, image_folder, tmp_path / "raw.csv")
     cal = predict(ckpt, image_folder, tmp_path / "cal.csv", calibrate=True)
     ok = raw.status == "ok"
-    np.testing.assert_allclose(cal.loc[ok, "prob"], apply_temperature(raw.loc[ok, "prob"].to_numpy(), t), atol=1e-5)
-    assert (cal.loc[ok, "pred"] == raw.loc[ok, "pred"]).all()  # a temperature never moves a call at 0.5
+    fixed = apply_temperature(raw.loc[ok, "prob"].to_numpy(), t, b)
+    np.testing.assert_allclose(cal.loc[ok, "prob"], fixed, atol=1e-5)
+    # the calibrated run cuts at the cut chosen on the calibrated scale (the one it is applied on)
+    assert cal.attrs["threshold"] == calib["roles"]["teacher"]["threshold"]["value_calibrated"]
     assert cal.attrs["temperature"] == pytest.approx(t) and raw.attrs["temperature"] is None
+    assert cal.attrs["bias"] == pytest.approx(b)
     with pytest.raises(PredictError, match="calibration.json"):
         predict(_copy(ckpt, tmp_path), image_folder, tmp_path / "x.csv", calibrate=True)
 

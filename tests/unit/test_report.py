@@ -316,7 +316,7 @@ def test_confidence_intervals_of_holdout_cv_parts_and_differences(built: Path) -
 
 
 def test_holdout_protocol_calibration_data_counts_and_synthetic_seed_section(built: Path) -> None:
-    from bonehpc.metrics import expected_calibration_error, study_table
+    from bonehpc.metrics import apply_temperature, expected_calibration_error, study_table
 
     report = built / "report"
     html = (report / "index.html").read_text()
@@ -331,6 +331,15 @@ def test_holdout_protocol_calibration_data_counts_and_synthetic_seed_section(bui
     calib = json.loads((built / "calibration.json").read_text())
     t = calib["roles"]["student"]["temperature"]
     assert ece.loc["holdout final_student", "temperature (fitted out-of-fold)"] == pytest.approx(t)
+    b = calib["roles"]["student"]["bias"]
+    assert ece.loc["holdout final_student", "bias (fitted out-of-fold)"] == pytest.approx(b)
+    # mean probability vs prevalence: before / after the class-weight correction / after the OOF recalibration
+    means = pd.read_csv(report / "mean_probability.csv").set_index("predictions")
+    assert means.loc["holdout final_student", "after correction"] == pytest.approx(preds["prob"].mean())
+    fixed = apply_temperature(preds["prob"].to_numpy(), t, b).mean()
+    assert means.loc["holdout final_student", "after recalibration"] == pytest.approx(fixed)
+    oof = means.loc["out-of-fold student"]
+    assert abs(oof["after recalibration"] - oof["prevalence"]) < 0.01
     assert "never on the holdout" in html and "ECE" in html
     # packed / rejected / lost from the shard folder
     counts = pd.read_csv(report / "data_counts.csv").set_index("what")["count"]
