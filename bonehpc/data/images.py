@@ -42,6 +42,10 @@ MAX_FILE_BYTES = 256 << 20
 """Largest image file read (256 MiB; MURA's PNGs are below 1 MiB)."""
 MAX_PIXELS = 200_000_000
 """Largest decoded image (width x height); a header claiming more is a decompression bomb."""
+MAX_DECODED_BYTES = 512 << 20
+"""Largest decoded image in bytes (a 16k x 16k 16-bit gray image): within MAX_PIXELS, a 16-bit RGBA header
+would otherwise make OpenCV allocate 8 bytes per pixel, 1.6 GB per worker."""
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 2, 6: 4}  # colour type -> channels OpenCV decodes (palette: BGR or BGRA)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
@@ -123,6 +127,18 @@ def _check_png(data: bytes, max_pixels: int) -> None:
         w, h = struct.unpack(">II", data[16:24])
         if w * h > max_pixels:
             raise RejectedImageError("too_large", f"PNG header claims {w}x{h} px, above the cap of {max_pixels} px")
+        if len(data) >= 26:
+            depth, ctype = data[24], data[25]
+            _check_decoded_bytes("PNG", w, h, _PNG_CHANNELS.get(ctype, 4) * (2 if depth == 16 else 1))
+
+
+def _check_decoded_bytes(fmt: str, w: int, h: int, bytes_per_pixel: int) -> None:
+    if w * h * bytes_per_pixel > MAX_DECODED_BYTES:
+        raise RejectedImageError(
+            "too_large",
+            f"{fmt} header claims {w}x{h} px at {bytes_per_pixel} bytes each, above the cap of "
+            f"{MAX_DECODED_BYTES >> 20} MiB decoded",
+        )
 
 
 def _png_sbit(data: bytes) -> int | None:
@@ -206,6 +222,8 @@ def _header(data: bytes, is_png: bool, max_pixels: int) -> int:
                     raise RejectedImageError(
                         "too_large", f"{im.format} header claims {w}x{h} px, above the cap of {max_pixels} px"
                     )
+                wide = 2 if im.mode.startswith("I;16") else 4 if im.mode in ("I", "F") else 1
+                _check_decoded_bytes(str(im.format), w, h, max(len(im.getbands()), 3 if im.mode == "P" else 1) * wide)
                 orientation = im.getexif().get(EXIF_ORIENTATION, 1)
     except Image.DecompressionBombError as err:  # Pillow's own cap (~179 Mpx), checked when it opens
         n = re.search(r"\((\d+) pixels\)", str(err))

@@ -1120,3 +1120,20 @@ def test_small_json_files_from_elsewhere_nested_50000_deep_are_unreadable_not_a_
         _check_out(tmp_path / "m.onnx")
     (tmp_path / "metrics.json").write_text(deep)
     assert read_json(tmp_path / "metrics.json") is None
+
+
+def test_a_png_header_asking_for_more_than_512_mib_decoded_is_refused_before_decoding(tmp_path: Path) -> None:
+    """12000 x 12000 px is within the pixel cap, but as 16-bit RGBA OpenCV would allocate 1.15 GB per image."""
+    import struct
+    import zlib
+
+    from bonehpc.data.images import RejectedImageError, read_gray8
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", 12000, 12000, 16, 6, 0, 0, 0)
+    (tmp_path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    with pytest.raises(RejectedImageError, match="12000x12000 px at 8 bytes each, above the cap of 512 MiB") as err:
+        read_gray8(tmp_path / "a.png")
+    assert err.value.reason == "too_large"
