@@ -495,17 +495,19 @@ def _spec_wrong_type(c: Ctx) -> tuple[list[str], str]:
     return argv, r"checkpoint model_spec: TypeError"
 
 
-def _calibration(temperature: object) -> Callable[[Ctx], tuple[list[str], str]]:
+def _calibration(temperature: object, bias: object = None) -> Callable[[Ctx], tuple[list[str], str]]:
     def build(c: Ctx) -> tuple[list[str], str]:
         import json
 
         run = c.tmp / "exp" / "fold0" / "student"
         run.mkdir(parents=True)
         shutil.copy(c.world.ckpt, run / "best.pt")
-        doc = {"roles": {"student": {"temperature": temperature}}}
+        doc = {"roles": {"student": {"temperature": temperature, **({} if bias is None else {"bias": bias})}}}
         (c.tmp / "exp" / "calibration.json").write_text(json.dumps(doc))
         argv = _predict(c, "--out", str(c.tmp / "p.csv"), "--calibrate")
         argv[argv.index("--model") + 1] = str(run / "best.pt")
+        if bias is not None:
+            return argv, r"calibration.json: bias of role 'student' is .*not a number in \[-50.0, 50.0\]"
         return argv, r"calibration.json: temperature of role 'student' is .*not a number in \[0.05, 20.0\]"
 
     return build
@@ -690,6 +692,8 @@ CASES = [
     Case("predict-calibration-tiny", "HOSTILE", _calibration(1e-300)),
     Case("predict-calibration-text", "HOSTILE", _calibration("1.5")),
     Case("predict-calibration-nan", "HOSTILE", _calibration(float("nan"))),
+    Case("predict-calibration-bias-huge", "HOSTILE", _calibration(1.5, 1e9)),
+    Case("predict-calibration-bias-text", "HOSTILE", _calibration(1.5, "0.3")),
     # family 2: split integrity
     Case("manifest-patient-in-both-splits", "HOSTILE", _leak("manifest")),
     Case("pack-patient-in-both-splits", "HOSTILE", _leak("pack")),
