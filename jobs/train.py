@@ -4,9 +4,10 @@ Signals (see slurm/README.md): Slurm sends USR2 `signal_delay_s` before the time
 USR2 too where the site sets `PreemptParameters=send_user_signal` (the dev cluster: preempt_send_user_signal),
 otherwise SIGTERM (then SIGKILL after KillWait/GraceTime). Both reach every process of the step:
 - USR2: submitit calls `checkpoint()`, which asks the trainers to save, waits, and requeues the task.
-- TERM: the trainers save last.pt and exit (bonehpc.dist.StopFlag); this task exits with
-  PREEMPTED_EXIT_CODE instead of reporting a failure, and Slurm requeues the job itself (preemption) or
-  ends it (scancel). The next run resumes from last.pt either way.
+- TERM: the trainers save last.pt and exit (bonehpc.dist.StopFlag). When Slurm is ending the job (scancel,
+  preemption, scontrol requeue: the job is no longer RUNNING) this task exits with PREEMPTED_EXIT_CODE and
+  Slurm requeues the job or ends it; a TERM to a RUNNING job (scancel --signal=TERM) is handled like USR2.
+  The next run resumes from last.pt either way; a cancelled task stays cancelled.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +47,25 @@ log = logging.getLogger(__name__)
 def save_wait_s() -> float:
     """Upper bound on how long checkpoint() waits for the trainers to save (the profile's save_wait_s)."""
     return float(os.environ.get("BONEHPC_SAVE_WAIT_S", "") or DEFAULT_SAVE_WAIT_S)
+
+
+def own_job_state(timeout_s: float = 10.0) -> str:
+    """This Slurm task's state as the controller holds it now (RUNNING, COMPLETING, ...); '' when unknown.
+
+    A job that Slurm is ending (scancel, preemption, requeue, time limit) is already out of RUNNING when its
+    processes get SIGTERM: the controller changes the state before it asks the node to signal them.
+    """
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if not job.isdigit() or not shutil.which("squeue"):
+        return ""
+    try:
+        res = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    lines = res.stdout.split()
+    return lines[0].strip().upper() if res.returncode == 0 and lines else ""
 
 
 def _ignore_usr2() -> None:
@@ -231,16 +252,24 @@ class TrainTask(submitit.helpers.Checkpointable):
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         """SIGTERM (preemption without a user signal, scontrol requeue, scancel): stop like on USR2.
 
-        Under submitit the USR2 handler checkpoints and requeues (a cancelled job cannot be requeued and
-        just ends); elsewhere the trainers are asked to save and this task exits as preempted.
+        A TERM to a job that is still RUNNING (`scancel --signal=TERM`, a site's preemption script) goes to
+        submitit's USR2 handler, which checkpoints and requeues. A job that Slurm itself is ending (scancel,
+        preemption, scontrol requeue) only saves: Slurm requeues it or ends it. Outside Slurm the trainers
+        are asked to save and this task exits as preempted.
         """
         if self._stopping:
             return
         log.warning("SIGTERM: asking the trainers to save last.pt and stop")
         usr2 = signal.getsignal(signal.SIGUSR2)
         if callable(usr2) and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
-            usr2(signal.SIGUSR2, frame)  # submitit: checkpoint() + scontrol requeue + exit
-            return
+            state = own_job_state()
+            if state in ("", "RUNNING"):  # a bare TERM (a site's preemption script): requeue ourselves
+                usr2(signal.SIGUSR2, frame)  # submitit: checkpoint() + scontrol requeue + exit
+                return
+            # Slurm itself is ending the job (scancel, preemption with requeue, scontrol requeue, the hard time
+            # limit): it decides what comes next. Requeueing here would undo a user's scancel, because
+            # `scontrol requeue` also takes a job that has just been cancelled.
+            log.warning("the job is %s: saving without requeueing it (Slurm decides what comes next)", state)
         self._stop_trainers()
 
     def _stop_trainers(self) -> None:

@@ -28,7 +28,7 @@ from jobs.submit import resubmit, submit_folds
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 BACKENDS = ("dali", "torch")
-EPOCHS = 5
+EPOCHS = 8
 
 
 def _first_epoch(history: Path, timeout_s: float = 300.0) -> None:
@@ -111,6 +111,7 @@ def _drills(exps: dict, only: set, synth_root: Path, shards_dir: Path, tmp_path:
             shards_dir,
             f"fault{backend}",
             f"teacher.epochs={EPOCHS}",
+            "train.patience=0",  # every epoch runs (no early stop before the drills land)
             f"data.backend={backend}",
             "data.num_workers=1",
         )
@@ -120,13 +121,16 @@ def _drills(exps: dict, only: set, synth_root: Path, shards_dir: Path, tmp_path:
     for paths, (full, *_) in exps.values():
         _first_epoch(paths.role_dir(0, "teacher") / "metrics.jsonl")
         subprocess.run(["scancel", "--signal=USR2", "--full", full], check=True, timeout=60)
-    for paths, (_, cancel, *_) in exps.values():
+    cancelled = []  # both backends' fold 1 cancelled mid-run first, then one 10 s wait: a wait between them let
+    for paths, (_, cancel, *_) in exps.values():  # the second run finish before its cancel on a quiet machine
         _first_epoch(paths.role_dir(1, "teacher") / "metrics.jsonl")
         assert task_processes(cancel), "the running task's processes are not visible to ps"
         subprocess.run(["scancel", cancel], check=True, timeout=60)
-        cancelled_at = time.monotonic()
+        cancelled.append((paths, cancel, time.monotonic()))
+    for paths, cancel, cancelled_at in cancelled:
         time.sleep(max(0.0, 10 - (time.monotonic() - cancelled_at)))
         assert task_processes(cancel) == []
+        assert not paths.role_completed(1, "teacher"), "the cancel came after the run had finished: no drill"
     # drill 5: the old evaluation still waits for fold 0 (requeued); resubmit replaces it
     paths, _ = exps["torch"]
     old_eval = json.loads(paths.jobs.read_text())["submissions"][0]["jobs"][-1]
