@@ -30,7 +30,7 @@ UNIT_NOTE = (
 @dataclass
 class Text:
     text: str
-    kind: str = "p"  # p | note | missing | pre
+    kind: str = "p"  # p | note | missing | flag | pre
 
 
 @dataclass

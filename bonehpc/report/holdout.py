@@ -63,7 +63,7 @@ def section_holdout(exp: Experiment) -> Section:
             meta = exp.holdout[model][2]
             sec.p(f"{model}: averages folds {meta.get('folds_used')}; folds {meta['folds_missing']} missing", "missing")
     for line in final_outside_ensemble(exp):  # a final model that disagrees with its own fold ensemble
-        sec.p(line, "missing")
+        sec.p(line, "flag")
     df = pd.DataFrame(rows).reindex(columns=["model", "level", "status", "n", "n_pos", *METRICS])
     sec.table(df, "holdout_metrics", "Holdout metrics of the final models and the fold ensembles.")
     ci = holdout_ci(exp)

@@ -193,7 +193,7 @@ def section_operating_point(exp: Experiment) -> Section:
             "construction; the holdout rows are the test).",
         )
     for line in final_outside_ensemble(exp):
-        sec.p(line, "missing")
+        sec.p(line, "flag")
     ci = threshold_ci(exp)
     if not len(ci):
         sec.p("no out-of-fold or holdout predictions: no table", "missing")

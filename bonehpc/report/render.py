@@ -21,6 +21,7 @@ th{background:#eef2f6}td:first-child,th:first-child{text-align:left}
 caption{caption-side:top;text-align:left;font-weight:600;padding:4px 0}
 .note{color:#555;font-size:13px;background:#f7f7f7;padding:6px 10px;border-left:3px solid #bbb}
 .missing{color:#8a1c1c;background:#fdf0f0;padding:6px 10px;border-left:3px solid #c33}
+.flag{color:#6b4a00;background:#fff6db;padding:6px 10px;border-left:3px solid #d9a400;font-weight:600}
 pre{background:#f5f5f5;padding:8px;overflow:auto;font-size:12px;max-height:40em}
 figure{margin:1em 0}figcaption{font-size:13px;color:#444}img{max-width:100%;border:1px solid #eee}
 nav ul{columns:2;font-size:14px}
@@ -36,7 +37,7 @@ def _html_block(b: Block) -> str:
         if b.kind == "pre":
             head, _, body = b.text.partition("\n")
             return f"<p>{html.escape(head)}</p><pre>{html.escape(body)}</pre>"
-        cls = f' class="{b.kind}"' if b.kind in ("note", "missing") else ""
+        cls = f' class="{b.kind}"' if b.kind in ("note", "missing", "flag") else ""
         return f"<p{cls}>{html.escape(b.text)}</p>"
     if isinstance(b, Table):
         if not b.show:
@@ -86,6 +87,8 @@ def render_markdown(title: str, sections: list[Section]) -> str:
                     out += [head, "", "```", body.rstrip(), "```"]
                 elif b.kind == "missing":
                     out.append(f"> **MISSING** {b.text}")
+                elif b.kind == "flag":  # a result to check before it is reported (the text says why)
+                    out.append(f"> ⚠ {b.text}")
                 elif b.kind == "note":
                     out.append(f"> {b.text}")
                 else:

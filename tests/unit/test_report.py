@@ -465,3 +465,5 @@ def test_operating_point_section_and_the_final_model_flag(built: Path, tmp_path:
         md,
     )
     assert "0.5" in flags and cut in flags  # both cuts, in the holdout and the operating point sections
+    assert "> ⚠ FLAG final_teacher" in md and "**MISSING** FLAG" not in md  # a warning, not a missing result
+    assert '<p class="flag">FLAG final_teacher' in (exp / "report" / "index.html").read_text()
