@@ -190,6 +190,7 @@ def test_study_in_mariadb(slurm_cluster: str, exp_cfg: ExperimentConfig, tmp_pat
     teacher = ExperimentPaths.of(cfg).role_dir(0, "teacher")
     teacher.mkdir(parents=True)
     (teacher / "best.pt").write_bytes(b"")  # the cheap objective below does not read it
+    (teacher / "metrics.json").write_text('{"status": "completed"}')  # prepare() reuses completed teachers only
     prepare(cfg)
     assert not ExperimentPaths.of(cfg).tune_journal.exists()  # the RDB holds the study
     # two concurrent worker processes (cheap objective), as in the journal unit test

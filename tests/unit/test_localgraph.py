@@ -136,8 +136,14 @@ def test_ctrl_c_stops_every_task_a_rerun_resumes_and_concurrent_folds_match_one_
     paths = ExperimentPaths.of(alone)
     cfg_path = save_config(alone, tmp_path / "alone.yaml")
     # the terminal's Ctrl-C goes to the whole foreground process group: so does this one
+    # SIGINT at its default, as in a terminal: a shell without job control (slurm/dev/with-cluster.sh runs the
+    # suite in the background) starts its children with SIGINT ignored, and Python then keeps ignoring it
     proc = subprocess.Popen(
-        [sys.executable, "-c", RUN_FOLD0, str(cfg_path)], cwd=ROOT, start_new_session=True, env=dict(os.environ)
+        [sys.executable, "-c", RUN_FOLD0, str(cfg_path)],
+        cwd=ROOT,
+        start_new_session=True,
+        env=dict(os.environ),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     jsonl = paths.role_dir(0, "teacher") / "metrics.jsonl"
     deadline = time.monotonic() + 240
